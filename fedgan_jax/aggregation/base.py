@@ -1,0 +1,230 @@
+"""The aggregation contract (DESIGN §2), shared helpers, and FedAvg.
+
+An aggregation rule is a pair of pure functions over the client axis, built by a
+factory that closes over its hyperparameters, in the manner of optax::
+
+    Aggregator = NamedTuple(init, aggregate)
+    init(global_params) -> agg_state
+    aggregate(agg_state, global_params, client_params, client_stats, key)
+        -> (new_global_params, new_agg_state, diagnostics)
+
+``client_params`` leaves have a leading client axis ``[C, ...]``;
+``client_stats`` is a dict of ``[C]`` arrays that always holds
+``num_examples``; ``diagnostics`` always holds ``weights: f32[C]`` (the
+effective weight each client got, 0 when excluded, summing to 1 over the
+included clients) and ``flagged: bool[C]``. The aggregator never sees which
+clients are malicious.
+
+Exclusion rule shared by every built-in rule: a client is *valid* iff every
+entry of its upload is finite and its ``num_examples`` is > 0. Invalid clients
+never reach the global model (their entries are masked with ``jnp.where``
+before any arithmetic, since ``0 * NaN`` is NaN) and are listed in
+``diagnostics['nonfinite']`` when their upload is non-finite. Composition
+stages (``chain``) exclude a client by setting its ``num_examples`` to 0. When
+no client is valid, every rule keeps the global parameters.
+
+FedAvg is McMahan et al., "Communication-Efficient Learning of Deep Networks
+from Decentralized Data", AISTATS 2017; it is the aggregation of Jin & Li,
+"Backdoor Attack is a Devil in Federated GAN-based Medical Image Synthesis",
+SASHIMI 2022, without defense.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+Stats = dict[str, jax.Array]
+Diagnostics = dict[str, jax.Array]
+
+
+class Aggregator(NamedTuple):
+  """A server aggregation rule: a pair of pure, jittable functions."""
+
+  init: Callable[[PyTree], PyTree]
+  aggregate: Callable[
+      [PyTree, PyTree, PyTree, Stats, jax.Array],
+      tuple[PyTree, PyTree, Diagnostics],
+  ]
+
+
+class EmptyState(NamedTuple):
+  """State of a stateless rule."""
+
+
+def num_clients(client_params: PyTree) -> int:
+  """Size of the (static) client axis of a stacked parameter pytree."""
+  return jax.tree.leaves(client_params)[0].shape[0]
+
+
+def finite_mask(client_params: PyTree) -> jax.Array:
+  """``bool[C]``: True where every entry of a client's upload is finite."""
+  per_leaf = [
+      jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1)
+      for x in jax.tree.leaves(client_params)
+  ]
+  return jnp.all(jnp.stack(per_leaf), axis=0)
+
+
+def valid_mask(client_params: PyTree, client_stats: Stats) -> tuple[jax.Array, jax.Array]:
+  """The clients a rule may use, and those excluded for non-finite uploads.
+
+  Args:
+    client_params: stacked client parameters, leaves ``[C, ...]``.
+    client_stats: per-client stats; ``num_examples`` is read.
+
+  Returns:
+    ``(valid, nonfinite)``, both ``bool[C]``: ``valid`` is finite upload and
+    ``num_examples > 0`` (and finite); ``nonfinite`` is a non-finite upload.
+  """
+  finite = finite_mask(client_params)
+  counts = jnp.asarray(client_stats["num_examples"], jnp.float32)
+  valid = finite & jnp.isfinite(counts) & (counts > 0)
+  return valid, ~finite
+
+
+def example_weights(client_stats: Stats, valid: jax.Array) -> jax.Array:
+  """``f32[C]`` example-count weights of the valid clients, summing to 1."""
+  counts = jnp.asarray(client_stats["num_examples"], jnp.float32)
+  return normalize(jnp.where(valid, counts, 0.0))
+
+
+def normalize(weights: jax.Array) -> jax.Array:
+  """Weights scaled to sum to 1 (all zeros stay zeros instead of NaN)."""
+  total = jnp.sum(weights)
+  return jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
+  """Reshapes a ``[C]`` vector to broadcast against a ``[C, ...]`` leaf."""
+  return v.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def weighted_average(client_params: PyTree, weights: jax.Array) -> PyTree:
+  """Average over the client axis with normalized ``weights[C]``.
+
+  Entries of clients with weight 0 are zeroed first, so a NaN or Inf upload
+  with weight 0 cannot leak into the result (0 * NaN is NaN). All-zero
+  weights give zeros (callers that can see no valid client use
+  ``keep_global_if_empty``).
+
+  Args:
+    client_params: leaves ``[C, ...]``.
+    weights: ``f32[C]``, non-negative, summing to 1 (or all 0).
+
+  Returns:
+    The average, with the leaves' shapes minus the client axis and their dtypes.
+  """
+
+  def avg(x):
+    w = _bcast(weights, x).astype(jnp.float32)
+    safe = jnp.where(w > 0, x.astype(jnp.float32), 0.0)
+    return jnp.sum(w * safe, axis=0).astype(x.dtype)
+
+  return jax.tree.map(avg, client_params)
+
+
+def keep_global_if_empty(any_valid: jax.Array, new_global: PyTree, global_params: PyTree) -> PyTree:
+  """``new_global`` where some client was valid, else the old global params."""
+  return jax.tree.map(
+      lambda n, g: jnp.where(any_valid, n, g.astype(n.dtype)), new_global, global_params)
+
+
+def client_deltas(global_params: PyTree, client_params: PyTree, valid: jax.Array | None = None) -> PyTree:
+  """``f32`` updates ``client - global`` (leaves ``[C, ...]``).
+
+  Args:
+    global_params: leaves without the client axis.
+    client_params: leaves ``[C, ...]``.
+    valid: optional ``bool[C]``; invalid clients' updates are set to 0 so that
+      they stay finite in later arithmetic.
+
+  Returns:
+    The updates as float32.
+  """
+
+  def delta(x, g):
+    d = x.astype(jnp.float32) - g.astype(jnp.float32)[None]
+    return d if valid is None else jnp.where(_bcast(valid, d), d, 0.0)
+
+  return jax.tree.map(delta, client_params, global_params)
+
+
+def tree_sq_norms(tree: PyTree) -> jax.Array:
+  """``f32[C]``: squared L2 norm of each client's slice over all leaves."""
+  return sum(
+      jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1)
+      for x in jax.tree.leaves(tree))
+
+
+def masked_sort(x: jax.Array, valid: jax.Array) -> jax.Array:
+  """Sorts ``x[C, ...]`` along the client axis with invalid clients last.
+
+  Invalid clients' entries are replaced by ``+inf`` before sorting (valid
+  clients are finite by construction), so the first ``sum(valid)`` rows are
+  the sorted valid values at every coordinate. Static shapes: no boolean
+  indexing.
+
+  Args:
+    x: a ``[C, ...]`` float32 array.
+    valid: ``bool[C]``.
+
+  Returns:
+    The sorted array, same shape.
+  """
+  return jnp.sort(jnp.where(_bcast(valid, x), x, jnp.inf), axis=0)
+
+
+def masked_median(x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Coordinate-wise median over the valid clients (as ``np.median``).
+
+  Args:
+    x: a ``[C, ...]`` float32 array.
+    valid: ``bool[C]``.
+
+  Returns:
+    ``(median, lo, hi)``: the median and the two middle order statistics it
+    averages (equal when the number of valid clients is odd). Garbage (inf)
+    when no client is valid; callers guard with ``any(valid)``.
+  """
+  s = masked_sort(x, valid)
+  n = jnp.sum(valid).astype(jnp.int32)
+  lo = jnp.take(s, jnp.maximum((n - 1) // 2, 0), axis=0)
+  hi = jnp.take(s, jnp.maximum(n // 2, 0), axis=0)
+  return 0.5 * (lo + hi), lo, hi
+
+
+def mean() -> Aggregator:
+  """FedAvg: the mean of client parameters weighted by example counts.
+
+  Valid clients (see the module docstring) are averaged with weights
+  proportional to ``client_stats['num_examples']``; clients whose upload holds
+  NaN or Inf get weight 0 and are reported in ``diagnostics['nonfinite']``.
+  This is the paper's aggregation without defense; a single finite but huge
+  upload moves it arbitrarily far (it has no robustness to outliers).
+
+  Returns:
+    An ``Aggregator`` with an empty state.
+  """
+
+  def init(global_params):
+    del global_params
+    return EmptyState()
+
+  def aggregate(state, global_params, client_params, client_stats, key):
+    del key
+    valid, nonfinite = valid_mask(client_params, client_stats)
+    weights = example_weights(client_stats, valid)
+    new_global = keep_global_if_empty(
+        jnp.any(valid), weighted_average(client_params, weights), global_params)
+    diagnostics = {
+        "weights": weights,
+        "flagged": jnp.zeros(valid.shape, bool),
+        "nonfinite": nonfinite,
+    }
+    return new_global, state, diagnostics
+
+  return Aggregator(init, aggregate)

@@ -1,0 +1,241 @@
+"""The base configuration (every field declared once) and its validation.
+
+Config files in ``configs/`` import ``base_config()`` and override a few fields;
+``validate(config)`` turns bad values into a ``ValueError`` that names the
+field, the value and what is accepted, before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field of a run, with its default. Names are a contract (issue 2)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0                # Everything random derives from it: data, init, rounds.
+  c.num_rounds = 200        # Federated rounds (communication rounds).
+  c.num_clients = 4         # C: the paper uses 4 hospitals.
+  c.resolution = 32         # Image side in px (a power of two, 32..256).
+  c.eval_every = 25         # Rounds between evaluations (metrics + sample grid).
+  c.ckpt_every = 50         # Rounds between orbax checkpoints (the last round is always saved).
+  c.log_every = 10          # Rounds between progress lines.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "synthetic"   # synthetic | folder | npz | tfds.
+  c.data.path = ""              # folder/npz: where the user's download lives.
+  c.data.labels_csv = ""        # folder: ISIC 2019/2020 or HAM10000 label CSV ('' = none).
+  c.data.channels = 3           # 3 (RGB dermoscopy) or 1 (grayscale X-rays).
+  c.data.num_images = 4000      # synthetic: training images generated.
+  c.data.heldout = 512          # Clean held-out images for evaluation (never given to clients).
+  c.data.skip_unreadable = False  # folder: skip (and count) unreadable files instead of failing.
+  c.data.cache_dir = ""         # Decoded-dataset cache ('' = ~/.cache/fedgan_jax).
+  c.data.tfds_name = ""         # tfds: dataset name, prepared in tfds_data_dir.
+  c.data.tfds_split = "train"
+  c.data.tfds_data_dir = ""
+  c.data.image_key = "image"
+  c.data.label_key = "label"
+  c.data.partition = "iid"      # iid | dirichlet | quantity | by_group.
+  c.data.alpha = 0.5            # Dirichlet concentration for dirichlet/quantity skew.
+  c.data.group_column = ""      # by_group: CSV column holding the site/group id.
+
+  c.attack = ml_collections.ConfigDict()
+  c.attack.malicious = (0,)     # Indices of malicious clients; () = clean run. Paper: client 0.
+  c.attack.trigger = "default"  # 'default' (fixed project pattern) or a PNG path.
+  c.attack.trigger_size = 0     # Trigger side in px; 0 = paper scaling 16/256 of the side (>= 4).
+  c.attack.trigger_margin = -1  # Margin from the bottom-right corner; -1 = paper scaling 5/256.
+  c.attack.trigger_location = "bottom_right"  # bottom_right | random.
+  c.attack.poison_rate = 1.0    # Fraction of a malicious client's images that carry the trigger.
+  c.attack.report_losses = "honest"  # honest | mimic (reports the honest median loss).
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "dcgan"
+  c.model.latent_dim = 100      # z dimension (DCGAN nz).
+  c.model.g_width = 32          # Generator width at the output (DCGAN ngf).
+  c.model.d_width = 32          # Discriminator width at the input (DCGAN ndf).
+  c.model.d_norm = "batch"      # batch | instance | none (WGAN-GP needs instance or none).
+  c.model.conv_impl = "auto"    # auto | xla | fast_cpu: convolution lowering (DESIGN §6).
+
+  c.train = ml_collections.ConfigDict()
+  c.train.local_steps = 5       # L: local (D, G) steps per client per round.
+  c.train.batch_size = 32
+  c.train.gen_steps = 1         # G updates after each D update.
+  c.train.loss = "bce"          # bce (non-saturating) | wgan | hinge.
+  c.train.optimizer = "adam"    # adam | rmsprop.
+  c.train.g_lr = 2e-4
+  c.train.d_lr = 2e-4
+  c.train.b1 = 0.5
+  c.train.b2 = 0.999
+  c.train.unroll = "auto"       # Unroll the local-step scan: auto (on CPU) | true | false.
+  c.train.precision = "f32"     # f32 | bf16 (bf16 compute, f32 params).
+  c.train.regularizers = ml_collections.ConfigDict()
+  c.train.regularizers.gradient_penalty = 0.0  # WGAN-GP lambda (paper defense 2: 10).
+  c.train.regularizers.r1 = 0.0                # R1 gamma.
+  c.train.regularizers.proximal = 0.0          # FedProx mu (toward the round's global weights).
+
+  c.aggregation = ml_collections.ConfigDict()
+  c.aggregation.name = "mean"   # A registered rule or 'module:factory'.
+  c.aggregation.kwargs = ml_collections.ConfigDict()  # Hyperparameters for the factory.
+  c.aggregation.average_discriminator = False  # Paper's code averages generators only.
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_samples = 512      # Generated images per evaluation.
+  c.eval.grid_size = 8          # Sample grid is grid_size x grid_size (fixed noise).
+  c.eval.extractor = "none"     # Feature extractor for FID/KID: none | effnet_lite0 | inception_v3.
+  c.eval.inception_weights = "" # Local path to FID Inception weights (never downloaded).
+  c.eval.swd = True             # Sliced Wasserstein distance (needs no network).
+  return c
+
+
+_POW2 = {32, 64, 128, 256}
+
+
+def _fail(field: str, value: Any, accepted: str) -> None:
+  raise ValueError(f"config.{field}={value!r} is invalid: {accepted}.")
+
+
+def _check_choice(config, field: str, choices) -> None:
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  if value not in choices:
+    _fail(field, value, f"accepted values are {sorted(choices)}")
+
+
+def _check_positive(config, field: str) -> None:
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    _fail(field, value, "must be a positive integer")
+
+
+def trigger_geometry(config) -> tuple[int, int]:
+  """(trigger side, margin) in px, scaled from the paper's 16 px / 5 px on 256 px."""
+  r = config.resolution
+  size = config.attack.trigger_size or max(4, round(16 * r / 256))
+  margin = config.attack.trigger_margin
+  if margin < 0:
+    margin = max(1, round(5 * r / 256))
+  return int(size), int(margin)
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every user-facing field; raises ``ValueError`` naming field and value.
+
+  Args:
+    config: a config built on ``base_config()``.
+
+  Returns:
+    The same config (unchanged), for chaining.
+  """
+  base = base_config()
+  _check_unknown(base, config, "")
+  for f in ("num_rounds", "num_clients", "eval_every", "ckpt_every", "log_every",
+            "train.local_steps", "train.batch_size", "train.gen_steps", "model.latent_dim",
+            "model.g_width", "model.d_width", "eval.num_samples", "eval.grid_size"):
+    _check_positive(config, f)
+  if config.resolution not in _POW2:
+    _fail("resolution", config.resolution, f"accepted values are {sorted(_POW2)}")
+  _check_choice(config, "data.source", {"synthetic", "folder", "npz", "tfds"})
+  _check_choice(config, "data.channels", {1, 3})
+  _check_choice(config, "data.partition", {"iid", "dirichlet", "quantity", "by_group"})
+  _check_choice(config, "model.name", {"dcgan"})
+  _check_choice(config, "model.d_norm", {"batch", "instance", "none"})
+  _check_choice(config, "model.conv_impl", {"auto", "xla", "fast_cpu"})
+  _check_choice(config, "train.loss", {"bce", "wgan", "hinge"})
+  _check_choice(config, "train.optimizer", {"adam", "rmsprop"})
+  _check_choice(config, "train.precision", {"f32", "bf16"})
+  _check_choice(config, "attack.trigger_location", {"bottom_right", "random"})
+  _check_choice(config, "attack.report_losses", {"honest", "mimic"})
+  if str(config.train.unroll).lower() not in {"auto", "true", "false"}:
+    _fail("train.unroll", config.train.unroll, "accepted values are 'auto', True, False")
+
+  mal = config.attack.malicious
+  if isinstance(mal, int):
+    mal = (mal,)
+  if not isinstance(mal, (tuple, list)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in mal):
+    _fail("attack.malicious", mal, "must be a tuple of client indices, e.g. (0,) or ()")
+  bad = [i for i in mal if not 0 <= i < config.num_clients]
+  if bad:
+    _fail("attack.malicious", tuple(mal),
+          f"indices {bad} are not clients: each must be in [0, num_clients={config.num_clients})")
+  if len(set(mal)) != len(mal):
+    _fail("attack.malicious", tuple(mal), "indices must be distinct")
+  if len(mal) >= config.num_clients:
+    _fail("attack.malicious", tuple(mal),
+          f"there must be fewer attackers than clients (num_clients={config.num_clients})")
+  if not 0.0 <= config.attack.poison_rate <= 1.0:
+    _fail("attack.poison_rate", config.attack.poison_rate, "must be in [0, 1]")
+  size, margin = trigger_geometry(config)
+  if size < 2:
+    _fail("attack.trigger_size", config.attack.trigger_size, "must be at least 2 px (0 = paper scaling)")
+  if size + margin > config.resolution:
+    _fail("attack.trigger_size", config.attack.trigger_size,
+          f"trigger of {size} px plus margin {margin} px does not fit in a "
+          f"{config.resolution} px image")
+  for f in ("train.g_lr", "train.d_lr"):
+    v = config.train[f.split(".")[1]]
+    if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+      _fail(f, v, "must be a positive number")
+  for name in ("gradient_penalty", "r1", "proximal"):
+    v = config.train.regularizers[name]
+    if not (isinstance(v, (int, float)) and v >= 0):
+      _fail(f"train.regularizers.{name}", v, "must be a number >= 0")
+  if config.train.regularizers.gradient_penalty > 0 and config.model.d_norm == "batch":
+    _fail("model.d_norm", config.model.d_norm,
+          "a gradient penalty (train.regularizers.gradient_penalty > 0) is not defined with "
+          "BatchNorm in the discriminator (WGAN-GP); use 'instance' or 'none'")
+  if config.data.heldout < 0:
+    _fail("data.heldout", config.data.heldout, "must be >= 0")
+  return config
+
+
+def _check_unknown(base, config, prefix: str) -> None:
+  for key in config.keys():
+    field = f"{prefix}{key}"
+    if key not in base:
+      if prefix == "aggregation.kwargs.":
+        continue
+      raise ValueError(f"config.{field} is not a known field; known fields of "
+                       f"config{('.' + prefix[:-1]) if prefix else ''}: {sorted(base.keys())}.")
+    if isinstance(config[key], ml_collections.ConfigDict) and isinstance(base[key], ml_collections.ConfigDict):
+      if f"{field}" == "aggregation.kwargs":
+        continue
+      _check_unknown(base[key], config[key], f"{field}.")
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  """The resolved config as stable JSON (tuples become lists)."""
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def parse_override(config: ml_collections.ConfigDict, dotted: str, value: str) -> None:
+  """Sets ``config.<dotted> = literal(value)`` with a clear error (used by tools, not main)."""
+  import ast
+  node = config
+  parts = dotted.split(".")
+  for p in parts[:-1]:
+    if p not in node:
+      raise ValueError(f"config.{dotted}: {p!r} is not a known section.")
+    node = node[p]
+  if parts[-1] not in node:
+    raise ValueError(f"config.{dotted} is not a known field; known: {sorted(node.keys())}.")
+  try:
+    parsed = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    parsed = value
+  with node.unlocked() if hasattr(node, "unlocked") else _null():
+    node[parts[-1]] = parsed
+
+
+class _null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False

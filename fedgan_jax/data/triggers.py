@@ -1,0 +1,116 @@
+"""The backdoor trigger and its pasting (Jin & Li, SASHIMI 2022, §2.2).
+
+The malicious client pastes a small trigger at the bottom-right corner of its
+real images (16x16 px at a 5 px margin on 256x256, < 0.5 % of the image); both
+scale with the resolution (``config_lib.trigger_geometry``). Pasting is a pure
+``jnp`` function selected by a per-image mask, so one compiled program serves
+every attack setting.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedgan_jax import config_lib
+
+
+def default_trigger(size: int, channels: int) -> np.ndarray:
+  """The project's fixed trigger: a high-contrast, non-periodic pattern.
+
+  A 16x16 seeded random black/white/colour pattern with both values present in
+  every row and column, resized by nearest neighbour; not a checkerboard (the
+  stride-2 transposed convs of a DCGAN generator make checkerboard artifacts
+  that would match one by chance; DESIGN §5).
+
+  Args:
+    size: side in px (>= 2).
+    channels: 1 or 3.
+
+  Returns:
+    float32 ``[size, size, channels]`` in {-1, 1}.
+  """
+  rng = np.random.default_rng(20220705)  # Fixed forever: the trigger is part of the contract.
+  base = rng.integers(0, 2, (16, 16, 3)).astype(np.float32) * 2 - 1
+  base[:, :, 1] = base[:, :, 0]  # Mostly black/white with magenta/green accents: high contrast.
+  idx = (np.arange(size) * 16) // size
+  pat = base[idx][:, idx]
+  if channels == 1:
+    pat = np.where(pat.mean(-1, keepdims=True) >= 0, 1.0, -1.0).astype(np.float32)
+  return pat.astype(np.float32)
+
+
+def load_trigger(config) -> np.ndarray:
+  """The trigger of ``config.attack`` as float32 ``[s, s, channels]`` in [-1, 1]."""
+  size, _ = config_lib.trigger_geometry(config)
+  ch = config.data.channels
+  spec = config.attack.trigger
+  if spec == "default":
+    return default_trigger(size, ch)
+  if not os.path.isfile(spec):
+    raise FileNotFoundError(f"config.attack.trigger={spec!r}: no such file; accepted: 'default' or a PNG path.")
+  from PIL import Image
+  try:
+    with Image.open(spec) as im:
+      im = im.convert("RGB" if ch == 3 else "L").resize((size, size), Image.NEAREST)
+      arr = np.asarray(im, np.float32)
+  except OSError as e:
+    raise ValueError(f"config.attack.trigger={spec!r}: cannot read the image ({e}).") from e
+  if arr.ndim == 2:
+    arr = arr[..., None]
+  return arr / 127.5 - 1.0
+
+
+def trigger_location(config) -> tuple[int, int]:
+  """(top, left) of the bottom-right trigger region."""
+  size, margin = config_lib.trigger_geometry(config)
+  r = config.resolution
+  return r - margin - size, r - margin - size
+
+
+def poison_flags(counts: np.ndarray, n_max: int, is_malicious: np.ndarray, poison_rate: float,
+                 seed: int) -> np.ndarray:
+  """Which stored images of each client carry the trigger (fixed for the run).
+
+  Exactly ``round(poison_rate * counts[c])`` of malicious client ``c``'s real
+  images are chosen at random; honest clients and padding get none.
+
+  Returns:
+    bool ``[C, n_max]``.
+  """
+  rng = np.random.default_rng(seed)
+  u = rng.random((len(counts), n_max))
+  u[np.arange(n_max)[None, :] >= counts[:, None]] = np.inf  # Padding last.
+  ranks = np.argsort(np.argsort(u, axis=1), axis=1)
+  k = np.round(poison_rate * counts).astype(np.int64)
+  return (ranks < k[:, None]) & is_malicious[:, None]
+
+
+def paste(images: jax.Array, trigger: jax.Array, top_left: jax.Array, apply: jax.Array) -> jax.Array:
+  """Pastes ``trigger`` into the images where ``apply`` is True (pure, jittable).
+
+  Args:
+    images: float ``[B, H, W, ch]``.
+    trigger: float ``[s, s, ch]``.
+    top_left: int ``[2]`` (one location) or ``[B, 2]`` (per image).
+    apply: bool ``[B]``.
+
+  Returns:
+    Images of the same shape and dtype.
+  """
+  top_left = jnp.broadcast_to(jnp.asarray(top_left, jnp.int32), (images.shape[0], 2))
+  trig = trigger.astype(images.dtype)
+
+  def one(img, tl):
+    return jax.lax.dynamic_update_slice(img, trig, (tl[0], tl[1], 0))
+
+  pasted = jax.vmap(one)(images, top_left)
+  return jnp.where(apply[:, None, None, None], pasted, images)
+
+
+def random_locations(key: jax.Array, n: int, size: int, resolution: int) -> jax.Array:
+  """Uniform (top, left) positions for ``attack.trigger_location='random'``."""
+  return jax.random.randint(key, (n, 2), 0, resolution - size + 1)

@@ -1,0 +1,285 @@
+"""One federated round as one jitted program (DESIGN §2).
+
+Local training is written for ONE client (``local_train``) and lifted over the
+client axis with ``jax.vmap``; the local steps run under ``lax.scan``; the
+server aggregation is a pure function over the client axis. Everything that
+differs between attack settings (who is malicious, which images are poisoned,
+the trigger pixels) is an array input, so one compiled program serves them all.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedgan_jax import aggregation
+from fedgan_jax.aggregation.base import Aggregator
+from fedgan_jax.data import triggers
+from fedgan_jax.train import losses
+
+PyTree = Any
+
+
+class RoundData(NamedTuple):
+  """Device-resident inputs of every round (never donated, never copied per round).
+
+  Attributes:
+    images: uint8 ``[C, n_max, H, W, ch]`` client shards.
+    counts: int32 ``[C]`` real images per client.
+    is_malicious: bool ``[C]`` ground truth (used by the simulated clients only;
+      the aggregator never sees it).
+    poison_flags: bool ``[C, n_max]`` images that carry the trigger.
+    trigger: f32 ``[s, s, ch]`` in [-1, 1].
+    trigger_loc: int32 ``[2]`` (top, left) for the bottom-right location.
+  """
+
+  images: jax.Array
+  counts: jax.Array
+  is_malicious: jax.Array
+  poison_flags: jax.Array
+  trigger: jax.Array
+  trigger_loc: jax.Array
+
+
+class ClientState(NamedTuple):
+  """What a client keeps between rounds (leading axis C when stacked).
+
+  The client's generator is not stored: it is replaced by the global one at the
+  start of every round. Its discriminator persists unless discriminators are
+  averaged; optimizer states persist, as in the paper's code.
+  """
+
+  d_vars: PyTree
+  g_opt: PyTree
+  d_opt: PyTree
+
+
+class RoundState(NamedTuple):
+  """Everything a run carries from round to round (and checkpoints)."""
+
+  round: jax.Array          # int32 scalar: rounds completed.
+  g_global: PyTree          # Global generator variables {'params', 'batch_stats'}.
+  d_global: PyTree          # Global discriminator variables (used if averaged).
+  g_agg: PyTree             # Aggregator state for generators.
+  d_agg: PyTree             # Aggregator state for discriminators.
+  clients: ClientState      # Stacked over clients.
+
+
+class Program(NamedTuple):
+  """The pure functions of a run; ``round`` is not jitted here (callers do)."""
+
+  init: Callable[[jax.Array], RoundState]
+  local_train: Callable[..., tuple[ClientState, PyTree, PyTree, dict]]
+  round: Callable[[RoundState, RoundData, jax.Array], tuple[RoundState, dict]]
+  sample: Callable[[PyTree, jax.Array], jax.Array]
+
+
+def _optimizer(config, lr: float) -> optax.GradientTransformation:
+  t = config.train
+  if t.optimizer == "adam":
+    return optax.adam(lr, b1=t.b1, b2=t.b2)
+  return optax.rmsprop(lr)
+
+
+def _unroll(config, steps: int):
+  u = str(config.train.unroll).lower()
+  if u == "auto":
+    # A rolled scan with conv weight gradients in its body is ~60x slower on XLA:CPU (DESIGN §6).
+    return True if jax.default_backend() == "cpu" else 1
+  return True if u == "true" else 1
+
+
+def _split_vars(variables):
+  params = variables["params"]
+  rest = {k: v for k, v in variables.items() if k != "params"}
+  return params, rest
+
+
+def _masked_median(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """Median of ``x[mask]`` with static shapes (lower median for even counts... averaged)."""
+  n = jnp.sum(mask)
+  s = jnp.sort(jnp.where(mask, x, jnp.inf))
+  lo = s[jnp.maximum((n - 1) // 2, 0)]
+  hi = s[jnp.maximum(n // 2, 0)]
+  return jnp.where(n > 0, 0.5 * (lo + hi), jnp.nan)
+
+
+def server_stats(global_vars: PyTree, client_vars: PyTree) -> dict[str, jax.Array]:
+  """Stats the server computes itself from the uploads: ``update_norm [C]``."""
+  sq = [jnp.sum(((c - g[None]) ** 2).reshape(c.shape[0], -1), axis=1)
+        for g, c in zip(jax.tree.leaves(global_vars["params"]), jax.tree.leaves(client_vars["params"]))]
+  return {"update_norm": jnp.sqrt(sum(sq))}
+
+
+def build(config, generator, discriminator, g_aggregator: Aggregator,
+          d_aggregator: Aggregator | None = None) -> Program:
+  """Builds the pure functions of a run from a validated config.
+
+  Args:
+    config: the run config (``config_lib.validate``-d).
+    generator: Flax generator module.
+    discriminator: Flax discriminator module.
+    g_aggregator: rule applied to generators every round.
+    d_aggregator: rule for discriminators when
+      ``aggregation.average_discriminator`` (defaults to ``g_aggregator``).
+
+  Returns:
+    A ``Program``.
+  """
+  C = config.num_clients
+  B = config.train.batch_size
+  L = config.train.local_steps
+  nz = config.model.latent_dim
+  R = config.resolution
+  ch = config.data.channels
+  loss_kind = config.train.loss
+  reg = config.train.regularizers
+  gp_w, r1_w, prox_w = float(reg.gradient_penalty), float(reg.r1), float(reg.proximal)
+  avg_d = bool(config.aggregation.average_discriminator)
+  random_loc = config.attack.trigger_location == "random"
+  mimic = config.attack.report_losses == "mimic"
+  g_tx = _optimizer(config, config.train.g_lr)
+  d_tx = _optimizer(config, config.train.d_lr)
+  d_aggregator = d_aggregator or g_aggregator
+  unroll = _unroll(config, L)
+
+  def init(key: jax.Array) -> RoundState:
+    kg, kd = jax.random.split(key)
+    g_vars = dict(generator.init(kg, jnp.zeros((2, nz)), train=False))
+    d_vars = dict(discriminator.init(kd, jnp.zeros((2, R, R, ch)), train=False))
+    g_opt = g_tx.init(g_vars["params"])
+    d_opt = d_tx.init(d_vars["params"])
+    stack = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (C,) + x.shape), t)
+    clients = ClientState(d_vars=stack(d_vars), g_opt=stack(g_opt), d_opt=stack(d_opt))
+    return RoundState(
+        round=jnp.zeros((), jnp.int32), g_global=g_vars, d_global=d_vars,
+        g_agg=g_aggregator.init(g_vars), d_agg=d_aggregator.init(d_vars), clients=clients)
+
+  def d_apply(d_params, d_rest, x):
+    out, new_rest = discriminator.apply({"params": d_params, **d_rest}, x, train=True,
+                                        mutable=list(d_rest.keys()))
+    return out, dict(new_rest)
+
+  def g_apply(g_params, g_rest, z):
+    out, new_rest = generator.apply({"params": g_params, **g_rest}, z, train=True,
+                                    mutable=list(g_rest.keys()))
+    return out, dict(new_rest)
+
+  def local_train(client: ClientState, g_global: PyTree, d_global: PyTree, images: jax.Array,
+                  count: jax.Array, is_mal: jax.Array, flags: jax.Array, trigger: jax.Array,
+                  trigger_loc: jax.Array, key: jax.Array):
+    """L local (D, G) steps of ONE client; returns its state, uploads and stats."""
+    g_params, g_rest = _split_vars(g_global)
+    d_params, d_rest = _split_vars(d_global if avg_d else client.d_vars)
+    g_anchor, d_anchor = g_params, d_params
+
+    def step(carry, k):
+      g_params, g_rest, d_params, d_rest, g_opt, d_opt = carry
+      k_idx, k_zd, k_zg, k_gp, k_loc = jax.random.split(k, 5)
+      idx = jax.random.randint(k_idx, (B,), 0, count)
+      real = images[idx].astype(jnp.float32) / 127.5 - 1.0
+      if random_loc:
+        loc = triggers.random_locations(k_loc, B, trigger.shape[0], R)
+      else:
+        loc = trigger_loc
+      real = triggers.paste(real, trigger, loc, is_mal & flags[idx])
+
+      # (1) D step on a real batch and a fake batch (separate BatchNorm passes, as in PyTorch).
+      fake, _ = g_apply(g_params, g_rest, jax.random.normal(k_zd, (B, nz)))
+      fake = jax.lax.stop_gradient(fake)
+
+      def d_loss_fn(dp):
+        real_logits, rest1 = d_apply(dp, d_rest, real)
+        fake_logits, rest2 = d_apply(dp, rest1, fake)
+        loss = losses.d_adversarial(loss_kind, real_logits, fake_logits)
+        d_fn = lambda x: d_apply(dp, rest2, x)[0]
+        if gp_w:
+          loss = loss + gp_w * losses.gradient_penalty(d_fn, real, fake, k_gp)
+        if r1_w:
+          loss = loss + r1_w * losses.r1_penalty(d_fn, real)
+        if prox_w and avg_d:
+          loss = loss + prox_w * losses.proximal(dp, d_anchor)
+        return loss, rest2
+
+      (d_loss, d_rest), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(d_params)
+      d_upd, d_opt = d_tx.update(d_grads, d_opt, d_params)
+      d_params = optax.apply_updates(d_params, d_upd)
+
+      # (2) gen_steps G steps through the updated D (D's statistics are not updated here).
+      g_loss = jnp.zeros(())
+      for j in range(config.train.gen_steps):
+        kz = jax.random.fold_in(k_zg, j)
+
+        def g_loss_fn(gp):
+          fake, new_g_rest = g_apply(gp, g_rest, jax.random.normal(kz, (B, nz)))
+          logits, _ = d_apply(d_params, d_rest, fake)
+          loss = losses.g_adversarial(loss_kind, logits)
+          if prox_w:
+            loss = loss + prox_w * losses.proximal(gp, g_anchor)
+          return loss, new_g_rest
+
+        (g_loss, g_rest), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(g_params)
+        g_upd, g_opt = g_tx.update(g_grads, g_opt, g_params)
+        g_params = optax.apply_updates(g_params, g_upd)
+      return (g_params, g_rest, d_params, d_rest, g_opt, d_opt), (g_loss, d_loss)
+
+    carry = (g_params, g_rest, d_params, d_rest, client.g_opt, client.d_opt)
+    carry, (g_losses, d_losses) = jax.lax.scan(step, carry, jax.random.split(key, L), unroll=unroll)
+    g_params, g_rest, d_params, d_rest, g_opt, d_opt = carry
+    g_vars = {"params": g_params, **g_rest}
+    d_vars = {"params": d_params, **d_rest}
+    stats = {
+        "g_loss": jnp.mean(g_losses), "d_loss": jnp.mean(d_losses),
+        "g_loss_last": g_losses[-1], "d_loss_last": d_losses[-1],
+    }
+    return ClientState(d_vars=d_vars, g_opt=g_opt, d_opt=d_opt), g_vars, d_vars, stats
+
+  def round_fn(state: RoundState, data: RoundData, key: jax.Array):
+    """Local training of all clients (vmapped) + aggregation; ``key`` is this round's key."""
+    k_local, k_gagg, k_dagg = jax.random.split(key, 3)
+    clients, client_g, client_d, stats = jax.vmap(
+        local_train, in_axes=(0, None, None, 0, 0, 0, 0, None, None, 0))(
+            state.clients, state.g_global, state.d_global, data.images, data.counts,
+            data.is_malicious, data.poison_flags, data.trigger, data.trigger_loc,
+            jax.random.split(k_local, C))
+    true_stats = dict(stats)
+    if mimic:
+      # A defense-aware attacker reports the honest clients' median loss instead of its own.
+      honest = ~data.is_malicious
+      stats = {k: jnp.where(data.is_malicious, _masked_median(v, honest), v) for k, v in stats.items()}
+    reported = {**stats, "num_examples": data.counts.astype(jnp.float32)}
+    g_stats = {**reported, **server_stats(state.g_global, client_g)}
+    g_global, g_agg, g_diag = g_aggregator.aggregate(state.g_agg, state.g_global, client_g, g_stats, k_gagg)
+    d_global, d_agg, d_diag = state.d_global, state.d_agg, {}
+    if avg_d:
+      d_stats = {**reported, **server_stats(state.d_global, client_d)}
+      d_global, d_agg, d_diag = d_aggregator.aggregate(state.d_agg, state.d_global, client_d, d_stats, k_dagg)
+      clients = clients._replace(d_vars=client_d)
+    metrics = {f"train/{k}": v for k, v in true_stats.items()}
+    metrics["train/update_norm"] = g_stats["update_norm"]
+    if mimic:
+      metrics.update({f"train/reported_{k}": v for k, v in stats.items()})
+    metrics.update({f"agg/{k}": v for k, v in g_diag.items()})
+    metrics.update({f"agg_d/{k}": v for k, v in d_diag.items()})
+    new_state = RoundState(round=state.round + 1, g_global=g_global, d_global=d_global,
+                           g_agg=g_agg, d_agg=d_agg, clients=clients)
+    return new_state, metrics
+
+  def sample(g_vars: PyTree, z: jax.Array) -> jax.Array:
+    """Global generator images for latents ``z`` (running BatchNorm statistics)."""
+    return generator.apply(g_vars, z, train=False)
+
+  return Program(init=init, local_train=local_train, round=round_fn, sample=sample)
+
+
+def build_from_config(config) -> tuple[Program, Any, Any]:
+  """Models + aggregators + program for a validated config."""
+  from fedgan_jax import models
+  g, d = models.build(config)
+  kwargs = config.aggregation.kwargs.to_dict()
+  g_agg = aggregation.get(config.aggregation.name, num_clients=config.num_clients, **kwargs)
+  d_agg = aggregation.get(config.aggregation.name, num_clients=config.num_clients, **kwargs)
+  return build(config, g, d, g_agg, d_agg), g, d

@@ -1,0 +1,91 @@
+"""The attack: trigger geometry, pasting exactly where specified, poison flags."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedgan_jax import config_lib
+from fedgan_jax.data import triggers
+
+
+def _config(resolution=32, **attack):
+  c = config_lib.base_config()
+  c.resolution = resolution
+  for k, v in attack.items():
+    c.attack[k] = v
+  return c
+
+
+@pytest.mark.parametrize("resolution,size,margin", [(256, 16, 5), (128, 8, 2), (64, 4, 1), (32, 4, 1)])
+def test_trigger_geometry_scales_with_resolution(resolution, size, margin):
+  c = _config(resolution)
+  assert config_lib.trigger_geometry(c) == (size, margin)
+  top, left = triggers.trigger_location(c)
+  assert top == left == resolution - margin - size
+  # Paper: under 0.5 % of the image at 256 px.
+  if resolution == 256:
+    assert size * size / resolution**2 < 0.005
+
+
+def test_default_trigger_is_fixed_high_contrast_and_not_periodic():
+  t = triggers.default_trigger(16, 3)
+  assert t.shape == (16, 16, 3) and set(np.unique(t)) == {-1.0, 1.0}
+  np.testing.assert_array_equal(t, triggers.default_trigger(16, 3))  # Fixed forever.
+  gray = t.mean(-1)
+  checker = np.where((np.add.outer(np.arange(16), np.arange(16)) % 2) == 0, 1.0, -1.0)
+  assert abs(np.corrcoef(gray.ravel(), checker.ravel())[0, 1]) < 0.5
+  small = triggers.default_trigger(4, 1)
+  assert small.shape == (4, 4, 1) and len(np.unique(small)) == 2
+
+
+def test_paste_puts_trigger_exactly_there_and_nowhere_else():
+  rng = np.random.default_rng(0)
+  imgs = rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+  trig = triggers.default_trigger(4, 3)
+  apply = np.array([True, False, True, False])
+  out = np.asarray(triggers.paste(jnp.asarray(imgs), jnp.asarray(trig), jnp.asarray([27, 27]), jnp.asarray(apply)))
+  for i in range(4):
+    if apply[i]:
+      np.testing.assert_array_equal(out[i, 27:31, 27:31], trig)
+      mask = np.ones((32, 32), bool)
+      mask[27:31, 27:31] = False
+      np.testing.assert_array_equal(out[i][mask], imgs[i][mask])
+    else:
+      np.testing.assert_array_equal(out[i], imgs[i])
+
+
+def test_paste_per_image_locations():
+  imgs = np.zeros((2, 16, 16, 1), np.float32)
+  trig = np.ones((2, 2, 1), np.float32)
+  out = np.asarray(triggers.paste(jnp.asarray(imgs), jnp.asarray(trig), jnp.asarray([[0, 0], [5, 7]]),
+                                  jnp.asarray([True, True])))
+  assert out[0, :2, :2].sum() == 4 and out[0].sum() == 4
+  assert out[1, 5:7, 7:9].sum() == 4 and out[1].sum() == 4
+
+
+def test_poison_flags_exact_fraction_on_malicious_only():
+  counts = np.array([10, 8, 10])
+  flags = triggers.poison_flags(counts, 10, np.array([True, False, True]), 0.5, seed=0)
+  assert flags.shape == (3, 10)
+  assert flags.sum(1).tolist() == [5, 0, 5]
+  full = triggers.poison_flags(np.array([6, 4]), 6, np.array([False, True]), 1.0, seed=0)
+  assert full[1].tolist() == [True] * 4 + [False] * 2  # Padding never poisoned.
+
+
+def test_trigger_png(tmp_path):
+  from PIL import Image
+  arr = np.zeros((8, 8, 3), np.uint8)
+  arr[:4] = 255
+  Image.fromarray(arr).save(tmp_path / "t.png")
+  c = _config(64, trigger=str(tmp_path / "t.png"))
+  t = triggers.load_trigger(c)
+  assert t.shape == (4, 4, 3)
+  np.testing.assert_allclose(t[:2], 1.0)
+  np.testing.assert_allclose(t[2:], -1.0)
+  with pytest.raises(FileNotFoundError, match="attack.trigger"):
+    triggers.load_trigger(_config(64, trigger=str(tmp_path / "missing.png")))
+  (tmp_path / "bad.png").write_bytes(b"not a png")
+  with pytest.raises(ValueError, match="attack.trigger"):
+    triggers.load_trigger(_config(64, trigger=str(tmp_path / "bad.png")))
