@@ -83,4 +83,6 @@ def test_mimic_reports_honest_median(tiny_program):
 def test_server_stats_update_norm():
   g = {"params": {"w": jnp.zeros((2,))}}
   c = {"params": {"w": jnp.asarray([[3.0, 4.0], [0.0, 0.0]])}}
-  np.testing.assert_allclose(round_lib.server_stats(g, c)["update_norm"], [5.0, 0.0])
+  stats = round_lib.server_stats(g, c)
+  np.testing.assert_allclose(stats["update_norm"], [5.0, 0.0])
+  np.testing.assert_allclose(stats["dist_to_median"], [2.5, 2.5])  # Median of two = their midpoint.

@@ -81,65 +81,50 @@ def _per_client(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
 
 
 @functools.lru_cache(maxsize=None)
-def _fast_conv(stride: int, pad: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """``conv(x, w)`` with the per-client lowering in forward and backward."""
+def _fast_ops(stride: int, pad: int, k: int, in_hw: tuple[int, int]):
+  """The three bilinear ops of a conv, closed under differentiation.
 
-  def forward(x, w):
-    return _per_client(lambda xx, ww: _conv(xx, ww, stride, pad))(x, w)
+  ``conv(x, w)``, its input transpose ``tin(g, w)`` and its weight transpose
+  ``tw(x, g)``: each one's VJP is expressed with the other two, so gradients of
+  any order (e.g. WGAN-GP's gradient of an input gradient) stay on plain
+  convolutions with the per-client lowering. With ``A_w x = conv(x, w)``:
+
+  * ``<g, A_w x>``: d/dx = ``tin(g, w)``, d/dw = ``tw(x, g)``;
+  * ``<h, A_w^T g> = <A_w h, g>``: d/dg = ``conv(h, w)``, d/dw = ``tw(h, g)``;
+  * ``<V, tw(x, g)> = <g, A_V x>``: d/dx = ``tin(g, V)``, d/dg = ``conv(x, V)``.
+
+  Args:
+    stride, pad, k: conv geometry (square kernel ``k``).
+    in_hw: spatial size of the conv's input ``x`` (needed by ``tin``).
+  """
+  conv_p = _per_client(lambda x, w: _conv(x, w, stride, pad))
+  tin_p = _per_client(lambda g, w: _conv_input_t(g, w, stride, pad, in_hw))
+  tw_p = _per_client(lambda x, g: _conv_weight_t(x, g, (k, k, x.shape[-1], g.shape[-1]), stride, pad))
 
   @jax.custom_vjp
   def conv(x, w):
-    return forward(x, w)
-
-  def fwd(x, w):
-    return forward(x, w), (x, w)
-
-  def bwd(res, g):
-    x, w = res
-    in_hw = x.shape[1:3]
-    dx = _per_client(lambda gg, ww: _conv_input_t(gg, ww, stride, pad, in_hw))(g, w)
-    dw = _per_client(lambda xx, gg: _conv_weight_t(xx, gg, w.shape, stride, pad))(x, g)
-    return dx, dw
-
-  conv.defvjp(fwd, bwd)
-  return conv
-
-
-@functools.lru_cache(maxsize=None)
-def _fast_conv_transpose(stride: int, pad: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """The adjoint of ``conv(·, w)`` (a transposed conv), with plain-conv gradients.
-
-  ``w`` has the layout of the forward conv it is the adjoint of: ``[k, k, out, in]``
-  maps an ``in``-channel ``[B, H, W, in]`` input to ``[B, H*s, W*s, out]``.
-  """
-
-  def forward(y, w):
-    hw = (y.shape[1] * stride, y.shape[2] * stride)
-    return _per_client(lambda yy, ww: _conv_input_t(yy, ww, stride, pad, hw))(y, w)
+    return conv_p(x, w)
 
   @jax.custom_vjp
-  def conv_t(y, w):
-    return forward(y, w)
+  def tin(g, w):
+    return tin_p(g, w)
 
-  def fwd(y, w):
-    return forward(y, w), (y, w)
+  @jax.custom_vjp
+  def tw(x, g):
+    return tw_p(x, g)
 
-  def bwd(res, g):
-    y, w = res
-    # <g, T_w y> = <conv(g, w), y>: the input gradient is a strided conv of g, the
-    # weight gradient is conv's weight gradient with input g and cotangent y.
-    dy = _per_client(lambda gg, ww: _conv(gg, ww, stride, pad))(g, w)
-    dw = _per_client(lambda gg, yy: _conv_weight_t(gg, yy, w.shape, stride, pad))(g, y)
-    return dy, dw
-
-  conv_t.defvjp(fwd, bwd)
-  return conv_t
+  conv.defvjp(lambda x, w: (conv(x, w), (x, w)), lambda r, g: (tin(g, r[1]), tw(r[0], g)))
+  tin.defvjp(lambda g, w: (tin(g, w), (g, w)), lambda r, h: (conv(h, r[1]), tw(h, r[0])))
+  tw.defvjp(lambda x, g: (tw(x, g), (x, g)), lambda r, v: (tin(r[1], v), conv(r[0], v)))
+  # The forward rules call the custom_vjp ops themselves (not the raw primals), so an
+  # outer differentiation (gradient penalty) sees differentiable forwards too.
+  return conv, tin, tw
 
 
 def conv2d(x, w, stride: int, pad: int, impl: str):
   """NHWC conv with HWIO weights, symmetric padding, lowering ``impl``."""
   if impl == "fast_cpu":
-    return _fast_conv(stride, pad)(x, w)
+    return _fast_ops(stride, pad, w.shape[0], tuple(x.shape[1:3]))[0](x, w)
   return _conv(x, w, stride, pad)
 
 
@@ -156,9 +141,9 @@ def conv2d_transpose(y, w, stride: int, pad: int, impl: str):
   Returns:
     ``[B, H*stride, W*stride, out]``.
   """
-  if impl == "fast_cpu":
-    return _fast_conv_transpose(stride, pad)(y, w)
   hw = (y.shape[1] * stride, y.shape[2] * stride)
+  if impl == "fast_cpu":
+    return _fast_ops(stride, pad, w.shape[0], hw)[1](y, w)
   return _conv_input_t(y, w, stride, pad, hw)
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from fedgan_jax import aggregation
+from fedgan_jax.aggregation import stats as agg_stats
 from fedgan_jax.aggregation.base import Aggregator
 from fedgan_jax.data import triggers
 from fedgan_jax.train import losses
@@ -108,10 +109,12 @@ def _masked_median(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def server_stats(global_vars: PyTree, client_vars: PyTree) -> dict[str, jax.Array]:
-  """Stats the server computes itself from the uploads: ``update_norm [C]``."""
-  sq = [jnp.sum(((c - g[None]) ** 2).reshape(c.shape[0], -1), axis=1)
-        for g, c in zip(jax.tree.leaves(global_vars["params"]), jax.tree.leaves(client_vars["params"]))]
-  return {"update_norm": jnp.sqrt(sum(sq))}
+  """Stats the server computes itself from the uploaded parameters (not reported by clients).
+
+  ``update_norm``, ``cosine_to_mean`` and ``dist_to_median`` (each ``[C]``) of
+  the ``params`` collection (BatchNorm statistics are not updates).
+  """
+  return agg_stats.server_stats(global_vars["params"], client_vars["params"])
 
 
 def build(config, generator, discriminator, g_aggregator: Aggregator,
@@ -259,7 +262,7 @@ def build(config, generator, discriminator, g_aggregator: Aggregator,
       d_global, d_agg, d_diag = d_aggregator.aggregate(state.d_agg, state.d_global, client_d, d_stats, k_dagg)
       clients = clients._replace(d_vars=client_d)
     metrics = {f"train/{k}": v for k, v in true_stats.items()}
-    metrics["train/update_norm"] = g_stats["update_norm"]
+    metrics.update({f"train/{k}": g_stats[k] for k in ("update_norm", "cosine_to_mean", "dist_to_median")})
     if mimic:
       metrics.update({f"train/reported_{k}": v for k, v in stats.items()})
     metrics.update({f"agg/{k}": v for k, v in g_diag.items()})
