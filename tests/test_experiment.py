@@ -23,13 +23,19 @@ def _strip_timing(records):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("full"))
-  summary = experiment.run(tiny_config(), workdir)
+  summary = experiment.run(_with_features(), workdir)
   return workdir, summary
+
+
+def _with_features(**overrides):
+  """The tiny config with FD/KID/precision/recall in EfficientNet-Lite0 space every round."""
+  return tiny_config(**{"eval.extractor": "effnet_lite0", "eval.fid_every": 1, **overrides})
 
 
 def test_run_writes_every_output(full_run):
   workdir, summary = full_run
-  for name in ("config.json", "metrics.jsonl", "summary.json", "samples", "checkpoints"):
+  for name in ("config.json", "metrics.jsonl", "summary.json", "samples", "checkpoints",
+               "trigger_calibration.json", "tb", "report/report.html", "report/losses.png"):
     assert os.path.exists(os.path.join(workdir, name)), name
   records = writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   assert [r["round"] for r in records] == [1, 2]
@@ -38,6 +44,8 @@ def test_run_writes_every_output(full_run):
     assert np.isclose(sum(r["agg/weights"]), 1.0)
     assert all(k.split("/")[0] in {"round", "train", "agg", "eval", "z"} for k in r)
     assert "eval/trigger_rate" in r and "eval/swd" in r and r["eval/detect_tpr"] in (0.0, 1.0)
+    assert r["eval/fid@effnet_lite0"] > 0 and 0 <= r["eval/precision@effnet_lite0"] <= 1
+    assert r["eval/trigger_rate_real_poisoned"] >= 0.99  # Sanity: the metric sees pasted triggers.
   grids = sorted(os.listdir(os.path.join(workdir, "samples")))
   assert grids == ["round_000001.png", "round_000002.png"]
   img = np.asarray(Image.open(os.path.join(workdir, "samples", grids[-1])))
@@ -45,14 +53,15 @@ def test_run_writes_every_output(full_run):
   cfg = json.load(open(os.path.join(workdir, "config.json")))
   assert cfg["num_clients"] == 2 and cfg["attack"]["malicious"] == [0]
   assert summary["rounds"] == 2 and summary["data"]["poisoned_per_client"] == [32, 0]
+  assert summary["trigger_calibration"]["clean_real_rate"] <= 0.02
   assert json.load(open(os.path.join(workdir, "summary.json")))["final"]["round"] == 2
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(full_run, tmp_path):
   workdir, _ = full_run
   resumed = str(tmp_path / "resumed")
-  experiment.run(tiny_config(num_rounds=1), resumed)       # "Interrupted" after round 1.
-  summary = experiment.run(tiny_config(num_rounds=2), resumed)  # Same command, more rounds: resumes.
+  experiment.run(_with_features(num_rounds=1), resumed)       # "Interrupted" after round 1.
+  summary = experiment.run(_with_features(num_rounds=2), resumed)  # Same command, more rounds: resumes.
   assert summary["resumed_from"] == 1
   a = _strip_timing(writers.read_jsonl(os.path.join(workdir, "metrics.jsonl")))
   b = _strip_timing(writers.read_jsonl(os.path.join(resumed, "metrics.jsonl")))
@@ -79,3 +88,46 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, override, match):
   assert p.returncode == 2, p.stderr[-2000:]
   assert match in p.stderr
   assert "Traceback" not in p.stderr
+
+
+def _write_pngs(root, n, size=40, gray_every=5):
+  """n small PNG files (some grayscale), in nested folders, as users unpack archives."""
+  rng = np.random.default_rng(0)
+  os.makedirs(root, exist_ok=True)
+  for i in range(n):
+    sub = os.path.join(root, f"part_{i % 2}")
+    os.makedirs(sub, exist_ok=True)
+    if i % gray_every == 0:
+      Image.fromarray(rng.integers(0, 256, (size, size + 8), dtype=np.uint8), "L").save(f"{sub}/ISIC_{i:07d}.png")
+    else:
+      Image.fromarray(rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)).save(f"{sub}/ISIC_{i:07d}.png")
+
+
+def test_two_round_run_on_a_folder_source(tmp_path):
+  data_dir = tmp_path / "isic"
+  _write_pngs(str(data_dir), 128)
+  with open(tmp_path / "labels.csv", "w") as f:
+    f.write("image_name,target\n" + "".join(f"ISIC_{i:07d},{i % 2}\n" for i in range(128)))
+  config = tiny_config(**{"data.source": "folder", "data.path": str(data_dir),
+                          "data.labels_csv": str(tmp_path / "labels.csv"),
+                          "data.cache_dir": str(tmp_path / "cache")})
+  summary = experiment.run(config, str(tmp_path / "run"))
+  assert summary["rounds"] == 2
+  assert summary["data"]["num_train"] == 64 and summary["data"]["num_heldout"] == 64
+  assert summary["data"]["class_names"] == ["benign", "malignant"] or summary["data"]["num_classes"] == 2
+  records = writers.read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+  assert all(np.isfinite(r["train/g_loss"]).all() for r in records)
+
+
+def test_two_round_run_on_an_npz_source(tmp_path):
+  rng = np.random.default_rng(1)
+  path = tmp_path / "pneumoniamnist.npz"
+  np.savez(path, train_images=rng.integers(0, 256, (64, 28, 28), dtype=np.uint8),
+           train_labels=rng.integers(0, 2, (64, 1)),
+           val_images=rng.integers(0, 256, (8, 28, 28), dtype=np.uint8), val_labels=np.zeros((8, 1), int),
+           test_images=rng.integers(0, 256, (64, 28, 28), dtype=np.uint8), test_labels=np.zeros((64, 1), int))
+  config = tiny_config(**{"data.source": "npz", "data.path": str(path), "data.channels": 1})
+  summary = experiment.run(config, str(tmp_path / "run"))
+  assert summary["rounds"] == 2 and summary["data"]["num_train"] == 64
+  grid = np.asarray(Image.open(tmp_path / "run" / "samples" / "round_000002.png"))
+  assert grid.ndim == 2  # Grayscale samples for a grayscale source.

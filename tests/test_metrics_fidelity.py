@@ -12,220 +12,235 @@ from fedgan_jax.metrics import fidelity
 
 
 def _random_features(n, d, seed, scale=1.0, shift=0.0):
-    rng = np.random.default_rng(seed)
-    mix = rng.standard_normal((d, d)) * scale / np.sqrt(d)  # correlated features
-    return rng.standard_normal((n, d)) @ mix + shift
+  rng = np.random.default_rng(seed)
+  mix = rng.standard_normal((d, d)) * scale / np.sqrt(d)  # correlated features
+  return rng.standard_normal((n, d)) @ mix + shift
 
 
 # ---------------------------------------------------------------- Fréchet
 
 
 def _fd_scipy(a, b):
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = scipy.linalg.sqrtm(s1 @ s2).real
-    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1 + s2 - 2 * covmean))
+  mu1, mu2 = a.mean(0), b.mean(0)
+  s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+  covmean = scipy.linalg.sqrtm(s1 @ s2).real
+  return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1 + s2 - 2 * covmean))
 
 
 @pytest.mark.parametrize("n,d,seed", [(200, 8, 0), (500, 32, 1), (64, 16, 2)])
 def test_frechet_matches_scipy_sqrtm_formula(n, d, seed):
-    a = _random_features(n, d, seed)
-    b = _random_features(n + 7, d, seed + 100, scale=1.5, shift=0.3)
-    ref = _fd_scipy(a, b)
-    got = metrics.frechet_distance(a, b)
-    assert isinstance(got, float)
-    np.testing.assert_allclose(got, ref, rtol=1e-7, atol=1e-9)
+  a = _random_features(n, d, seed)
+  b = _random_features(n + 7, d, seed + 100, scale=1.5, shift=0.3)
+  ref = _fd_scipy(a, b)
+  got = metrics.frechet_distance(a, b)
+  assert isinstance(got, float)
+  np.testing.assert_allclose(got, ref, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("n_a,n_b", [(40, 300), (300, 40), (30, 20)])
+def test_frechet_factor_paths_agree_with_stats_path(n_a, n_b):
+  # N <= D uses the centred data as covariance factor, N > D a matrix sqrt.
+  a = _random_features(n_a, 48, 7)
+  b = _random_features(n_b, 48, 8, scale=0.7, shift=0.2)
+  want = metrics.frechet_distance_from_stats(*metrics.feature_stats(a), *metrics.feature_stats(b))
+  np.testing.assert_allclose(metrics.frechet_distance(a, b), want, rtol=1e-6)
+  np.testing.assert_allclose(want, _fd_scipy(a, b), rtol=1e-6)
 
 
 def test_frechet_identical_sets_is_zero_and_symmetric():
-    a = _random_features(300, 64, 3, scale=10.0)
-    assert abs(metrics.frechet_distance(a, a)) < 1e-6
-    b = _random_features(300, 64, 4)
-    np.testing.assert_allclose(metrics.frechet_distance(a, b),
-                               metrics.frechet_distance(b, a), rtol=1e-9)
+  for n in (300, 40):  # both factor paths
+    a = _random_features(n, 64, 3, scale=10.0)
+    assert abs(metrics.frechet_distance(a, a)) < 1e-6 * np.trace(np.cov(a, rowvar=False))
+  a = _random_features(300, 64, 3, scale=10.0)
+  b = _random_features(300, 64, 4)
+  np.testing.assert_allclose(metrics.frechet_distance(a, b),
+                             metrics.frechet_distance(b, a),
+                             rtol=1e-9)
 
 
 def test_frechet_rank_deficient_covariances():
-    # N < D: singular covariances; the eigh-based sqrt must stay finite and match scipy.
-    a = _random_features(20, 64, 5)
-    b = _random_features(25, 64, 6) + 0.5
-    got = metrics.frechet_distance(a, b)
-    assert np.isfinite(got) and got > 0
-    np.testing.assert_allclose(got, _fd_scipy(a, b), rtol=1e-5)
+  # N < D: singular covariances; the eigh-based sqrt must stay finite and match scipy.
+  a = _random_features(20, 64, 5)
+  b = _random_features(25, 64, 6) + 0.5
+  got = metrics.frechet_distance(a, b)
+  assert np.isfinite(got) and got > 0
+  np.testing.assert_allclose(got, _fd_scipy(a, b), rtol=1e-5)
 
 
 def test_frechet_gaussian_closed_form():
-    # Diagonal covariances: FD = |mu1-mu2|^2 + sum (sqrt(v1) - sqrt(v2))^2.
-    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
-    v1, v2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 9.0])
-    got = metrics.frechet_distance_from_stats(mu1, np.diag(v1), mu2, np.diag(v2))
-    want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
-    np.testing.assert_allclose(got, want, rtol=1e-12)
+  # Diagonal covariances: FD = |mu1-mu2|^2 + sum (sqrt(v1) - sqrt(v2))^2.
+  mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+  v1, v2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 9.0])
+  got = metrics.frechet_distance_from_stats(mu1, np.diag(v1), mu2, np.diag(v2))
+  want = np.sum((mu1 - mu2)**2) + np.sum((np.sqrt(v1) - np.sqrt(v2))**2)
+  np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 def test_frechet_errors_name_the_argument():
-    a = np.zeros((10, 4))
-    with pytest.raises(ValueError, match="features_b"):
-        metrics.frechet_distance(a, np.zeros(10))
-    with pytest.raises(ValueError, match="same feature dimension"):
-        metrics.frechet_distance(a, np.zeros((10, 5)))
-    with pytest.raises(ValueError, match="at least 2"):
-        metrics.frechet_distance(a, np.zeros((1, 4)))
-    with pytest.raises(ValueError, match="NaN"):
-        metrics.frechet_distance(a, np.full((10, 4), np.nan))
+  a = np.zeros((10, 4))
+  with pytest.raises(ValueError, match="features_b"):
+    metrics.frechet_distance(a, np.zeros(10))
+  with pytest.raises(ValueError, match="same feature dimension"):
+    metrics.frechet_distance(a, np.zeros((10, 5)))
+  with pytest.raises(ValueError, match="at least 2"):
+    metrics.frechet_distance(a, np.zeros((1, 4)))
+  with pytest.raises(ValueError, match="NaN"):
+    metrics.frechet_distance(a, np.full((10, 4), np.nan))
 
 
 # ---------------------------------------------------------------- KID
 
 
 def _mmd2_loops(x, y):
-    """Unbiased MMD² with k(a, b) = (a·b/d + 1)^3, written as explicit sums."""
-    m, d = x.shape
-    k = lambda u, v: (u @ v / d + 1.0) ** 3
-    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j)
-    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j)
-    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m))
-    return xx / (m * (m - 1)) + yy / (m * (m - 1)) - 2 * xy / (m * m)
+  """Unbiased MMD² with k(a, b) = (a·b/d + 1)^3, written as explicit sums."""
+  m, d = x.shape
+  k = lambda u, v: (u @ v / d + 1.0)**3
+  xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j)
+  yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j)
+  xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m))
+  return xx / (m * (m - 1)) + yy / (m * (m - 1)) - 2 * xy / (m * m)
 
 
 def test_kid_full_subset_equals_direct_mmd():
-    a = _random_features(12, 5, 0)
-    b = _random_features(12, 5, 1, shift=0.4)
-    mean, std = metrics.kid(a, b, num_subsets=3, subset_size=12)
-    np.testing.assert_allclose(mean, _mmd2_loops(a, b), rtol=1e-10)
-    assert std < 1e-12  # every subset is a permutation of the full sets
+  a = _random_features(12, 5, 0)
+  b = _random_features(12, 5, 1, shift=0.4)
+  mean, std = metrics.kid(a, b, num_subsets=3, subset_size=12)
+  np.testing.assert_allclose(mean, _mmd2_loops(a, b), rtol=1e-10)
+  assert std < 1e-12  # every subset is a permutation of the full sets
 
 
 def test_kid_matches_stylegan2_ada_reference_loop():
-    # StyleGAN2-ADA metrics/kernel_inception_distance.py, same subset draws.
-    a = _random_features(80, 16, 2)
-    b = _random_features(60, 16, 3, shift=0.2)
-    num_subsets, m, seed = 7, 30, 11
-    rng = np.random.default_rng(seed)
-    n = a.shape[1]
-    t, vals = 0.0, []
-    for _ in range(num_subsets):
-        x = a[rng.choice(a.shape[0], m, replace=False)]
-        y = b[rng.choice(b.shape[0], m, replace=False)]
-        aa = (x @ x.T / n + 1) ** 3 + (y @ y.T / n + 1) ** 3
-        bb = (x @ y.T / n + 1) ** 3
-        val = (aa.sum() - np.diag(aa).sum()) / (m - 1) - bb.sum() * 2 / m
-        t += val
-        vals.append(val / m)
-    mean, std = metrics.kid(a, b, num_subsets=num_subsets, subset_size=m, seed=seed)
-    np.testing.assert_allclose(mean, t / num_subsets / m, rtol=1e-10)
-    np.testing.assert_allclose(std, np.std(vals), rtol=1e-8)
+  # StyleGAN2-ADA metrics/kernel_inception_distance.py, same subset draws.
+  a = _random_features(80, 16, 2)
+  b = _random_features(60, 16, 3, shift=0.2)
+  num_subsets, m, seed = 7, 30, 11
+  rng = np.random.default_rng(seed)
+  n = a.shape[1]
+  t, vals = 0.0, []
+  for _ in range(num_subsets):
+    x = a[rng.choice(a.shape[0], m, replace=False)]
+    y = b[rng.choice(b.shape[0], m, replace=False)]
+    aa = (x @ x.T / n + 1)**3 + (y @ y.T / n + 1)**3
+    bb = (x @ y.T / n + 1)**3
+    val = (aa.sum() - np.diag(aa).sum()) / (m - 1) - bb.sum() * 2 / m
+    t += val
+    vals.append(val / m)
+  mean, std = metrics.kid(a, b, num_subsets=num_subsets, subset_size=m, seed=seed)
+  np.testing.assert_allclose(mean, t / num_subsets / m, rtol=1e-10)
+  np.testing.assert_allclose(std, np.std(vals), rtol=1e-8)
 
 
 def test_kid_near_zero_for_same_distribution_and_positive_for_shift():
-    rng = np.random.default_rng(4)
-    a, same, shifted = rng.standard_normal((3, 400, 32))
-    mean_s, std_s = metrics.kid(a, same, num_subsets=10, subset_size=200)
-    mean_c, _ = metrics.kid(a, shifted + 0.5, num_subsets=10, subset_size=200)
-    assert abs(mean_s) < 3 * std_s + 1e-3
-    assert mean_c > 10 * abs(mean_s)
+  rng = np.random.default_rng(4)
+  a, same, shifted = rng.standard_normal((3, 400, 32))
+  mean_s, std_s = metrics.kid(a, same, num_subsets=10, subset_size=200)
+  mean_c, _ = metrics.kid(a, shifted + 0.5, num_subsets=10, subset_size=200)
+  assert abs(mean_s) < 3 * std_s + 1e-3
+  assert mean_c > 10 * abs(mean_s)
 
 
 def test_kid_subset_size_clipped_and_seeded():
-    a, b = _random_features(50, 8, 0), _random_features(40, 8, 1)
-    assert metrics.kid(a, b, subset_size=1000) == metrics.kid(a, b, subset_size=40)
-    assert metrics.kid(a, b, num_subsets=5, seed=1) == metrics.kid(a, b, num_subsets=5, seed=1)
-    with pytest.raises(ValueError, match="num_subsets"):
-        metrics.kid(a, b, num_subsets=0)
+  a, b = _random_features(50, 8, 0), _random_features(40, 8, 1)
+  assert metrics.kid(a, b, subset_size=1000) == metrics.kid(a, b, subset_size=40)
+  assert metrics.kid(a, b, num_subsets=5, seed=1) == metrics.kid(a, b, num_subsets=5, seed=1)
+  with pytest.raises(ValueError, match="num_subsets"):
+    metrics.kid(a, b, num_subsets=0)
 
 
 # ---------------------------------------------------------------- precision/recall
 
 
 def _pr_reference(real, fake, k):
-    from scipy.spatial.distance import cdist
-    def radii(x):
-        return np.sort(cdist(x, x), axis=1)[:, k]
-    rr, rf = radii(real), radii(fake)
-    precision = np.mean((cdist(fake, real) <= rr[None, :]).any(1))
-    recall = np.mean((cdist(real, fake) <= rf[None, :]).any(1))
-    return precision, recall
+  from scipy.spatial.distance import cdist
+
+  def radii(x):
+    return np.sort(cdist(x, x), axis=1)[:, k]
+
+  rr, rf = radii(real), radii(fake)
+  precision = np.mean((cdist(fake, real) <= rr[None, :]).any(1))
+  recall = np.mean((cdist(real, fake) <= rf[None, :]).any(1))
+  return precision, recall
 
 
 def test_precision_recall_matches_brute_force():
-    real = _random_features(150, 6, 0)
-    fake = _random_features(120, 6, 1, scale=1.6, shift=0.5)
-    got = metrics.precision_recall(real, fake, k=3, block_size=32)  # several blocks
-    np.testing.assert_allclose(got, _pr_reference(real, fake, 3), atol=1e-12)
+  real = _random_features(150, 6, 0)
+  fake = _random_features(120, 6, 1, scale=1.6, shift=0.5)
+  got = metrics.precision_recall(real, fake, k=3, block_size=32)  # several blocks
+  np.testing.assert_allclose(got, _pr_reference(real, fake, 3), atol=1e-12)
 
 
 def test_precision_recall_extremes():
-    real = _random_features(100, 4, 0)
-    assert metrics.precision_recall(real, real.copy()) == (1.0, 1.0)
-    far = real + 1e3
-    assert metrics.precision_recall(real, far) == (0.0, 0.0)
-    # Mode collapse: fakes on a small part of the real support -> high P, low R.
-    collapsed = real[:1] + 1e-3 * np.random.default_rng(1).standard_normal((20, 4))
-    p, r = metrics.precision_recall(real, collapsed, k=3)
-    assert p == 1.0 and r <= 0.05
+  real = _random_features(100, 4, 0)
+  assert metrics.precision_recall(real, real.copy()) == (1.0, 1.0)
+  far = real + 1e3
+  assert metrics.precision_recall(real, far) == (0.0, 0.0)
+  # Mode collapse: fakes on a small part of the real support -> high P, low R.
+  collapsed = real[:1] + 1e-3 * np.random.default_rng(1).standard_normal((20, 4))
+  p, r = metrics.precision_recall(real, collapsed, k=3)
+  assert p == 1.0 and r <= 0.05
 
 
 # ---------------------------------------------------------------- SWD
 
 
 def _pggan_pyramid(x_nchw, levels):
-    """PGGAN's generate_laplacian_pyramid (scipy 'mirror' convolution), NCHW."""
-    g = np.float32([[1, 4, 6, 4, 1], [4, 16, 24, 16, 4], [6, 24, 36, 24, 6],
-                    [4, 16, 24, 16, 4], [1, 4, 6, 4, 1]]) / 256.0
-    down = lambda m: scipy.ndimage.convolve(m, g[None, None], mode="mirror")[:, :, ::2, ::2]
+  """PGGAN's generate_laplacian_pyramid (scipy 'mirror' convolution), NCHW."""
+  g = np.float32([[1, 4, 6, 4, 1], [4, 16, 24, 16, 4], [6, 24, 36, 24, 6], [4, 16, 24, 16, 4],
+                  [1, 4, 6, 4, 1]]) / 256.0
+  down = lambda m: scipy.ndimage.convolve(m, g[None, None], mode="mirror")[:, :, ::2, ::2]
 
-    def up(m):
-        res = np.zeros(m.shape[:2] + (m.shape[2] * 2, m.shape[3] * 2), m.dtype)
-        res[:, :, ::2, ::2] = m
-        return scipy.ndimage.convolve(res, g[None, None] * 4.0, mode="mirror")
+  def up(m):
+    res = np.zeros(m.shape[:2] + (m.shape[2] * 2, m.shape[3] * 2), m.dtype)
+    res[:, :, ::2, ::2] = m
+    return scipy.ndimage.convolve(res, g[None, None] * 4.0, mode="mirror")
 
-    pyr = [np.float64(x_nchw)]
-    for _ in range(1, levels):
-        pyr.append(down(pyr[-1]))
-        pyr[-2] -= up(pyr[-1])
-    return pyr
+  pyr = [np.float64(x_nchw)]
+  for _ in range(1, levels):
+    pyr.append(down(pyr[-1]))
+    pyr[-2] -= up(pyr[-1])
+  return pyr
 
 
 def test_laplacian_pyramid_matches_pggan():
-    x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3))
-    ours = fidelity._laplacian_pyramid(x, 3)
-    ref = _pggan_pyramid(x.transpose(0, 3, 1, 2), 3)
-    for o, r in zip(ours, ref):
-        np.testing.assert_allclose(o.transpose(0, 3, 1, 2), r, atol=1e-6)
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3))
+  ours = fidelity._laplacian_pyramid(x, 3)
+  ref = _pggan_pyramid(x.transpose(0, 3, 1, 2), 3)
+  for o, r in zip(ours, ref):
+    np.testing.assert_allclose(o.transpose(0, 3, 1, 2), r, atol=1e-6)
 
 
 def _smooth_images(n, size, seed, channels=3):
-    rng = np.random.default_rng(seed)
-    x = scipy.ndimage.gaussian_filter(rng.standard_normal((n, size, size, channels)),
-                                      sigma=(0, 1.5, 1.5, 0))
-    return np.tanh(2.0 * x / x.std())
+  rng = np.random.default_rng(seed)
+  x = scipy.ndimage.gaussian_filter(rng.standard_normal((n, size, size, channels)),
+                                    sigma=(0, 1.5, 1.5, 0))
+  return np.tanh(2.0 * x / x.std())
 
 
 def test_swd_of_set_with_itself_is_zero():
-    x = _smooth_images(16, 32, 0)
-    res = metrics.sliced_wasserstein(x, x.copy())
-    assert res.resolutions == (32, 16)
-    assert len(res.per_level) == 2
-    assert res.mean == 0.0
+  x = _smooth_images(16, 32, 0)
+  res = metrics.sliced_wasserstein(x, x.copy())
+  assert res.resolutions == (32, 16)
+  assert len(res.per_level) == 2
+  assert res.mean == 0.0
 
 
 def test_swd_grows_with_noise():
-    x = _smooth_images(32, 32, 1)
-    y = _smooth_images(32, 32, 2)  # same distribution, different draws
-    noise = np.random.default_rng(3).standard_normal(x.shape)
-    base = metrics.sliced_wasserstein(x, y).mean
-    values = [metrics.sliced_wasserstein(x, y + s * noise).mean for s in (0.1, 0.3, 0.6, 1.0)]
-    assert base < values[0]
-    assert all(a < b for a, b in zip(values, values[1:])), values
+  x = _smooth_images(32, 32, 1)
+  y = _smooth_images(32, 32, 2)  # same distribution, different draws
+  noise = np.random.default_rng(3).standard_normal(x.shape)
+  base = metrics.sliced_wasserstein(x, y).mean
+  values = [metrics.sliced_wasserstein(x, y + s * noise).mean for s in (0.1, 0.3, 0.6, 1.0)]
+  assert base < values[0]
+  assert all(a < b for a, b in zip(values, values[1:])), values
 
 
 def test_swd_grayscale_unequal_sizes_and_seed():
-    x = _smooth_images(10, 64, 4, channels=1)
-    y = _smooth_images(14, 64, 5, channels=1)
-    r1 = metrics.sliced_wasserstein(x, y, seed=3)
-    assert r1.resolutions == (64, 32, 16)
-    assert r1 == metrics.sliced_wasserstein(x, y, seed=3)
-    assert r1 != metrics.sliced_wasserstein(x, y, seed=4)
-    assert all(v > 0 for v in r1.per_level)
-    with pytest.raises(ValueError, match="share H, W, C"):
-        metrics.sliced_wasserstein(x, _smooth_images(4, 32, 6, channels=1))
+  x = _smooth_images(10, 64, 4, channels=1)
+  y = _smooth_images(14, 64, 5, channels=1)
+  r1 = metrics.sliced_wasserstein(x, y, seed=3)
+  assert r1.resolutions == (64, 32, 16)
+  assert r1 == metrics.sliced_wasserstein(x, y, seed=3)
+  assert r1 != metrics.sliced_wasserstein(x, y, seed=4)
+  assert all(v > 0 for v in r1.per_level)
+  with pytest.raises(ValueError, match="share H, W, C"):
+    metrics.sliced_wasserstein(x, _smooth_images(4, 32, 6, channels=1))

@@ -98,8 +98,8 @@ def normalize(weights: jax.Array) -> jax.Array:
   return jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 0.0)
 
 
-def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
-  """Reshapes a ``[C]`` vector to broadcast against a ``[C, ...]`` leaf."""
+def expand_to(v: jax.Array, x: jax.Array) -> jax.Array:
+  """Reshapes a per-client vector ``[C]`` to broadcast against a ``[C, ...]`` leaf ``x``."""
   return v.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
@@ -120,7 +120,7 @@ def weighted_average(client_params: PyTree, weights: jax.Array) -> PyTree:
   """
 
   def avg(x):
-    w = _bcast(weights, x).astype(jnp.float32)
+    w = expand_to(weights, x).astype(jnp.float32)
     safe = jnp.where(w > 0, x.astype(jnp.float32), 0.0)
     return jnp.sum(w * safe, axis=0).astype(x.dtype)
 
@@ -148,7 +148,7 @@ def client_deltas(global_params: PyTree, client_params: PyTree, valid: jax.Array
 
   def delta(x, g):
     d = x.astype(jnp.float32) - g.astype(jnp.float32)[None]
-    return d if valid is None else jnp.where(_bcast(valid, d), d, 0.0)
+    return d if valid is None else jnp.where(expand_to(valid, d), d, 0.0)
 
   return jax.tree.map(delta, client_params, global_params)
 
@@ -175,7 +175,7 @@ def masked_sort(x: jax.Array, valid: jax.Array) -> jax.Array:
   Returns:
     The sorted array, same shape.
   """
-  return jnp.sort(jnp.where(_bcast(valid, x), x, jnp.inf), axis=0)
+  return jnp.sort(jnp.where(expand_to(valid, x), x, jnp.inf), axis=0)
 
 
 def masked_median(x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -38,7 +38,7 @@ from fedgan_jax.aggregation.base import (
     EmptyState,
     PyTree,
     Stats,
-    _bcast,
+    expand_to,
     client_deltas,
     tree_sq_norms,
 )
@@ -85,7 +85,7 @@ def clip_updates(max_norm: float) -> Stage:
     clipped = norm > max_norm
     scale = jnp.where(clipped, max_norm / jnp.where(clipped, norm, 1.0), 1.0)
     new_params = jax.tree.map(
-        lambda g, d, x: (g.astype(jnp.float32)[None] + _bcast(scale, d) * d).astype(x.dtype),
+        lambda g, d, x: (g.astype(jnp.float32)[None] + expand_to(scale, d) * d).astype(x.dtype),
         global_params, u, client_params)
     return new_params, client_stats, state, {"clipped": clipped, "update_norm": norm}
 
@@ -108,8 +108,8 @@ def _build(spec: Any, is_last: bool, num_clients: int | None, where: str):
   if isinstance(spec, str):
     name, kwargs = spec, {}
   elif (isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str)
-        and isinstance(spec[1], dict)):
-    name, kwargs = spec[0], dict(spec[1])
+        and hasattr(spec[1], "keys")):  # A dict or an ml_collections ConfigDict.
+    name, kwargs = spec[0], {k: spec[1][k] for k in spec[1].keys()}
   else:
     raise ValueError(
         f"{where}={spec!r}: expected a Stage, an Aggregator, a name, or (name, kwargs).")

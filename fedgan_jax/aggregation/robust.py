@@ -21,12 +21,11 @@ import numbers
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fedgan_jax.aggregation.base import (
     Aggregator,
     EmptyState,
-    _bcast,
+    expand_to,
     client_deltas,
     example_weights,
     keep_global_if_empty,
@@ -77,7 +76,7 @@ def median() -> Aggregator:
       xf = x.astype(jnp.float32)
       med, lo, hi = masked_median(xf, valid)
       outs.append(med.astype(x.dtype))
-      used.append(_bcast(valid, xf) & (xf >= lo[None]) & (xf <= hi[None]))
+      used.append(expand_to(valid, xf) & (xf >= lo[None]) & (xf <= hi[None]))
     new_global = keep_global_if_empty(
         jnp.any(valid), jax.tree.unflatten(treedef, outs), global_params)
     diagnostics = {
@@ -132,11 +131,11 @@ def trimmed_mean(beta: float = 0.1) -> Aggregator:
     for x in leaves:
       xf = x.astype(jnp.float32)
       s = masked_sort(xf, valid)
-      kept = jnp.where(_bcast(keep_pos, s), s, 0.0)
+      kept = jnp.where(expand_to(keep_pos, s), s, 0.0)
       outs.append((jnp.sum(kept, axis=0) / kept_count).astype(x.dtype))
       lo = jnp.take(s, jnp.minimum(k, c - 1), axis=0)
       hi = jnp.take(s, jnp.clip(n - k - 1, 0, c - 1), axis=0)
-      used.append(_bcast(valid, xf) & (xf >= lo[None]) & (xf <= hi[None]))
+      used.append(expand_to(valid, xf) & (xf >= lo[None]) & (xf <= hi[None]))
     new_global = keep_global_if_empty(
         jnp.any(valid), jax.tree.unflatten(treedef, outs), global_params)
     diagnostics = {
@@ -170,7 +169,7 @@ def pairwise_sq_distances(global_params, client_params, valid: jax.Array) -> jax
   gram = 0.0
   for u in jax.tree.leaves(deltas):
     center, _, _ = masked_median(u, valid)
-    centered = jnp.where(_bcast(valid, u), u - center[None], 0.0).reshape(u.shape[0], -1)
+    centered = jnp.where(expand_to(valid, u), u - center[None], 0.0).reshape(u.shape[0], -1)
     gram = gram + jnp.matmul(centered, centered.T, precision=_HIGHEST)
   sq = jnp.diagonal(gram)
   d = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
@@ -324,7 +323,7 @@ def geometric_median(iters: int = 100, eps: float = 1e-6, ftol: float = 1e-6) ->
 
     def step(w_unnorm):
       w = normalize(w_unnorm)
-      v = jax.tree.map(lambda x: jnp.sum(_bcast(w, x) * x, axis=0), u)
+      v = jax.tree.map(lambda x: jnp.sum(expand_to(w, x) * x, axis=0), u)
       d = dists(v)
       obj = jnp.sum(alpha * jnp.maximum(d, eps))
       return v, d, obj, w

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedgan_jax.aggregation.base import PyTree, _bcast, client_deltas, finite_mask, masked_median, tree_sq_norms
+from fedgan_jax.aggregation.base import PyTree, expand_to, client_deltas, finite_mask, masked_median, tree_sq_norms
 
 
 def server_stats(global_params: PyTree, client_params: PyTree) -> dict[str, jax.Array]:
@@ -45,7 +45,7 @@ def server_stats(global_params: PyTree, client_params: PyTree) -> dict[str, jax.
 
   def to_median(x):
     med, _, _ = masked_median(x, finite)
-    return jnp.where(_bcast(finite, x), x - med[None], 0.0)
+    return jnp.where(expand_to(finite, x), x - med[None], 0.0)
 
   dist = jnp.sqrt(tree_sq_norms(jax.tree.map(to_median, u)))
   nan = jnp.float32(jnp.nan)

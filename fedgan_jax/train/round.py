@@ -35,6 +35,8 @@ class RoundData(NamedTuple):
     poison_flags: bool ``[C, n_max]`` images that carry the trigger.
     trigger: f32 ``[s, s, ch]`` in [-1, 1].
     trigger_loc: int32 ``[2]`` (top, left) for the bottom-right location.
+    mimic: bool scalar: malicious clients report the honest clients' median
+      losses instead of their own (``attack.report_losses='mimic'``).
   """
 
   images: jax.Array
@@ -43,6 +45,7 @@ class RoundData(NamedTuple):
   poison_flags: jax.Array
   trigger: jax.Array
   trigger_loc: jax.Array
+  mimic: jax.Array
 
 
 class ClientState(NamedTuple):
@@ -143,7 +146,6 @@ def build(config, generator, discriminator, g_aggregator: Aggregator,
   gp_w, r1_w, prox_w = float(reg.gradient_penalty), float(reg.r1), float(reg.proximal)
   avg_d = bool(config.aggregation.average_discriminator)
   random_loc = config.attack.trigger_location == "random"
-  mimic = config.attack.report_losses == "mimic"
   g_tx = _optimizer(config, config.train.g_lr)
   d_tx = _optimizer(config, config.train.d_lr)
   d_aggregator = d_aggregator or g_aggregator
@@ -249,10 +251,10 @@ def build(config, generator, discriminator, g_aggregator: Aggregator,
             data.is_malicious, data.poison_flags, data.trigger, data.trigger_loc,
             jax.random.split(k_local, C))
     true_stats = dict(stats)
-    if mimic:
-      # A defense-aware attacker reports the honest clients' median loss instead of its own.
-      honest = ~data.is_malicious
-      stats = {k: jnp.where(data.is_malicious, _masked_median(v, honest), v) for k, v in stats.items()}
+    # A defense-aware attacker reports the honest clients' median losses instead of its own;
+    # it cannot fake the stats the server computes from the uploaded parameters.
+    liars = data.is_malicious & data.mimic
+    stats = {k: jnp.where(liars, _masked_median(v, ~data.is_malicious), v) for k, v in stats.items()}
     reported = {**stats, "num_examples": data.counts.astype(jnp.float32)}
     g_stats = {**reported, **server_stats(state.g_global, client_g)}
     g_global, g_agg, g_diag = g_aggregator.aggregate(state.g_agg, state.g_global, client_g, g_stats, k_gagg)
@@ -263,8 +265,7 @@ def build(config, generator, discriminator, g_aggregator: Aggregator,
       clients = clients._replace(d_vars=client_d)
     metrics = {f"train/{k}": v for k, v in true_stats.items()}
     metrics.update({f"train/{k}": g_stats[k] for k in ("update_norm", "cosine_to_mean", "dist_to_median")})
-    if mimic:
-      metrics.update({f"train/reported_{k}": v for k, v in stats.items()})
+    metrics.update({f"train/reported_{k}": stats[k] for k in ("g_loss", "d_loss")})
     metrics.update({f"agg/{k}": v for k, v in g_diag.items()})
     metrics.update({f"agg_d/{k}": v for k, v in d_diag.items()})
     new_state = RoundState(round=state.round + 1, g_global=g_global, d_global=d_global,

@@ -1,0 +1,36 @@
+"""The default attack against one robust aggregation rule: ``configs/robust.py:<rule>``.
+
+Rules (each a pure function over the client axis, ``fedgan_jax.aggregation``):
+``median`` and ``trimmed_mean`` (Yin et al. 2018), ``krum`` and ``multi_krum``
+(Blanchard et al. 2017), ``geometric_median`` (RFA, Pillutla et al. 2022),
+``norm_clip`` (update clipping before the mean), ``detect_zscore`` (robust
+z-score detection with decay), ``feddetect`` (Isolation Forest detection on
+loss and update statistics that blocks repeat offenders).
+
+    python -m fedgan_jax.main --config configs/robust.py:median --workdir runs/median
+"""
+
+from fedgan_jax import config_lib
+
+RULES = {
+    "median": ("median", {}),
+    "trimmed_mean": ("trimmed_mean", {"beta": 0.25}),
+    # Krum needs C > 2f + 2: at the paper's C = 4 only f = 0 (pick the most central client).
+    "krum": ("krum", {"f": 0}),
+    "multi_krum": ("multi_krum", {"f": 0, "m": 2}),
+    "geometric_median": ("geometric_median", {}),
+    "norm_clip": ("norm_clip", {"max_norm": 0.5}),
+    "detect_zscore": ("detect", {"detector": "robust_zscore", "features": ("g_loss",), "warmup_rounds": 10}),
+    "feddetect": ("detect", {"detector": "isolation_forest", "features": ("g_loss", "update_norm"),
+                             "warmup_rounds": 10, "block_after": 3}),
+}
+
+
+def get_config(rule: str = "median"):
+  if rule not in RULES:
+    raise ValueError(f"configs/robust.py:{rule}: unknown rule; accepted: {sorted(RULES)}.")
+  config = config_lib.base_config()
+  name, kwargs = RULES[rule]
+  config.aggregation.name = name
+  config.aggregation.kwargs.update(kwargs)
+  return config

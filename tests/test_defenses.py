@@ -1,0 +1,36 @@
+"""End-to-end defenses: the paper's detector finds the attacker; a mimicking attacker evades it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from fedgan_jax import experiment
+from fedgan_jax.train import round as round_lib
+
+
+@pytest.mark.slow
+def test_detector_flags_the_attacker_more_than_any_honest_client():
+  config = tiny_config(**{"num_clients": 4, "attack.trigger_size": 12, "data.num_images": 256,
+                          "aggregation.name": "detect"})
+  config.aggregation.kwargs.update({"features": ("g_loss",), "warmup_rounds": 1})
+  data, _, _ = experiment.setup_data(config)
+  program, _, _ = round_lib.build_from_config(config)
+  round_fn = jax.jit(program.round)
+
+  def flag_counts(data, rounds=24):
+    state, counts = program.init(jax.random.key(0)), np.zeros(4)
+    for r in range(1, rounds + 1):
+      state, m = round_fn(state, data, jax.random.key(r))
+      counts += np.asarray(m["agg/flagged"])
+    return counts, np.asarray(m["agg/weights"])
+
+  honest, weights = flag_counts(data)
+  assert honest[0] > honest[1:].max(), honest
+  assert weights[0] < weights[1:].min(), weights  # Decayed aggregation weight.
+  # The same compiled program, with the attacker reporting the honest median loss instead.
+  mimic, _ = flag_counts(data._replace(mimic=jnp.asarray(True)))
+  assert mimic[0] < honest[0], (mimic, honest)
