@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fedgan_jax import aggregation
+from fedgan_jax.aggregation.base import masked_median
 from fedgan_jax.train import round as round_lib
 
 
@@ -76,8 +77,8 @@ def test_mimic_reports_honest_median(tiny_program):
   """A defense-aware attacker reports the median loss of honest clients."""
   v = jnp.asarray([5.0, 1.0, 2.0, 4.0])
   honest = jnp.asarray([False, True, True, True])
-  assert float(round_lib._masked_median(v, honest)) == 2.0
-  assert float(round_lib._masked_median(v, jnp.asarray([False, True, True, False]))) == 1.5
+  assert float(masked_median(v, honest)[0]) == 2.0
+  assert float(masked_median(v, jnp.asarray([False, True, True, False]))[0]) == 1.5
 
 
 def test_server_stats_update_norm():
@@ -86,3 +87,24 @@ def test_server_stats_update_norm():
   stats = round_lib.server_stats(g, c)
   np.testing.assert_allclose(stats["update_norm"], [5.0, 0.0])
   np.testing.assert_allclose(stats["dist_to_median"], [2.5, 2.5])  # Median of two = their midpoint.
+
+
+@pytest.mark.slow
+def test_average_discriminator_averages_and_broadcasts_d():
+  from conftest import tiny_config
+  from fedgan_jax.data import triggers
+  config = tiny_config(**{"aggregation.average_discriminator": True, "model.d_norm": "none"})
+  program, _, _ = round_lib.build_from_config(config)
+  C, n, R = 2, 8, config.resolution
+  data = round_lib.RoundData(
+      images=jnp.asarray(np.random.default_rng(0).integers(0, 256, (C, n, R, R, 3), dtype=np.uint8)),
+      counts=jnp.asarray([8, 4], jnp.int32), is_malicious=jnp.asarray([True, False]),
+      poison_flags=jnp.ones((C, n), bool), trigger=jnp.asarray(triggers.load_trigger(config)),
+      trigger_loc=jnp.asarray(triggers.trigger_location(config), jnp.int32), mimic=jnp.asarray(False))
+  state = program.init(jax.random.key(0))
+  new, m = jax.jit(program.round)(state, data, jax.random.key(1))
+  client_d = new.clients.d_vars["params"]
+  expected = jax.tree.map(lambda x: np.average(np.asarray(x), axis=0, weights=[8, 4]), client_d)
+  _tree_allclose(new.d_global["params"], expected)
+  assert not np.allclose(new.d_global["params"]["logit"]["kernel"], state.d_global["params"]["logit"]["kernel"])
+  np.testing.assert_allclose(m["agg_d/weights"], [2 / 3, 1 / 3], rtol=1e-6)

@@ -17,7 +17,7 @@ import optax
 
 from fedgan_jax import aggregation
 from fedgan_jax.aggregation import stats as agg_stats
-from fedgan_jax.aggregation.base import Aggregator
+from fedgan_jax.aggregation.base import Aggregator, masked_median
 from fedgan_jax.data import triggers
 from fedgan_jax.train import losses
 
@@ -88,7 +88,8 @@ def _optimizer(config, lr: float) -> optax.GradientTransformation:
   return optax.rmsprop(lr)
 
 
-def _unroll(config, steps: int):
+def _unroll(config):
+  """``lax.scan``'s ``unroll`` for the local steps from ``train.unroll``."""
   u = str(config.train.unroll).lower()
   if u == "auto":
     # A rolled scan with conv weight gradients in its body is ~60x slower on XLA:CPU (DESIGN §6).
@@ -100,15 +101,6 @@ def _split_vars(variables):
   params = variables["params"]
   rest = {k: v for k, v in variables.items() if k != "params"}
   return params, rest
-
-
-def _masked_median(x: jax.Array, mask: jax.Array) -> jax.Array:
-  """Median of ``x[mask]`` with static shapes (lower median for even counts... averaged)."""
-  n = jnp.sum(mask)
-  s = jnp.sort(jnp.where(mask, x, jnp.inf))
-  lo = s[jnp.maximum((n - 1) // 2, 0)]
-  hi = s[jnp.maximum(n // 2, 0)]
-  return jnp.where(n > 0, 0.5 * (lo + hi), jnp.nan)
 
 
 def server_stats(global_vars: PyTree, client_vars: PyTree) -> dict[str, jax.Array]:
@@ -149,7 +141,7 @@ def build(config, generator, discriminator, g_aggregator: Aggregator,
   g_tx = _optimizer(config, config.train.g_lr)
   d_tx = _optimizer(config, config.train.d_lr)
   d_aggregator = d_aggregator or g_aggregator
-  unroll = _unroll(config, L)
+  unroll = _unroll(config)
 
   def init(key: jax.Array) -> RoundState:
     kg, kd = jax.random.split(key)
@@ -254,7 +246,7 @@ def build(config, generator, discriminator, g_aggregator: Aggregator,
     # A defense-aware attacker reports the honest clients' median losses instead of its own;
     # it cannot fake the stats the server computes from the uploaded parameters.
     liars = data.is_malicious & data.mimic
-    stats = {k: jnp.where(liars, _masked_median(v, ~data.is_malicious), v) for k, v in stats.items()}
+    stats = {k: jnp.where(liars, masked_median(v, ~data.is_malicious)[0], v) for k, v in stats.items()}
     reported = {**stats, "num_examples": data.counts.astype(jnp.float32)}
     g_stats = {**reported, **server_stats(state.g_global, client_g)}
     g_global, g_agg, g_diag = g_aggregator.aggregate(state.g_agg, state.g_global, client_g, g_stats, k_gagg)
