@@ -130,6 +130,13 @@ def run(config, workdir: str) -> dict[str, Any]:
         record.update(eval_metrics)
       metrics_file.write(record)
       tb.scalars(r, record)
+      # NaN guard: stop a diverged run instead of writing garbage for hours.
+      if not record["train/global_finite"] or not np.isfinite(m["train/g_loss"]).any():
+        pending.clear()
+        raise FloatingPointError(
+            f"round {r}: training diverged (global generator finite: {record['train/global_finite']}, "
+            f"client G losses: {np.asarray(m['train/g_loss']).tolist()}); see {metrics_file.path}. "
+            "Try a lower train.g_lr / train.d_lr, or a robust aggregation.name.")
     pending.clear()
 
   for r in range(start + 1, config.num_rounds + 1):

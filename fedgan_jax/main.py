@@ -69,7 +69,7 @@ def main(argv):
       config.aggregation.kwargs.update(_agg_kwargs)
   try:
     experiment.run(config, _WORKDIR.value)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

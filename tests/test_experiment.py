@@ -131,3 +131,9 @@ def test_two_round_run_on_an_npz_source(tmp_path):
   assert summary["rounds"] == 2 and summary["data"]["num_train"] == 64
   grid = np.asarray(Image.open(tmp_path / "run" / "samples" / "round_000002.png"))
   assert grid.ndim == 2  # Grayscale samples for a grayscale source.
+
+
+def test_diverged_run_stops_with_a_clear_error(tmp_path):
+  config = tiny_config(**{"train.g_lr": 1e38, "train.d_lr": 1e38, "num_rounds": 3})
+  with pytest.raises(FloatingPointError, match=r"round \d: training diverged.*train.g_lr"):
+    experiment.run(config, str(tmp_path / "run"))

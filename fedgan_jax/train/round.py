@@ -260,6 +260,8 @@ def build(config, generator, discriminator, g_aggregator: Aggregator,
     metrics.update({f"train/reported_{k}": stats[k] for k in ("g_loss", "d_loss")})
     metrics.update({f"agg/{k}": v for k, v in g_diag.items()})
     metrics.update({f"agg_d/{k}": v for k, v in d_diag.items()})
+    metrics["train/global_finite"] = jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(g_global)]))
     new_state = RoundState(round=state.round + 1, g_global=g_global, d_global=d_global,
                            g_agg=g_agg, d_agg=d_agg, clients=clients)
     return new_state, metrics
