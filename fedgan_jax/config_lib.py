@@ -220,27 +220,31 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def parse_override(config: ml_collections.ConfigDict, dotted: str, value: str) -> None:
-  """Sets ``config.<dotted> = literal(value)`` with a clear error (used by tools, not main)."""
+  """Sets ``config.<dotted> = literal(value)`` (tools' ``x.y=value`` overrides).
+
+  ``value`` is parsed as a Python literal when it is one (``3``, ``(0, 1)``,
+  ``True``), else kept as a string. Entries under ``aggregation.kwargs`` may be
+  new; every other field must exist.
+
+  Raises:
+    ValueError: unknown field, or a value of the wrong type for it.
+  """
   import ast
+  *parents, last = dotted.split(".")
   node = config
-  parts = dotted.split(".")
-  for p in parts[:-1]:
+  for i, p in enumerate(parents):
     if p not in node:
-      raise ValueError(f"config.{dotted}: {p!r} is not a known section.")
+      raise ValueError(f"config.{dotted}: config.{'.'.join(parents[:i + 1])} is not a known section.")
     node = node[p]
-  if parts[-1] not in node:
+  free = ".".join(parents) == "aggregation.kwargs"
+  if last not in node and not free:
     raise ValueError(f"config.{dotted} is not a known field; known: {sorted(node.keys())}.")
   try:
     parsed = ast.literal_eval(value)
   except (ValueError, SyntaxError):
     parsed = value
-  with node.unlocked() if hasattr(node, "unlocked") else _null():
-    node[parts[-1]] = parsed
-
-
-class _null:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
+  try:
+    with node.unlocked():
+      node[last] = parsed
+  except TypeError as e:
+    raise ValueError(f"config.{dotted}={value!r}: wrong type for this field ({e}).") from e

@@ -55,3 +55,17 @@ def test_unknown_aggregator_lists_valid_names():
   from fedgan_jax import aggregation
   with pytest.raises(ValueError, match=r"aggregation.name='nope'.*mean"):
     aggregation.get("nope")
+
+
+def test_parse_override():
+  c = config_lib.base_config()
+  config_lib.parse_override(c, "attack.malicious", "(0, 2)")
+  config_lib.parse_override(c, "aggregation.kwargs.beta", "0.2")
+  config_lib.parse_override(c, "data.source", "folder")
+  assert c.attack.malicious == (0, 2) and c.aggregation.kwargs.beta == 0.2 and c.data.source == "folder"
+  with pytest.raises(ValueError, match="config.train.lr is not a known field"):
+    config_lib.parse_override(c, "train.lr", "1")
+  with pytest.raises(ValueError, match="config.nope.x: config.nope is not a known section"):
+    config_lib.parse_override(c, "nope.x", "1")
+  with pytest.raises(ValueError, match=r"config.num_clients='abc': wrong type"):
+    config_lib.parse_override(c, "num_clients", "abc")
