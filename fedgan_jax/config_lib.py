@@ -24,6 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 25         # Rounds between evaluations (metrics + sample grid).
   c.ckpt_every = 50         # Rounds between orbax checkpoints (the last round is always saved).
   c.log_every = 10          # Rounds between progress lines.
+  c.num_replicas = 1        # K: seeds seed..seed+K-1 trained as ONE vmapped program (<workdir>/seed_<s>/).
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"   # synthetic | folder | npz | tfds.
@@ -137,7 +138,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """
   base = base_config()
   _check_unknown(base, config, "")
-  for f in ("num_rounds", "num_clients", "eval_every", "ckpt_every", "log_every",
+  for f in ("num_rounds", "num_clients", "eval_every", "ckpt_every", "log_every", "num_replicas",
             "train.local_steps", "train.batch_size", "train.gen_steps", "model.latent_dim",
             "model.g_width", "model.d_width", "eval.num_samples", "eval.grid_size"):
     _check_positive(config, f)

@@ -44,12 +44,14 @@ class Evaluator:
     workdir: the run directory.
     poisoned: float images of the malicious clients as they train on them
       (trigger pasted), for the ``trigger_rate_real_poisoned`` sanity check.
+    write: save files (False on non-primary processes of a multi-host run).
   """
 
   def __init__(self, config, sample_fn: Callable, heldout, trigger: np.ndarray,
                trigger_loc: tuple[int, int], key: jax.Array, workdir: str,
-               poisoned: np.ndarray | None = None):
+               poisoned: np.ndarray | None = None, write: bool = True):
     self.config = config
+    self.write = write
     self.workdir = workdir
     self.sample_dir = os.path.join(workdir, "samples")
     self.trigger, self.loc = trigger, trigger_loc
@@ -95,8 +97,9 @@ class Evaluator:
   def __call__(self, g_vars, round_: int, final: bool = False) -> dict[str, Any]:
     grid_imgs = image_io.to_uint8(self.samples(g_vars, self.z_grid))
     self.last_grid = image_io.grid(grid_imgs, self.config.eval.grid_size)
-    image_io.save_png(os.path.join(self.sample_dir, f"round_{round_:06d}.png"), self.last_grid,
-                      scale=max(1, 128 // self.config.resolution))
+    if self.write:
+      image_io.save_png(os.path.join(self.sample_dir, f"round_{round_:06d}.png"), self.last_grid,
+                        scale=max(1, 128 // self.config.resolution))
     fake = self.samples(g_vars, self.z_eval)
     finite = np.isfinite(fake).all(axis=(1, 2, 3))
     out: dict[str, Any] = {"eval/nonfinite_samples": int(np.sum(~finite))}
@@ -130,5 +133,7 @@ class Evaluator:
 
   def finish(self) -> None:
     """Writes ``trigger_calibration.json``."""
+    if not self.write:
+      return
     with open(os.path.join(self.workdir, "trigger_calibration.json"), "w") as f:
       json.dump(self.calibration, f, indent=2)

@@ -21,6 +21,7 @@ from absl import logging
 
 from fedgan_jax import config_lib
 from fedgan_jax import evaluation
+from fedgan_jax import parallel
 from fedgan_jax.data import partition as partition_lib
 from fedgan_jax.data import sources
 from fedgan_jax.data import triggers
@@ -90,10 +91,14 @@ def run(config, workdir: str) -> dict[str, Any]:
     The summary written to ``summary.json``.
   """
   config_lib.validate(config)
+  if config.num_replicas > 1:  # K seeds as one vmapped program, each writing <workdir>/seed_<s>/.
+    return {"replicas": parallel.run_replicas(config, workdir, config.num_replicas)}
   t_start = time.perf_counter()
+  primary = parallel.is_primary()  # Multi-host: only process 0 writes outputs (all checkpoint).
   os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config_lib.to_json(config))
+  if primary:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_lib.to_json(config))
   logging.info("devices: %s", jax.devices())
 
   data, heldout, info = setup_data(config)
@@ -103,7 +108,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   state = program.init(k_init)
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  metrics_file = writers.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+  metrics_file = writers.JsonlWriter(os.path.join(workdir, "metrics.jsonl"), active=primary)
   start = ckpt.latest_round() or 0
   if start:
     state = ckpt.restore(start, state)
@@ -115,9 +120,13 @@ def run(config, workdir: str) -> dict[str, Any]:
   is_mal = np.asarray(data.is_malicious)
   evaluator = evaluation.Evaluator(config, program.sample, heldout, np.asarray(data.trigger),
                                    tuple(np.asarray(data.trigger_loc).tolist()), k_eval, workdir,
-                                   poisoned=poisoned_examples(data, config))
-  tb = tensorboard.TensorBoardWriter(os.path.join(workdir, "tb"))
-  round_fn = jax.jit(program.round, donate_argnums=0)
+                                   poisoned=poisoned_examples(data, config), write=primary)
+  tb = tensorboard.TensorBoardWriter(os.path.join(workdir, "tb"), active=primary)
+  # Clients sharded over the devices when they divide evenly (local training under shard_map);
+  # after the host-side copies above (is_mal, evaluator inputs), which need addressable arrays.
+  mesh = parallel.auto_client_mesh(config.num_clients)
+  state, data = parallel.shard_round_inputs(state, data, mesh)
+  round_fn = parallel.jit_round(program, state, data, mesh)
   progress = writers.Progress(config.num_rounds, start)
   pending: list[tuple[int, dict, float]] = []
   t_compile = None
@@ -157,13 +166,16 @@ def run(config, workdir: str) -> dict[str, Any]:
     if r % config.log_every == 0 or r == config.num_rounds:
       line = progress.line(r)
       logging.info(line)
-      print(line, flush=True)
+      if primary:
+        print(line, flush=True)
     if is_ckpt:
       ckpt.save(r, state)
   flush()
   ckpt.close()
   tb.close()
 
+  if not primary:
+    return {}
   records = writers.read_jsonl(metrics_file.path)
   summary = _summary(config, records, info, is_mal, time.perf_counter() - t_start, t_compile, start)
   summary["trigger_calibration"] = evaluator.calibration

@@ -62,6 +62,8 @@ def check_override_names(argv: list[str]) -> None:
 def main(argv):
   del argv
   from fedgan_jax import experiment
+  from fedgan_jax import parallel
+  parallel.maybe_initialize_distributed()  # Before anything touches a device; no-op for one process.
   logging.set_verbosity(logging.INFO)
   config = _CONFIG.value
   if _agg_kwargs:

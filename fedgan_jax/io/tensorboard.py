@@ -106,16 +106,19 @@ class TensorBoardWriter:
     enabled: Whether events are actually written.
   """
 
-  def __init__(self, logdir: str, flush_secs: int = 30):
+  def __init__(self, logdir: str, flush_secs: int = 30, active: bool = True):
     """Opens an event file in ``logdir`` (created if needed).
 
     Args:
       logdir: Output directory, e.g. ``<workdir>/tb``.
       flush_secs: Background flush interval of the underlying writer.
+      active: False makes a silent no-op writer (non-primary processes).
     """
     self.logdir = logdir
     self._writer = None
     self._pb = None
+    if not active:
+      return
     try:
       # pylint: disable=import-outside-toplevel
       from tensorboard.compat.proto import event_pb2, summary_pb2

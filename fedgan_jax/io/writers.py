@@ -31,11 +31,12 @@ class JsonlWriter:
   checkpoint so that a resumed run's file equals an uninterrupted run's.
   """
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, active: bool = True):
     self.path = path
+    self.active = active  # False on non-primary processes of a multi-host run.
 
   def truncate_after(self, round_: int) -> None:
-    if not os.path.exists(self.path):
+    if not self.active or not os.path.exists(self.path):
       return
     with open(self.path) as f:
       lines = [ln for ln in f if ln.strip() and json.loads(ln)["round"] <= round_]
@@ -43,6 +44,8 @@ class JsonlWriter:
       f.writelines(lines)
 
   def write(self, record: dict[str, Any]) -> None:
+    if not self.active:
+      return
     with open(self.path, "a") as f:
       f.write(json.dumps({k: to_json_value(v) for k, v in record.items()}, sort_keys=True) + "\n")
 

@@ -79,6 +79,25 @@ class Program(NamedTuple):
   local_train: Callable[..., tuple[ClientState, PyTree, PyTree, dict]]
   round: Callable[[RoundState, RoundData, jax.Array], tuple[RoundState, dict]]
   sample: Callable[[PyTree, jax.Array], jax.Array]
+  # ``round`` in its two pieces (client sharding in ``parallel``, the loop benchmark):
+  # local_round(state, data, client_keys [C]) -> LocalOut: the vmapped local_train;
+  # server_round(state, data, local_out, key) -> (state, metrics): the aggregation.
+  local_round: Callable[..., "LocalOut"]
+  server_round: Callable[..., tuple[RoundState, dict]]
+
+
+class LocalOut(NamedTuple):
+  """What local training returns for every client (leading axis C)."""
+
+  clients: ClientState      # The clients' new states.
+  client_g: PyTree          # Uploaded generator variables.
+  client_d: PyTree          # Uploaded discriminator variables.
+  stats: dict               # Client-reported stats ([C] arrays).
+
+
+def client_keys(key: jax.Array, num_clients: int) -> jax.Array:
+  """The per-client local-training keys ``[C]`` of the round whose key is ``key``."""
+  return jax.random.split(jax.random.split(key, 3)[0], num_clients)
 
 
 def _optimizer(config, lr: float) -> optax.GradientTransformation:
@@ -234,14 +253,20 @@ def build(config, generator, discriminator, g_aggregator: Aggregator,
     }
     return ClientState(d_vars=d_vars, g_opt=g_opt, d_opt=d_opt), g_vars, d_vars, stats
 
+  def local_round(state: RoundState, data: RoundData, keys: jax.Array) -> LocalOut:
+    """Local training of all clients, vmapped over the client axis; ``keys`` is ``[C]``."""
+    return LocalOut(*jax.vmap(local_train, in_axes=(0, None, None, 0, 0, 0, 0, None, None, 0))(
+        state.clients, state.g_global, state.d_global, data.images, data.counts,
+        data.is_malicious, data.poison_flags, data.trigger, data.trigger_loc, keys))
+
   def round_fn(state: RoundState, data: RoundData, key: jax.Array):
     """Local training of all clients (vmapped) + aggregation; ``key`` is this round's key."""
-    k_local, k_gagg, k_dagg = jax.random.split(key, 3)
-    clients, client_g, client_d, stats = jax.vmap(
-        local_train, in_axes=(0, None, None, 0, 0, 0, 0, None, None, 0))(
-            state.clients, state.g_global, state.d_global, data.images, data.counts,
-            data.is_malicious, data.poison_flags, data.trigger, data.trigger_loc,
-            jax.random.split(k_local, C))
+    return server_round(state, data, local_round(state, data, client_keys(key, C)), key)
+
+  def server_round(state: RoundState, data: RoundData, local: LocalOut, key: jax.Array):
+    """The server's part of the round whose key is ``key``: aggregation of the uploads."""
+    _, k_gagg, k_dagg = jax.random.split(key, 3)
+    clients, client_g, client_d, stats = local
     true_stats = dict(stats)
     # A defense-aware attacker reports the honest clients' median losses instead of its own;
     # it cannot fake the stats the server computes from the uploaded parameters.
@@ -270,7 +295,8 @@ def build(config, generator, discriminator, g_aggregator: Aggregator,
     """Global generator images for latents ``z`` (running BatchNorm statistics)."""
     return generator.apply(g_vars, z, train=False)
 
-  return Program(init=init, local_train=local_train, round=round_fn, sample=sample)
+  return Program(init=init, local_train=local_train, round=round_fn, sample=sample,
+                 local_round=local_round, server_round=server_round)
 
 
 def build_from_config(config) -> tuple[Program, Any, Any]:

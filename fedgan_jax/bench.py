@@ -1,0 +1,392 @@
+"""Throughput benchmark of one federated round (issue "Throughput and scale").
+
+    python -m fedgan_jax.bench --clients 16 --resolution 32 --batch 16 --local-steps 5 \\
+        --rounds 5 --mode both
+
+Times full rounds (local training of every client + the server's
+aggregation) after compilation and warm-up rounds, on RANDOM client data
+that is device-resident before timing starts: input cost (decoding,
+host-to-device copies) is excluded, as in the PyTorch peer
+(``shared/peers/torch_fedgan_seq.py``). Batches are still drawn by index
+inside the jitted step, as in a real run.
+
+Modes:
+
+* ``vmap``: the project's design, one jitted call per round (``program.round``,
+  clients vmapped), client-sharded over the devices when there are several
+  (``fedgan_jax.parallel``).
+* ``loop``: the original code's sequential design: the jitted SINGLE-client
+  step (``program.local_train``) called in a Python loop over clients, each
+  client keeping its own state, then the jitted aggregation.
+* ``both``: both, one after the other; the last line adds ``loop`` and
+  ``vmap_speedup`` (loop sec/round over vmap sec/round).
+
+The last line printed is one JSON object (see ``_result``). Model widths
+default to the PyTorch peer's (ngf = ndf = 64, nz = 100), so the two are
+comparable at equal ``--resolution/--clients/--batch/--local-steps``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedgan_jax import aggregation
+from fedgan_jax import config_lib
+from fedgan_jax import parallel
+from fedgan_jax.data import triggers
+from fedgan_jax.train import round as round_lib
+
+
+def make_config(clients: int = 4, resolution: int = 32, batch: int = 32, local_steps: int = 5,
+                precision: str = "f32", conv_impl: str = "auto", width: int = 64, latent_dim: int = 100,
+                overrides: dict[str, Any] | None = None):
+  """A validated config for the benchmark (base config + these sizes).
+
+  Args:
+    clients: C (client 0 is malicious when C > 1, so the poisoning path is timed).
+    resolution: R.
+    batch: B per client step.
+    local_steps: L.
+    precision: ``train.precision``.
+    conv_impl: ``model.conv_impl``.
+    width: ``model.g_width`` and ``model.d_width`` (the peer's ngf = ndf).
+    latent_dim: ``model.latent_dim`` (nz).
+    overrides: further ``{'section.field': value}`` overrides.
+
+  Returns:
+    The config (``config_lib.validate``-d; a bad value raises ``ValueError``).
+  """
+  c = config_lib.base_config()
+  c.num_clients = clients
+  c.resolution = resolution
+  c.train.batch_size = batch
+  c.train.local_steps = local_steps
+  c.train.precision = precision
+  c.model.conv_impl = conv_impl
+  c.model.g_width = width
+  c.model.d_width = width
+  c.model.latent_dim = latent_dim
+  c.attack.malicious = (0,) if clients > 1 else ()
+  for dotted, value in (overrides or {}).items():
+    config_lib.parse_override(c, dotted, value if isinstance(value, str) else repr(value))
+  return config_lib.validate(c)
+
+
+def random_data(config, images_per_client: int | None = None, seed: int = 0) -> round_lib.RoundData:
+  """Device-resident random ``RoundData`` (uint8 noise images) for ``config``."""
+  C, R, ch = config.num_clients, config.resolution, config.data.channels
+  n = images_per_client or max(2 * config.train.batch_size, 64)
+  rng = np.random.default_rng(seed)
+  is_mal = np.zeros(C, bool)
+  is_mal[list(config.attack.malicious)] = True
+  fields = dict(
+      images=jnp.asarray(rng.integers(0, 256, (C, n, R, R, ch), dtype=np.uint8)),
+      counts=jnp.full((C,), n, jnp.int32),
+      is_malicious=jnp.asarray(is_mal),
+      poison_flags=jnp.asarray(np.broadcast_to(is_mal[:, None], (C, n))),
+      trigger=jnp.asarray(triggers.load_trigger(config)),
+      trigger_loc=jnp.asarray(triggers.trigger_location(config), jnp.int32),
+      mimic=jnp.asarray(config.attack.report_losses == "mimic"))
+  return round_lib.RoundData(**{f: fields[f] for f in round_lib.RoundData._fields})
+
+
+def _flops(compiled) -> float | None:
+  try:
+    ca = compiled.cost_analysis()
+  except Exception:  # Some backends do not implement it.
+    return None
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else {}
+  f = (ca or {}).get("flops")
+  return float(f) if f is not None and f >= 0 else None
+
+
+def _scan_unrolled(config) -> bool:
+  """Whether the local-step scan is fully unrolled (as ``train.unroll`` resolves in round.py)."""
+  u = str(config.train.unroll).lower()
+  return u == "true" or (u == "auto" and jax.default_backend() == "cpu")
+
+
+def _unrolled(config):
+  c = copy.deepcopy(config)
+  c.train.unroll = "true"
+  return c
+
+
+def _time_rounds(step: Callable[[int], Any], warmup: int, rounds: int) -> list[float]:
+  for r in range(warmup):
+    jax.block_until_ready(step(r))
+  times = []
+  for r in range(warmup, warmup + rounds):
+    t0 = time.perf_counter()
+    jax.block_until_ready(step(r))
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def bench_vmap(config, warmup: int = 1, rounds: int = 5, shard: bool = True) -> dict[str, Any]:
+  """Times ``program.round`` (clients vmapped; sharded over devices if several).
+
+  Returns:
+    ``{'compile_sec', 'round_times', 'flops_per_round', 'flops_source', 'sharded'}``.
+  """
+  program, _, _ = round_lib.build_from_config(config)
+  data = random_data(config)
+  state = program.init(jax.random.key(0))
+  mesh = parallel.client_mesh(config.num_clients) if shard else None
+  state, data = parallel.shard_round_inputs(state, data, mesh)
+  key = jax.random.key(1)
+  round_jit = parallel.jit_round(program, state, data, mesh)
+  t0 = time.perf_counter()
+  compiled = round_jit.lower(state, data, key).compile()
+  compile_sec = time.perf_counter() - t0
+  flops, source = _flops(compiled), "compiled round"
+  if not _scan_unrolled(config):
+    # XLA's cost analysis counts a while-loop body once: count the unrolled round instead.
+    p2, _, _ = round_lib.build_from_config(_unrolled(config))
+    flops, source = _flops(jax.jit(p2.round).lower(state, data, key)), "unrolled round (pre-optimization HLO)"
+  box = {"state": state}
+
+  def step(r):
+    box["state"], m = compiled(box["state"], data, jax.random.fold_in(key, r))
+    return m
+
+  times = _time_rounds(step, warmup, rounds)
+  return {"compile_sec": compile_sec, "round_times": times, "flops_per_round": flops,
+          "flops_source": source, "sharded": mesh is not None}
+
+
+def _server_fn(config, program) -> Callable:
+  """The server's part of a round over stacked uploads (for ``--mode loop``).
+
+  Uses ``program.server_round`` when the program has it; otherwise mirrors
+  ``round_lib.build``'s aggregation (generators, and discriminators when
+  averaged) with the configured rule.
+  """
+  if parallel.has_split_round(program):
+    return lambda state, local, data, key: program.server_round(state, data, local, key)
+  kwargs = config.aggregation.kwargs.to_dict()
+  g_rule = aggregation.get(config.aggregation.name, num_clients=config.num_clients, **kwargs)
+  d_rule = aggregation.get(config.aggregation.name, num_clients=config.num_clients, **kwargs)
+  avg_d = bool(config.aggregation.average_discriminator)
+
+  def server(state, local, data, key):
+    clients, client_g, client_d, stats = local
+    _, k_g, k_d = jax.random.split(key, 3)
+    reported = {**stats, "num_examples": data.counts.astype(jnp.float32)}
+    g_stats = {**reported, **round_lib.server_stats(state.g_global, client_g)}
+    g_global, g_agg, diag = g_rule.aggregate(state.g_agg, state.g_global, client_g, g_stats, k_g)
+    d_global, d_agg = state.d_global, state.d_agg
+    if avg_d:
+      d_stats = {**reported, **round_lib.server_stats(state.d_global, client_d)}
+      d_global, d_agg, _ = d_rule.aggregate(state.d_agg, state.d_global, client_d, d_stats, k_d)
+      clients = clients._replace(d_vars=client_d)
+    new = round_lib.RoundState(round=state.round + 1, g_global=g_global, d_global=d_global,
+                               g_agg=g_agg, d_agg=d_agg, clients=clients)
+    # The server stats are logged by the real round, so they are computed here too.
+    return new, {**{f"train/{k}": v for k, v in g_stats.items()}, **{f"agg/{k}": v for k, v in diag.items()}}
+
+  return server
+
+
+def bench_loop(config, warmup: int = 1, rounds: int = 5) -> dict[str, Any]:
+  """Times the sequential design: jitted single-client step in a Python loop, then aggregation.
+
+  Every client keeps its own state (a list, as the original code keeps one
+  model and optimizer per client); the server stacks the uploads inside its
+  jitted aggregation.
+
+  Returns:
+    ``{'compile_sec', 'round_times', 'flops_per_round', 'flops_source'}``.
+  """
+  C = config.num_clients
+  program, _, _ = round_lib.build_from_config(config)
+  data = random_data(config)
+  state = program.init(jax.random.key(0))
+  key = jax.random.key(1)
+  clients = [jax.tree.map(lambda x: x[c], state.clients) for c in range(C)]
+  shards = [tuple(jax.tree.map(lambda x: x[c], (data.images, data.counts, data.is_malicious, data.poison_flags)))
+            for c in range(C)]
+  server = _server_fn(config, program)
+
+  def server_step(state, outs, data, key):
+    stack = lambda i: jax.tree.map(lambda *xs: jnp.stack(xs), *[o[i] for o in outs])
+    local = round_lib.ClientState(*stack(0)), stack(1), stack(2), stack(3)
+    new, m = server(state._replace(clients=local[0]), _as_local(program, local), data, key)
+    return new._replace(clients=()), m  # Client states stay with the clients (the loop).
+
+  def keys_fn(key):
+    return tuple(jax.random.split(jax.random.split(key, 3)[0], C))  # = round_lib.client_keys
+
+  local_jit = jax.jit(program.local_train)
+  server_jit = jax.jit(server_step)
+  keys_jit = jax.jit(keys_fn)
+  globals_state = state._replace(clients=())
+  t0 = time.perf_counter()
+  ex_keys = keys_jit(key)
+  local_c = local_jit.lower(clients[0], state.g_global, state.d_global, *shards[0], data.trigger,
+                            data.trigger_loc, ex_keys[0]).compile()
+  ex_out = local_c(clients[0], state.g_global, state.d_global, *shards[0], data.trigger, data.trigger_loc, ex_keys[0])
+  server_c = server_jit.lower(globals_state, [ex_out] * C, data, key).compile()
+  compile_sec = time.perf_counter() - t0
+  f_local, f_server = _flops(local_c), _flops(server_c)
+  flops, source = None, "C x compiled client step + compiled aggregation"
+  if f_local is not None:
+    if not _scan_unrolled(config):
+      p2, _, _ = round_lib.build_from_config(_unrolled(config))
+      f_local = _flops(jax.jit(p2.local_train).lower(clients[0], state.g_global, state.d_global, *shards[0],
+                                                      data.trigger, data.trigger_loc, ex_keys[0]))
+      source = "C x unrolled client step (pre-optimization HLO) + compiled aggregation"
+    flops = C * (f_local or 0.0) + (f_server or 0.0)
+  box = {"g": globals_state, "clients": clients}
+
+  def step(r):
+    k = jax.random.fold_in(key, r)
+    ks = keys_jit(k)
+    g = box["g"]
+    outs = [local_c(box["clients"][c], g.g_global, g.d_global, *shards[c], data.trigger, data.trigger_loc, ks[c])
+            for c in range(C)]
+    box["clients"] = [o[0] for o in outs]
+    box["g"], m = server_c(g, outs, data, k)
+    return box["g"], m
+
+  times = _time_rounds(step, warmup, rounds)
+  return {"compile_sec": compile_sec, "round_times": times, "flops_per_round": flops, "flops_source": source}
+
+
+def _as_local(program, local):
+  """The uploads tuple in the type ``program.server_round`` expects (``LocalOut`` if present)."""
+  local_out = getattr(round_lib, "LocalOut", None)
+  return local_out(*local) if local_out is not None and parallel.has_split_round(program) else tuple(local)
+
+
+def device_info() -> dict[str, Any]:
+  """The accelerator (or CPU model) the benchmark ran on."""
+  d = jax.devices()
+  info: dict[str, Any] = {"platform": d[0].platform, "kind": d[0].device_kind, "count": len(d),
+                          "processes": jax.process_count()}
+  if d[0].platform == "cpu":
+    model = platform.processor() or ""
+    try:
+      with open("/proc/cpuinfo") as f:
+        for line in f:
+          if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    except OSError:
+      pass
+    info["cpu_model"] = model
+    info["cpu_cores"] = os.cpu_count()
+  return info
+
+
+def _result(mode: str, config, timing: dict[str, Any], rounds: int) -> dict[str, Any]:
+  C, B, L = config.num_clients, config.train.batch_size, config.train.local_steps
+  spr = statistics.median(timing["round_times"])
+  images_per_round = C * L * B * (2 + config.train.gen_steps)  # D: B real + B fake; G: B fake per G step.
+  flops = timing["flops_per_round"]
+  return {
+      "mode": mode,
+      "clients": C, "resolution": config.resolution, "batch": B, "local_steps": L,
+      "gen_steps": config.train.gen_steps, "width": config.model.g_width, "latent_dim": config.model.latent_dim,
+      "precision": config.train.precision, "conv_impl": config.model.conv_impl,
+      "conv_impl_resolved": _resolved_impl(config.model.conv_impl),
+      "unroll": str(config.train.unroll), "scan_unrolled": _scan_unrolled(config),
+      "device": device_info(), "sharded": timing.get("sharded", False),
+      "compile_sec": round(timing["compile_sec"], 3),
+      "rounds": rounds, "round_times": [round(t, 5) for t in timing["round_times"]],
+      "sec_per_round": round(spr, 5),
+      "client_steps_per_sec": round(C * L / spr, 3),
+      "images_per_sec": round(images_per_round / spr, 1),
+      "real_images_per_sec": round(C * L * B / spr, 1),
+      "flops_per_round": flops, "flops_source": timing["flops_source"],
+      "achieved_tflops": round(flops / spr / 1e12, 5) if flops else None,
+      "jax": jax.__version__, "python": platform.python_version(),
+      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+  }
+
+
+def _resolved_impl(impl: str) -> str:
+  from fedgan_jax.models import layers
+  return layers.resolve_impl(impl)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  """Runs the benchmark described by parsed ``args``; returns the final JSON object."""
+  overrides = {}
+  if args.unroll != "auto":
+    overrides["train.unroll"] = args.unroll
+  if args.avg_disc:
+    overrides["aggregation.average_discriminator"] = True
+  config = make_config(args.clients, args.resolution, args.batch, args.local_steps, args.precision,
+                       args.conv_impl, args.width, args.latent_dim, overrides)
+  results = {}
+  for mode in (("vmap", "loop") if args.mode == "both" else (args.mode,)):
+    if mode == "vmap":
+      timing = bench_vmap(config, args.warmup, args.rounds, shard=not args.no_shard)
+    else:
+      timing = bench_loop(config, args.warmup, args.rounds)
+    results[mode] = _result(mode, config, timing, args.rounds)
+    if args.mode == "both":
+      print(json.dumps(results[mode]), flush=True)
+  if args.mode != "both":
+    return results[args.mode]
+  out = dict(results["vmap"], mode="both", loop=results["loop"])
+  out["vmap_speedup"] = round(results["loop"]["sec_per_round"] / results["vmap"]["sec_per_round"], 3)
+  return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """The command line (see the module docstring)."""
+  p = argparse.ArgumentParser(prog="python -m fedgan_jax.bench", description=__doc__.split("\n")[0])
+  p.add_argument("--clients", type=int, default=4)
+  p.add_argument("--resolution", type=int, default=32)
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--local-steps", type=int, default=5)
+  p.add_argument("--rounds", type=int, default=5, help="timed rounds (the median is reported)")
+  p.add_argument("--warmup", type=int, default=1, help="untimed rounds after compilation")
+  p.add_argument("--mode", choices=("vmap", "loop", "both"), default="vmap")
+  p.add_argument("--precision", choices=("f32", "bf16"), default="f32")
+  p.add_argument("--conv-impl", choices=("auto", "xla", "fast_cpu"), default="auto")
+  p.add_argument("--width", type=int, default=64, help="g_width = d_width (the peer's ngf = ndf)")
+  p.add_argument("--latent-dim", type=int, default=100, help="nz")
+  p.add_argument("--unroll", choices=("auto", "true", "false"), default="auto",
+                 help="train.unroll (auto: unrolled on CPU, rolled elsewhere)")
+  p.add_argument("--avg-disc", action="store_true", help="also average discriminators")
+  p.add_argument("--no-shard", action="store_true", help="do not shard clients over several devices")
+  args = p.parse_args(argv)
+  for name in ("clients", "resolution", "batch", "local_steps", "rounds", "width", "latent_dim"):
+    if getattr(args, name) <= 0:
+      p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer")
+  if args.warmup < 0:
+    p.error(f"--warmup={args.warmup} must be >= 0")
+  return args
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = parse_args(argv)
+  parallel.maybe_initialize_distributed()
+  try:
+    out = run(args)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if parallel.is_primary():
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+  main()

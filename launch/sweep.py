@@ -1,0 +1,504 @@
+"""Sweeps: expand a grid of config overrides and run every point, resumably.
+
+    python -m launch.sweep --config configs/paper_sweep.py --workdir runs/sweep \\
+        [--parallel N] [--dry-run] [--subprocess] [--batch-seeds]
+
+The config file defines ``get_config()`` (the base run) and ``get_sweep()``
+(a list of dicts of dotted overrides, e.g. ``{'attack.malicious': (0,),
+'seed': 1}``; build it with ``product`` and ``zipped`` below). Each point runs
+in ``<workdir>/<name>`` where ``name`` is read off its overrides
+(``malicious-0__defense-gp__seed-1``). A point whose ``summary.json`` reports
+``rounds == num_rounds`` is skipped, so rerunning the command resumes the
+sweep (a point interrupted mid-run resumes from its last checkpoint). At the
+end ``<workdir>/results.csv`` has one row per point (its overrides and final
+metrics) and a summary table is printed.
+
+Keys starting with ``_`` are labels, not config fields: ``{'_defense': 'gp',
+'train.loss': 'wgan', ...}`` names the point ``defense-gp`` instead of
+spelling out the keys that the label stands for.
+
+* default: points run one after another in this process (``experiment.run``);
+  programs that differ only in seed or attack mask share compilations through
+  the persistent JAX cache in ``<workdir>/.jax_cache``.
+* ``--parallel N``: N points at a time, each ``python -m fedgan_jax.main`` in
+  its own process (on a 2-core CPU N > 1 does not help: one run already uses
+  both cores).
+* ``--dry-run``: print the exact ``python -m fedgan_jax.main ...`` commands,
+  one per line, to hand to a scheduler; runs nothing.
+* ``--batch-seeds``: points that differ only in consecutive ``seed`` values
+  run as ONE vmapped program (``fedgan_jax.parallel.run_replicas``) in
+  ``<workdir>/<name without seed>__seeds-0-2/``, each replica writing
+  ``seed_<s>/`` like a single run. In this process it works today; with
+  ``--dry-run``/``--parallel``/``--subprocess`` it needs the ``num_replicas``
+  config field (``experiment.run`` dispatching to ``run_replicas``) and says
+  so until that lands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import importlib.util
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+Point = dict[str, Any]
+
+SUMMARY_COLUMNS = ("eval/trigger_rate", "eval/trigger_strength", "eval/swd")
+_HIDE = "_hide"  # Internal: keys a label stands for (left out of the name).
+
+
+# --------------------------------------------------------------------------- grid helpers
+
+
+def _as_points(factor: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]) -> list[Point]:
+  if isinstance(factor, Mapping):
+    keys = list(factor)
+    for k in keys:
+      if isinstance(factor[k], (str, bytes)) or not isinstance(factor[k], Iterable):
+        raise ValueError(f"sweep axis {k!r}: expected a list of values, got {factor[k]!r}.")
+    return [dict(zip(keys, vals)) for vals in itertools.product(*(list(factor[k]) for k in keys))]
+  points = []
+  for p in factor:
+    if not isinstance(p, Mapping):
+      raise ValueError(f"sweep factor: expected dicts of overrides, got {p!r}.")
+    p = dict(p)
+    labels = [k for k in p if k.startswith("_") and k != _HIDE]
+    if labels:  # A labelled alternative: its own keys are named by the label.
+      p[_HIDE] = tuple(sorted(set(p.get(_HIDE, ())) | {k for k in p if not k.startswith("_")}))
+    points.append(p)
+  return points
+
+
+def _merge(points: Sequence[Point]) -> Point:
+  out: Point = {}
+  for p in points:
+    for k, v in p.items():
+      if k == _HIDE:
+        out[_HIDE] = tuple(sorted(set(out.get(_HIDE, ())) | set(v)))
+      elif k in out:
+        raise ValueError(f"sweep: key {k!r} is set by two factors ({out[k]!r} and {v!r}).")
+      else:
+        out[k] = v
+  return out
+
+
+def product(*factors: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]) -> list[Point]:
+  """The Cartesian product of sweep factors, first factor outermost.
+
+  Args:
+    *factors: each either a dict ``{dotted_key: [values]}`` (itself expanded
+      as a product over its keys) or a list of override dicts (alternatives,
+      e.g. defenses that set several keys at once; add a ``'_label': 'name'``
+      key to name the alternative).
+
+  Returns:
+    A list of override dicts.
+
+  Raises:
+    ValueError: two factors set the same key, or an axis is not a list.
+  """
+  expanded = [_as_points(f) for f in factors]
+  return [_merge(combo) for combo in itertools.product(*expanded)]
+
+
+def zipped(axes: Mapping[str, Sequence[Any]] | None = None, **kwargs: Sequence[Any]) -> list[Point]:
+  """Points that move several keys together: ``zipped({'a': [1, 2], 'b': [3, 4]})``.
+
+  Args:
+    axes: ``{dotted_key: [values]}``, all lists of one length.
+    **kwargs: more axes (keys without dots).
+
+  Returns:
+    ``[{'a': 1, 'b': 3}, {'a': 2, 'b': 4}]``.
+
+  Raises:
+    ValueError: the lists differ in length.
+  """
+  axes = {**(axes or {}), **kwargs}
+  lens = {k: len(v) for k, v in axes.items()}
+  if len(set(lens.values())) > 1:
+    raise ValueError(f"zipped: all axes need the same number of values, got {lens}.")
+  keys = list(axes)
+  return [dict(zip(keys, vals)) for vals in zip(*(axes[k] for k in keys))]
+
+
+# --------------------------------------------------------------------------- naming
+
+
+def overrides(point: Point) -> dict[str, Any]:
+  """The config overrides of a point (labels and internal keys dropped)."""
+  return {k: v for k, v in point.items() if not k.startswith("_")}
+
+
+def _fmt_value(v: Any) -> str:
+  if isinstance(v, (tuple, list)):
+    return "-".join(_fmt_value(x) for x in v) if v else "none"
+  if isinstance(v, float):
+    return f"{v:g}"
+  return str(v)
+
+
+def point_name(point: Point) -> str:
+  """A readable, filesystem-safe directory name read off a point's overrides.
+
+  ``{'attack.malicious': (0,), '_defense': 'gp', 'seed': 1}`` ->
+  ``malicious-0__defense-gp__seed-1`` (the last part of each dotted key; a
+  label ``_x`` reads ``x``; keys a label stands for are left out).
+  """
+  hidden = set(point.get(_HIDE, ()))
+  parts = []
+  for k, v in point.items():
+    if k == _HIDE or k in hidden:
+      continue
+    short = k.lstrip("_").split(".")[-1]
+    parts.append(f"{short}-{_fmt_value(v)}")
+  name = "__".join(parts) or "base"
+  return re.sub(r"[^A-Za-z0-9._=-]+", "-", name)
+
+
+def check_names(points: Sequence[Point]) -> list[str]:
+  """The points' names; raises ``ValueError`` if two points share one."""
+  names = [point_name(p) for p in points]
+  seen: dict[str, int] = {}
+  for i, n in enumerate(names):
+    if n in seen:
+      raise ValueError(f"sweep points {seen[n]} and {i} both map to the directory name {n!r}; "
+                       f"give the alternatives distinct '_label' values.")
+    seen[n] = i
+  return names
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def load_module(path: str):
+  """Imports a config file (``get_config`` / ``get_sweep``) by path."""
+  if not os.path.isfile(path):
+    raise ValueError(f"--config={path!r}: no such file.")
+  spec = importlib.util.spec_from_file_location(f"sweep_cfg_{abs(hash(path))}", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  for fn in ("get_config", "get_sweep"):
+    if not callable(getattr(mod, fn, None)):
+      raise ValueError(f"--config={path!r} must define {fn}() (see launch/sweep.py).")
+  return mod
+
+
+def apply_overrides(config, point: Point):
+  """A copy of ``config`` with a point's overrides set (new ``aggregation.kwargs`` allowed).
+
+  Raises:
+    ValueError: an override names a field the config does not have.
+  """
+  config = copy.deepcopy(config)
+  for dotted, value in overrides(point).items():
+    node = config
+    *parents, last = dotted.split(".")
+    for i, p in enumerate(parents):
+      if p not in node:
+        raise ValueError(f"sweep override {dotted!r}: config.{'.'.join(parents[:i + 1])} does not exist.")
+      node = node[p]
+    free = ".".join(parents) == "aggregation.kwargs"
+    if last not in node and not free:
+      raise ValueError(f"sweep override {dotted!r}: not a config field; known: {sorted(node.keys())}.")
+    with node.unlocked() if hasattr(node, "unlocked") else _Null():
+      node[last] = value
+  return config
+
+
+def _cli_value(v: Any) -> str:
+  if isinstance(v, (tuple, list)):
+    return "(" + "".join(f"{_cli_value(x)}," for x in v) + ")"
+  if isinstance(v, float) and math.isfinite(v):
+    return repr(v)
+  return str(v)
+
+
+def command(config_path: str, workdir: str, point: Point, python: str = "python") -> list[str]:
+  """The ``python -m fedgan_jax.main`` argv that runs ``point``."""
+  argv = [python, "-m", "fedgan_jax.main", f"--config={config_path}", f"--workdir={workdir}"]
+  argv += [f"--config.{k}={_cli_value(v)}" for k, v in overrides(point).items()]
+  return argv
+
+
+# --------------------------------------------------------------------------- status and results
+
+
+def read_summary(run_dir: str) -> dict | None:
+  """``summary.json`` of a run directory, or None if absent or unreadable."""
+  path = os.path.join(run_dir, "summary.json")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def is_finished(run_dir: str, num_rounds: int) -> bool:
+  """True when the run's ``summary.json`` reports ``rounds >= num_rounds``."""
+  s = read_summary(run_dir)
+  return bool(s) and int(s.get("rounds", 0) or 0) >= num_rounds
+
+
+def _scalar(v: Any) -> Any:
+  if isinstance(v, bool) or v is None:
+    return v
+  if isinstance(v, (int, float)):
+    return v
+  return None
+
+
+def result_row(name: str, point: Point, summary: dict | None) -> dict[str, Any]:
+  """One results.csv row: name, overrides, status, and the run's final scalar metrics."""
+  row: dict[str, Any] = {"name": name}
+  row.update({k.lstrip("_"): _fmt_value(v) if isinstance(v, (tuple, list)) else v
+              for k, v in point.items() if k != _HIDE})
+  if summary is None:
+    row["status"] = "missing"
+    return row
+  row["status"] = "done"
+  row["rounds"] = summary.get("rounds")
+  final = summary.get("final", {}) or {}
+  for k, v in final.items():
+    if k.startswith("eval/") and _scalar(v) is not None:
+      row[k] = v
+  for k in ("detect_tpr_mean", "detect_fpr_mean", "wall_sec", "first_round_sec"):
+    if _scalar(summary.get(k)) is not None:
+      row[k] = summary[k]
+  if summary.get("first_flag_round"):
+    row["first_flag_round"] = json.dumps(summary["first_flag_round"], sort_keys=True)
+  return row
+
+
+def write_results(path: str, rows: Sequence[dict[str, Any]]) -> list[str]:
+  """Writes ``rows`` to CSV (columns: union, first-seen order); returns the columns."""
+  cols: list[str] = []
+  for r in rows:
+    cols += [k for k in r if k not in cols]
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+  return cols
+
+
+def format_table(rows: Sequence[dict[str, Any]],
+                 columns: Sequence[str] = ("status",) + SUMMARY_COLUMNS + ("detect_tpr_mean", "detect_fpr_mean")) -> str:
+  """A plain-text table of the key results (one line per point)."""
+  def cell(v):
+    if isinstance(v, float):
+      return f"{v:.3f}"
+    return "" if v is None else str(v)
+  header = ["name"] + [c.replace("eval/", "") for c in columns]
+  body = [[r["name"]] + [cell(r.get(c)) for c in columns] for r in rows]
+  widths = [max(len(x) for x in col) for col in zip(header, *body)]
+  lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [header] + body]
+  return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- seeds as replicas
+
+
+def seed_groups(points: Sequence[Point]) -> list[list[int]]:
+  """Indices of points grouped by everything but ``seed`` (for ``--batch-seeds``).
+
+  A group's seeds must be consecutive (``s, s+1, ...``), as replicas run seeds
+  ``seed + k``; otherwise the group is split.
+  """
+  groups: dict[str, list[int]] = {}
+  for i, p in enumerate(points):
+    key = json.dumps({k: repr(v) for k, v in overrides(p).items() if k != "seed"}, sort_keys=True)
+    groups.setdefault(key, []).append(i)
+  out = []
+  for idx in groups.values():
+    idx = sorted(idx, key=lambda i: points[i].get("seed", 0))
+    run = [idx[0]]
+    for i in idx[1:]:
+      if points[i].get("seed", 0) == points[run[-1]].get("seed", 0) + 1:
+        run.append(i)
+      else:
+        out.append(run)
+        run = [i]
+    out.append(run)
+  return sorted(out)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _run_in_process(config, run_dir: str) -> None:
+  from fedgan_jax import experiment
+  experiment.run(config, run_dir)
+
+
+def _run_replicas_in_process(config, group_dir: str, num_replicas: int) -> None:
+  from fedgan_jax import parallel
+  parallel.run_replicas(config, group_dir, num_replicas)
+
+
+def group_name(point: Point, seeds: Sequence[int]) -> str:
+  """The directory name of a group of seeds run as replicas: ``<name without seed>__seeds-0-2``."""
+  rest = {k: v for k, v in point.items() if k != "seed"}
+  base = point_name(rest)
+  span = f"{min(seeds)}" if len(seeds) == 1 else f"{min(seeds)}-{max(seeds)}"
+  return f"{base}__seeds-{span}"
+
+
+def run_sweep(config_path: str, workdir: str, parallel: int = 1, dry_run: bool = False,
+              use_subprocess: bool = False, batch_seeds: bool = False, python: str = sys.executable,
+              out=sys.stdout) -> list[dict[str, Any]]:
+  """Expands, runs (skipping finished points) and summarizes a sweep.
+
+  Args:
+    config_path: file with ``get_config()`` and ``get_sweep()``.
+    workdir: the sweep directory (one subdirectory per point, results.csv).
+    parallel: points run at once (> 1 implies subprocesses).
+    dry_run: print the commands (one per line) and run nothing.
+    use_subprocess: run each point as ``python -m fedgan_jax.main``.
+    batch_seeds: run points differing only in seed as replicas of one program.
+    python: interpreter for subprocesses and printed commands.
+    out: where commands and the table are printed.
+
+  Returns:
+    The results rows (also written to ``<workdir>/results.csv``), or ``[]`` on a dry run.
+
+  Raises:
+    ValueError: bad config file, overrides, names, or flags.
+  """
+  from fedgan_jax import config_lib
+  if parallel < 1:
+    raise ValueError(f"--parallel={parallel} must be >= 1.")
+  mod = load_module(config_path)
+  base = mod.get_config()
+  points = list(mod.get_sweep())
+  if not points:
+    raise ValueError(f"--config={config_path!r}: get_sweep() returned no points.")
+  names = check_names(points)
+  configs = []
+  for n, p in zip(names, points):
+    try:
+      configs.append(config_lib.validate(apply_overrides(base, p)))
+    except ValueError as e:
+      raise ValueError(f"sweep point {n}: {e}") from e
+  seeds = [c.seed for c in configs]
+  if batch_seeds:
+    groups = seed_groups([dict(overrides(p), seed=s) for p, s in zip(points, seeds)])
+    group_dirs = [os.path.join(workdir, group_name(points[g[0]], [seeds[i] for i in g])) for g in groups]
+    dirs = [""] * len(points)
+    for g, gdir in zip(groups, group_dirs):
+      for i in g:
+        dirs[i] = os.path.join(gdir, f"seed_{seeds[i]}")  # Where parallel.run_replicas writes replica i.
+    cli_replicas = "num_replicas" in base
+    if (dry_run or parallel > 1 or use_subprocess) and not cli_replicas:
+      raise ValueError("--batch-seeds with --dry-run, --parallel or --subprocess needs the config field "
+                       "num_replicas (experiment.run calling fedgan_jax.parallel.run_replicas), which this "
+                       "version does not have yet; without those flags it runs in this process.")
+  else:
+    groups = [[i] for i in range(len(points))]
+    group_dirs = [os.path.join(workdir, n) for n in names]
+    dirs = list(group_dirs)
+
+  def group_point(g: list[int]) -> Point:
+    if not batch_seeds:
+      return points[g[0]]
+    return dict(overrides(points[g[0]]), seed=seeds[g[0]], num_replicas=len(g))
+
+  if dry_run:
+    for g, gdir in zip(groups, group_dirs):
+      print(shlex.join(command(config_path, gdir, group_point(g), "python")), file=out)
+    return []
+
+  os.makedirs(workdir, exist_ok=True)
+  todo = [i for i, (c, d) in enumerate(zip(configs, dirs)) if not is_finished(d, c.num_rounds)]
+  todo_groups = [k for k, g in enumerate(groups) if any(i in todo for i in g)]
+  print(f"sweep: {len(points)} points, {len(points) - len(todo)} finished, {len(todo)} to run"
+        + (f" in {len(todo_groups)} replica groups" if batch_seeds else ""), file=out, flush=True)
+  cache = os.path.join(workdir, ".jax_cache")
+  failures: list[str] = []
+  if parallel == 1 and not use_subprocess:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", cache)
+    for n, k in enumerate(todo_groups):
+      g = groups[k]
+      label = os.path.basename(group_dirs[k])
+      print(f"[{n + 1}/{len(todo_groups)}] {label}", file=out, flush=True)
+      try:
+        if batch_seeds:
+          _run_replicas_in_process(configs[g[0]], group_dirs[k], len(g))
+        else:
+          _run_in_process(configs[g[0]], group_dirs[k])
+      except Exception as e:  # One bad point must not stop the sweep; it is reported.
+        failures.append(f"{label}: {type(e).__name__}: {e}")
+        print(f"  failed: {e}", file=out, flush=True)
+  else:
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache)
+    running: list[tuple[int, subprocess.Popen, Any]] = []
+    queue = list(todo_groups)
+    while queue or running:
+      while queue and len(running) < parallel:
+        k = queue.pop(0)
+        os.makedirs(group_dirs[k], exist_ok=True)
+        log = open(os.path.join(group_dirs[k], "sweep.log"), "a")
+        argv = command(config_path, group_dirs[k], group_point(groups[k]), python)
+        print(f"start {os.path.basename(group_dirs[k])}: {shlex.join(argv)}", file=out, flush=True)
+        running.append((k, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+      time.sleep(0.5)
+      for item in list(running):
+        k, proc, log = item
+        if proc.poll() is not None:
+          log.close()
+          running.remove(item)
+          label = os.path.basename(group_dirs[k])
+          if proc.returncode:
+            failures.append(f"{label}: exit {proc.returncode} (see {group_dirs[k]}/sweep.log)")
+          print(f"{'done' if proc.returncode == 0 else 'FAILED'}: {label}", file=out, flush=True)
+
+  rows = [result_row(n, p, read_summary(d)) for n, p, d in zip(names, points, dirs)]
+  write_results(os.path.join(workdir, "results.csv"), rows)
+  print(format_table(rows), file=out)
+  print(f"results: {os.path.join(workdir, 'results.csv')}", file=out)
+  if failures:
+    print("failed points:\n  " + "\n  ".join(failures), file=out)
+  return rows
+
+
+class _Null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
+
+
+def main(argv: list[str] | None = None) -> None:
+  """Command line (see the module docstring)."""
+  p = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__.split("\n")[0])
+  p.add_argument("--config", required=True, help="file with get_config() and get_sweep()")
+  p.add_argument("--workdir", required=True, help="sweep directory")
+  p.add_argument("--parallel", type=int, default=1, help="points at once (each in its own process)")
+  p.add_argument("--dry-run", action="store_true", help="print the commands, one per line; run nothing")
+  p.add_argument("--subprocess", action="store_true", help="run each point in its own process")
+  p.add_argument("--batch-seeds", action="store_true", help="run the seeds of a point as replicas of one program")
+  a = p.parse_args(argv)
+  try:
+    rows = run_sweep(a.config, a.workdir, a.parallel, a.dry_run, a.subprocess, a.batch_seeds)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if any(r.get("status") != "done" for r in rows):
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  main()
