@@ -428,3 +428,11 @@ def test_server_stats_match_numpy():
   np.testing.assert_allclose(np.asarray(s["dist_to_median"])[ok], dist[ok], rtol=1e-4)
   for v in s.values():
     assert v.shape == (C,) and np.isnan(v[3])
+
+
+@pytest.mark.parametrize("C", [1, 2, 3, 4, 5, 7, 8, 16, 31, 33])
+def test_sort_clients_equals_numpy_sort(C):
+  from fedgan_jax.aggregation.base import sort_clients
+  x = np.random.default_rng(C).normal(size=(C, 5, 3)).astype(np.float32)
+  x[0, 0, 0] = np.inf  # Invalid clients are +inf before sorting.
+  np.testing.assert_array_equal(np.asarray(jax.jit(sort_clients)(jnp.asarray(x))), np.sort(x, axis=0))
