@@ -220,17 +220,14 @@ def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 
-def parse_override(config: ml_collections.ConfigDict, dotted: str, value: str) -> None:
-  """Sets ``config.<dotted> = literal(value)`` (tools' ``x.y=value`` overrides).
+def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  """Sets ``config.<dotted> = value`` (sweeps and tools' overrides).
 
-  ``value`` is parsed as a Python literal when it is one (``3``, ``(0, 1)``,
-  ``True``), else kept as a string. Entries under ``aggregation.kwargs`` may be
-  new; every other field must exist.
+  Entries under ``aggregation.kwargs`` may be new; every other field must exist.
 
   Raises:
-    ValueError: unknown field, or a value of the wrong type for it.
+    ValueError: unknown section or field, or a value of the wrong type for it.
   """
-  import ast
   *parents, last = dotted.split(".")
   node = config
   for i, p in enumerate(parents):
@@ -241,11 +238,17 @@ def parse_override(config: ml_collections.ConfigDict, dotted: str, value: str) -
   if last not in node and not free:
     raise ValueError(f"config.{dotted} is not a known field; known: {sorted(node.keys())}.")
   try:
+    with node.unlocked():
+      node[last] = value
+  except TypeError as e:
+    raise ValueError(f"config.{dotted}={value!r}: wrong type for this field ({e}).") from e
+
+
+def parse_override(config: ml_collections.ConfigDict, dotted: str, value: str) -> None:
+  """``set_field`` with ``value`` parsed as a Python literal when it is one (``3``, ``(0, 1)``)."""
+  import ast
+  try:
     parsed = ast.literal_eval(value)
   except (ValueError, SyntaxError):
     parsed = value
-  try:
-    with node.unlocked():
-      node[last] = parsed
-  except TypeError as e:
-    raise ValueError(f"config.{dotted}={value!r}: wrong type for this field ({e}).") from e
+  set_field(config, dotted, parsed)

@@ -9,10 +9,11 @@ with a larger ``num_rounds`` extends a finished run.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -80,76 +81,127 @@ def _detection(record: dict, is_mal: np.ndarray) -> dict:
   return {"eval/detect_tpr": tpr, "eval/detect_fpr": fpr}
 
 
+class _Replica(NamedTuple):
+  """Where one replica's outputs go, and what its host-side bookkeeping needs."""
+
+  config: Any
+  workdir: str
+  metrics: writers.JsonlWriter
+  evaluator: evaluation.Evaluator
+  tb: tensorboard.TensorBoardWriter
+  is_mal: np.ndarray
+  info: dict
+
+
+def _replica_configs(config, workdir: str) -> list[tuple[Any, str]]:
+  """(config, workdir) per replica: the run itself, or seeds seed..seed+K-1 in seed_<s>/."""
+  if config.num_replicas == 1:
+    return [(config, workdir)]
+  out = []
+  for s in parallel.replica_seeds(config.seed, config.num_replicas):
+    c = copy.deepcopy(config)
+    with c.unlocked():
+      c.seed, c.num_replicas = s, 1
+    out.append((c, os.path.join(workdir, f"seed_{s}")))
+  return out
+
+
 def run(config, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the federated GAN of ``config`` and writes ``workdir``.
+
+  With ``num_replicas = K > 1``, seeds ``seed .. seed+K-1`` train as ONE
+  vmapped program; replica ``k`` writes ``<workdir>/seed_<seed+k>/`` exactly as
+  the single run with that seed would (same metrics up to float
+  reassociation), and the stacked state is checkpointed in
+  ``<workdir>/checkpoints``.
 
   Args:
     config: a config built on ``config_lib.base_config()``.
     workdir: output directory (created); see README for what lands there.
 
   Returns:
-    The summary written to ``summary.json``.
+    The summary written to ``summary.json``; with replicas,
+    ``{'replicas': [summary per replica]}``.
   """
   config_lib.validate(config)
-  if config.num_replicas > 1:  # K seeds as one vmapped program, each writing <workdir>/seed_<s>/.
-    return {"replicas": parallel.run_replicas(config, workdir, config.num_replicas)}
   t_start = time.perf_counter()
   primary = parallel.is_primary()  # Multi-host: only process 0 writes outputs (all checkpoint).
-  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-  if primary:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_lib.to_json(config))
+  K = config.num_replicas
+  replicated = K > 1
+  members = _replica_configs(config, workdir)
+  for c, d in members:
+    os.makedirs(os.path.join(d, "samples"), exist_ok=True)
+    if primary:
+      with open(os.path.join(d, "config.json"), "w") as f:
+        f.write(config_lib.to_json(c))
   logging.info("devices: %s", jax.devices())
 
-  data, heldout, info = setup_data(config)
   program, _, _ = round_lib.build_from_config(config)
-  root = jax.random.key(config.seed)
-  k_init, k_rounds, k_eval = jax.random.split(root, 3)
-  state = program.init(k_init)
+  if replicated:
+    data, heldouts, infos = parallel.setup_replica_data(config, K)
+    k_init, k_rounds, k_eval = parallel.replica_keys(config.seed, K)
+    state = jax.jit(parallel.replicate(program).init)(k_init)
+    view = parallel.unstack
+    round_key = lambda r: parallel.round_keys(k_rounds, r)
+  else:
+    data, heldout, info = setup_data(config)
+    heldouts, infos = [heldout], [info]
+    k_init, k_rounds, k_eval = jax.random.split(jax.random.key(config.seed), 3)
+    k_eval = k_eval[None]
+    state = program.init(k_init)
+    view = lambda tree, k: tree
+    round_key = lambda r: jax.random.fold_in(k_rounds, r)
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  metrics_file = writers.JsonlWriter(os.path.join(workdir, "metrics.jsonl"), active=primary)
   start = ckpt.latest_round() or 0
   if start:
     state = ckpt.restore(start, state)
     logging.info("resumed from round %d", start)
-  metrics_file.truncate_after(start)
   if start >= config.num_rounds:
     logging.info("already at round %d >= num_rounds=%d", start, config.num_rounds)
 
-  is_mal = np.asarray(data.is_malicious)
-  evaluator = evaluation.Evaluator(config, program.sample, heldout, np.asarray(data.trigger),
-                                   tuple(np.asarray(data.trigger_loc).tolist()), k_eval, workdir,
-                                   poisoned=poisoned_examples(data, config), write=primary)
-  tb = tensorboard.TensorBoardWriter(os.path.join(workdir, "tb"), active=primary)
+  replicas = []
+  for k, (c, d) in enumerate(members):
+    dk = view(data, k)
+    metrics_file = writers.JsonlWriter(os.path.join(d, "metrics.jsonl"), active=primary)
+    metrics_file.truncate_after(start)
+    evaluator = evaluation.Evaluator(c, program.sample, heldouts[k], np.asarray(dk.trigger),
+                                     tuple(np.asarray(dk.trigger_loc).tolist()), k_eval[k], d,
+                                     poisoned=poisoned_examples(dk, c), write=primary)
+    replicas.append(_Replica(c, d, metrics_file, evaluator,
+                             tensorboard.TensorBoardWriter(os.path.join(d, "tb"), active=primary),
+                             np.asarray(dk.is_malicious), infos[k]))
   # Clients sharded over the devices when they divide evenly (local training under shard_map);
-  # after the host-side copies above (is_mal, evaluator inputs), which need addressable arrays.
+  # after the host-side copies above, which need addressable arrays.
   mesh = parallel.auto_client_mesh(config.num_clients)
-  state, data = parallel.shard_round_inputs(state, data, mesh)
-  round_fn = parallel.jit_round(program, state, data, mesh)
+  state, data = parallel.shard_round_inputs(state, data, mesh, replicas=replicated)
+  round_fn = parallel.jit_round(program, state, data, mesh, replicas=replicated)
   progress = writers.Progress(config.num_rounds, start)
   pending: list[tuple[int, dict, float]] = []
   t_compile = None
 
-  def flush(eval_metrics: dict | None = None):
+  def flush(eval_metrics: list[dict] | None = None):
     host = jax.device_get([m for _, m, _ in pending])
-    for (r, _, t), m in zip(pending, host):
-      record = {"round": r, **m, **_detection(m, is_mal), "z/wall_sec": t}
-      if eval_metrics and r == pending[-1][0]:
-        record.update(eval_metrics)
-      metrics_file.write(record)
-      tb.scalars(r, record)
-      # NaN guard: stop a diverged run instead of writing garbage for hours.
-      if not record["train/global_finite"] or not np.isfinite(m["train/g_loss"]).any():
-        pending.clear()
-        raise FloatingPointError(
-            f"round {r}: training diverged (global generator finite: {record['train/global_finite']}, "
-            f"client G losses: {np.asarray(m['train/g_loss']).tolist()}); see {metrics_file.path}. "
-            "Try a lower train.g_lr / train.d_lr, or a robust aggregation.name.")
+    for (r, _, t), m_all in zip(pending, host):
+      for k, rep in enumerate(replicas):
+        m = view(m_all, k)
+        record = {"round": r, **m, **_detection(m, rep.is_mal), "z/wall_sec": t}
+        if eval_metrics and r == pending[-1][0]:
+          record.update(eval_metrics[k])
+        rep.metrics.write(record)
+        rep.tb.scalars(r, record)
+        # NaN guard: stop a diverged run instead of writing garbage for hours.
+        if not record["train/global_finite"] or not np.isfinite(m["train/g_loss"]).any():
+          pending.clear()
+          raise FloatingPointError(
+              f"round {r}{f' (seed {rep.config.seed})' if replicated else ''}: training diverged "
+              f"(global generator finite: {record['train/global_finite']}, client G losses: "
+              f"{np.asarray(m['train/g_loss']).tolist()}); see {rep.metrics.path}. "
+              "Try a lower train.g_lr / train.d_lr, or a robust aggregation.name.")
     pending.clear()
 
   for r in range(start + 1, config.num_rounds + 1):
-    state, m = round_fn(state, data, jax.random.fold_in(k_rounds, r))
+    state, m = round_fn(state, data, round_key(r))
     if t_compile is None:
       jax.block_until_ready(m)
       t_compile = time.perf_counter() - t_start
@@ -158,13 +210,15 @@ def run(config, workdir: str) -> dict[str, Any]:
     is_eval = r % config.eval_every == 0 or r == config.num_rounds or r == 1
     is_ckpt = r % config.ckpt_every == 0 or r == config.num_rounds
     if is_eval:
-      eval_metrics = evaluator(state.g_global, r, final=r == config.num_rounds)
-      tb.image(r, "samples", evaluator.last_grid)
+      eval_metrics = []
+      for k, rep in enumerate(replicas):
+        eval_metrics.append(rep.evaluator(view(state.g_global, k), r, final=r == config.num_rounds))
+        rep.tb.image(r, "samples", rep.evaluator.last_grid)
       flush(eval_metrics)
     elif is_ckpt or r % config.log_every == 0:
       flush()
     if r % config.log_every == 0 or r == config.num_rounds:
-      line = progress.line(r)
+      line = progress.line(r) + (f"  ({K} replicas)" if replicated else "")
       logging.info(line)
       if primary:
         print(line, flush=True)
@@ -172,22 +226,30 @@ def run(config, workdir: str) -> dict[str, Any]:
       ckpt.save(r, state)
   flush()
   ckpt.close()
-  tb.close()
 
+  wall = time.perf_counter() - t_start
+  summaries = []
+  for k, rep in enumerate(replicas):
+    rep.tb.close()
+    if not primary:
+      continue
+    records = writers.read_jsonl(rep.metrics.path)
+    summary = _summary(rep.config, records, rep.info, rep.is_mal, wall, t_compile, start)
+    summary["trigger_calibration"] = rep.evaluator.calibration
+    if replicated:
+      summary["replica"] = {"index": k, "of": K, "group_workdir": workdir}
+    rep.evaluator.finish()
+    with open(os.path.join(rep.workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2, sort_keys=True, default=str)
+    try:  # Plots and report.html: a plotting problem must not fail a finished run.
+      from fedgan_jax import report
+      report.write_run_report(rep.workdir)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("report for %s failed: %s", rep.workdir, e)
+    summaries.append(summary)
   if not primary:
     return {}
-  records = writers.read_jsonl(metrics_file.path)
-  summary = _summary(config, records, info, is_mal, time.perf_counter() - t_start, t_compile, start)
-  summary["trigger_calibration"] = evaluator.calibration
-  evaluator.finish()
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2, sort_keys=True, default=str)
-  try:  # Plots and report.html: a plotting problem must not fail a finished run.
-    from fedgan_jax import report
-    report.write_run_report(workdir)
-  except Exception as e:  # pylint: disable=broad-except
-    logging.warning("report for %s failed: %s", workdir, e)
-  return summary
+  return {"replicas": summaries} if replicated else summaries[0]
 
 
 def _summary(config, records, info, is_mal, wall, t_compile, start) -> dict[str, Any]:

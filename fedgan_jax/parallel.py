@@ -404,7 +404,7 @@ def setup_replica_data(config, num_replicas: int) -> tuple[round_lib.RoundData, 
   datas, heldouts, infos = [], [], []
   for s in replica_seeds(config.seed, num_replicas):
     c = copy.deepcopy(config)
-    with c.unlocked() if hasattr(c, "unlocked") else _NullCtx():
+    with c.unlocked():
       c.seed = s
     d, h, i = experiment.setup_data(c)
     datas.append(d)
@@ -436,142 +436,19 @@ def auto_client_mesh(num_clients: int) -> Mesh | None:
 def run_replicas(config, workdir: str, num_replicas: int) -> list[dict[str, Any]]:
   """Trains ``num_replicas`` seeds of ``config`` as ONE vmapped program (resumable).
 
-  Replica ``k`` is the run with ``seed + k``: it writes ``<workdir>/seed_<seed+k>/``
-  exactly as ``experiment.run`` writes a workdir (``config.json``,
-  ``metrics.jsonl``, ``samples/``, ``summary.json``, report), with the same
-  metrics as that single run up to float reassociation. The stacked state is
-  checkpointed once, in ``<workdir>/checkpoints``; rerunning resumes every
-  replica from it. Clients are sharded over the devices when they divide
-  evenly. Only process 0 writes (``is_primary``).
-
-  Args:
-    config: a validated config; ``config.seed`` is replica 0's seed.
-    workdir: the group's directory.
-    num_replicas: K >= 1.
+  ``experiment.run`` with ``num_replicas = K``: replica ``k`` is the run with
+  ``seed + k`` and writes ``<workdir>/seed_<seed+k>/`` exactly as that single
+  run would.
 
   Returns:
     The K summaries (also written to each replica's ``summary.json``).
   """
-  import json
-  import time
-  from absl import logging
-  from fedgan_jax import config_lib, evaluation, experiment
-  from fedgan_jax.io import checkpoint as ckpt_lib
-  from fedgan_jax.io import writers
-
-  config_lib.validate(config)
-  seeds = replica_seeds(config.seed, num_replicas)
-  t_start = time.perf_counter()
-  primary = is_primary()
-  dirs = [os.path.join(workdir, f"seed_{s}") for s in seeds]
-  configs = []
-  for s, d in zip(seeds, dirs):
-    c = copy.deepcopy(config)
-    with c.unlocked() if hasattr(c, "unlocked") else _NullCtx():
-      c.seed = s
-      if "num_replicas" in c:
-        c.num_replicas = 1
-    configs.append(c)
-    if primary:
-      os.makedirs(os.path.join(d, "samples"), exist_ok=True)
-      with open(os.path.join(d, "config.json"), "w") as f:
-        f.write(config_lib.to_json(c))
-
-  data, heldouts, infos = setup_replica_data(config, num_replicas)
-  program, _, _ = round_lib.build_from_config(config)
-  rep = replicate(program)
-  k_init, k_rounds, k_eval = replica_keys(config.seed, num_replicas)
-  state = jax.jit(rep.init)(k_init)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  start = ckpt.latest_round() or 0
-  if start:
-    state = ckpt.restore(start, state)
-    logging.info("replicas resumed from round %d", start)
-  mesh = auto_client_mesh(config.num_clients)
-  state, data = shard_round_inputs(state, data, mesh, replicas=True)
-  round_fn = jit_round(program, state, data, mesh, replicas=True)
-
-  files, evaluators, is_mal = [], [], []
-  poisoned_fn = getattr(experiment, "poisoned_examples", None)
-  for k, (c, d) in enumerate(zip(configs, dirs)):
-    dk = unstack(data, k)
-    files.append(writers.JsonlWriter(os.path.join(d, "metrics.jsonl")))
-    if primary:
-      files[-1].truncate_after(start)
-    is_mal.append(np.asarray(dk.is_malicious))
-    kwargs = {"poisoned": poisoned_fn(dk, c)} if poisoned_fn else {}
-    evaluators.append(evaluation.Evaluator(c, program.sample, heldouts[k], np.asarray(dk.trigger),
-                                           tuple(np.asarray(dk.trigger_loc).tolist()), k_eval[k], d, **kwargs))
-  progress = writers.Progress(config.num_rounds, start)
-  pending: list[tuple[int, dict, float]] = []
-  t_compile = None
-
-  def flush(eval_metrics: list[dict] | None = None):
-    host = jax.device_get([m for _, m, _ in pending])
-    for (r, _, t), m in zip(pending, host):
-      for k in range(num_replicas):
-        mk = unstack(m, k)
-        record = {"round": r, **mk, **experiment._detection(mk, is_mal[k]), "z/wall_sec": t}
-        if eval_metrics and r == pending[-1][0]:
-          record.update(eval_metrics[k])
-        if primary:
-          files[k].write(record)
-    pending.clear()
-
-  for r in range(start + 1, config.num_rounds + 1):
-    state, m = round_fn(state, data, round_keys(k_rounds, r))
-    if t_compile is None:
-      jax.block_until_ready(m)
-      t_compile = time.perf_counter() - t_start
-      logging.info("first round of %d replicas (including compilation) after %.1f s", num_replicas, t_compile)
-    pending.append((r, m, time.perf_counter() - t_start))
-    is_eval = r % config.eval_every == 0 or r == config.num_rounds or r == 1
-    is_ckpt = r % config.ckpt_every == 0 or r == config.num_rounds
-    if is_eval:
-      final = r == config.num_rounds
-      flush([ev(unstack(state.g_global, k), r, final=final) for k, ev in enumerate(evaluators)])
-    elif is_ckpt or r % config.log_every == 0:
-      flush()
-    if (r % config.log_every == 0 or r == config.num_rounds) and primary:
-      line = progress.line(r) + f"  ({num_replicas} replicas)"
-      logging.info(line)
-      print(line, flush=True)
-    if is_ckpt:
-      ckpt.save(r, state)
-  flush()
-  ckpt.close()
-
-  summaries = []
-  wall = time.perf_counter() - t_start
-  for k, (c, d) in enumerate(zip(configs, dirs)):
-    records = writers.read_jsonl(files[k].path)
-    summary = experiment._summary(c, records, infos[k], is_mal[k], wall, t_compile, start)
-    summary["replica"] = {"index": k, "of": num_replicas, "group_workdir": workdir}
-    if getattr(evaluators[k], "calibration", None) is not None:
-      summary["trigger_calibration"] = evaluators[k].calibration
-    summaries.append(summary)
-    if not primary:
-      continue
-    try:
-      evaluators[k].finish()
-    except TypeError:  # Older Evaluator.finish(records).
-      evaluators[k].finish(records)
-    with open(os.path.join(d, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2, sort_keys=True, default=str)
-    try:  # Plots and report.html: a plotting problem must not fail a finished run.
-      from fedgan_jax import report
-      report.write_run_report(d)
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning("report for %s failed: %s", d, e)
-  return summaries
-
-
-class _NullCtx:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
+  from fedgan_jax import experiment
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.num_replicas = num_replicas
+  out = experiment.run(config, workdir)
+  return out.get("replicas", [out]) if out else []
 
 
 __all__ = [

@@ -51,6 +51,8 @@ import sys
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
+from fedgan_jax import config_lib
+
 Point = dict[str, Any]
 
 SUMMARY_COLUMNS = ("eval/trigger_rate", "eval/trigger_strength", "eval/swd")
@@ -202,17 +204,7 @@ def apply_overrides(config, point: Point):
   """
   config = copy.deepcopy(config)
   for dotted, value in overrides(point).items():
-    node = config
-    *parents, last = dotted.split(".")
-    for i, p in enumerate(parents):
-      if p not in node:
-        raise ValueError(f"sweep override {dotted!r}: config.{'.'.join(parents[:i + 1])} does not exist.")
-      node = node[p]
-    free = ".".join(parents) == "aggregation.kwargs"
-    if last not in node and not free:
-      raise ValueError(f"sweep override {dotted!r}: not a config field; known: {sorted(node.keys())}.")
-    with node.unlocked() if hasattr(node, "unlocked") else _Null():
-      node[last] = value
+    config_lib.set_field(config, dotted, value)
   return config
 
 
@@ -471,14 +463,6 @@ def run_sweep(config_path: str, workdir: str, parallel: int = 1, dry_run: bool =
   if failures:
     print("failed points:\n  " + "\n  ".join(failures), file=out)
   return rows
-
-
-class _Null:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
 
 
 def main(argv: list[str] | None = None) -> None:
