@@ -26,12 +26,10 @@ spelling out the keys that the label stands for.
 * ``--dry-run``: print the exact ``python -m fedgan_jax.main ...`` commands,
   one per line, to hand to a scheduler; runs nothing.
 * ``--batch-seeds``: points that differ only in consecutive ``seed`` values
-  run as ONE vmapped program (``fedgan_jax.parallel.run_replicas``) in
+  run as ONE vmapped program (``config.num_replicas``) in
   ``<workdir>/<name without seed>__seeds-0-2/``, each replica writing
-  ``seed_<s>/`` like a single run. In this process it works today; with
-  ``--dry-run``/``--parallel``/``--subprocess`` it needs the ``num_replicas``
-  config field (``experiment.run`` dispatching to ``run_replicas``) and says
-  so until that lands.
+  ``seed_<s>/`` like a single run (printed commands carry
+  ``--config.num_replicas=K``).
 """
 
 from __future__ import annotations
@@ -391,11 +389,6 @@ def run_sweep(config_path: str, workdir: str, parallel: int = 1, dry_run: bool =
     for g, gdir in zip(groups, group_dirs):
       for i in g:
         dirs[i] = os.path.join(gdir, f"seed_{seeds[i]}")  # Where parallel.run_replicas writes replica i.
-    cli_replicas = "num_replicas" in base
-    if (dry_run or parallel > 1 or use_subprocess) and not cli_replicas:
-      raise ValueError("--batch-seeds with --dry-run, --parallel or --subprocess needs the config field "
-                       "num_replicas (experiment.run calling fedgan_jax.parallel.run_replicas), which this "
-                       "version does not have yet; without those flags it runs in this process.")
   else:
     groups = [[i] for i in range(len(points))]
     group_dirs = [os.path.join(workdir, n) for n in names]

@@ -190,14 +190,10 @@ def test_batch_seeds_groups_and_dirs(tmp_path, monkeypatch):
   calls.clear()
   sweep.run_sweep(cfg, str(wd), batch_seeds=True, out=io.StringIO())
   assert calls == []  # Finished replicas are skipped too.
-  if "num_replicas" not in config_lib.base_config():
-    with pytest.raises(ValueError, match="needs the config field num_replicas"):
-      sweep.run_sweep(PAPER, str(tmp_path), batch_seeds=True, dry_run=True, out=io.StringIO())
-  else:
-    out = io.StringIO()
-    sweep.run_sweep(PAPER, str(tmp_path / "p"), batch_seeds=True, dry_run=True, out=out)
-    lines = out.getvalue().splitlines()
-    assert len(lines) == 16 and all("--config.num_replicas=3" in l and "--config.seed=0" in l for l in lines)
+  out = io.StringIO()
+  sweep.run_sweep(PAPER, str(tmp_path / "p"), batch_seeds=True, dry_run=True, out=out)
+  lines = out.getvalue().splitlines()
+  assert len(lines) == 16 and all("--config.num_replicas=3" in l and "--config.seed=0" in l for l in lines)
 
 
 def test_bad_flags(tmp_path):
