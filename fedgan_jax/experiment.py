@@ -93,16 +93,16 @@ class _Replica(NamedTuple):
   info: dict
 
 
-def _replica_configs(config, workdir: str) -> list[tuple[Any, str]]:
-  """(config, workdir) per replica: the run itself, or seeds seed..seed+K-1 in seed_<s>/."""
+def replica_configs(config) -> list[Any]:
+  """The run's config, or with ``num_replicas = K > 1`` one config per seed ``seed .. seed+K-1``."""
   if config.num_replicas == 1:
-    return [(config, workdir)]
+    return [config]
   out = []
   for s in parallel.replica_seeds(config.seed, config.num_replicas):
     c = copy.deepcopy(config)
     with c.unlocked():
       c.seed, c.num_replicas = s, 1
-    out.append((c, os.path.join(workdir, f"seed_{s}")))
+    out.append(c)
   return out
 
 
@@ -128,7 +128,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   primary = parallel.is_primary()  # Multi-host: only process 0 writes outputs (all checkpoint).
   K = config.num_replicas
   replicated = K > 1
-  members = _replica_configs(config, workdir)
+  members = [(c, os.path.join(workdir, f"seed_{c.seed}") if replicated else workdir)
+             for c in replica_configs(config)]
   for c, d in members:
     os.makedirs(os.path.join(d, "samples"), exist_ok=True)
     if primary:
@@ -138,7 +139,8 @@ def run(config, workdir: str) -> dict[str, Any]:
 
   program, _, _ = round_lib.build_from_config(config)
   if replicated:
-    data, heldouts, infos = parallel.setup_replica_data(config, K)
+    datas, heldouts, infos = zip(*[setup_data(c) for c, _ in members])
+    data = parallel.stack_replicas(datas)
     k_init, k_rounds, k_eval = parallel.replica_keys(config.seed, K)
     state = jax.jit(parallel.replicate(program).init)(k_init)
     view = parallel.unstack

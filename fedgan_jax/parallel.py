@@ -401,16 +401,11 @@ def setup_replica_data(config, num_replicas: int) -> tuple[round_lib.RoundData, 
     (stacked ``RoundData`` ``[K, ...]``, the K held-out sets, the K info dicts).
   """
   from fedgan_jax import experiment
-  datas, heldouts, infos = [], [], []
-  for s in replica_seeds(config.seed, num_replicas):
-    c = copy.deepcopy(config)
-    with c.unlocked():
-      c.seed = s
-    d, h, i = experiment.setup_data(c)
-    datas.append(d)
-    heldouts.append(h)
-    infos.append(i)
-  return stack_replicas(datas), heldouts, infos
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.num_replicas = num_replicas
+  datas, heldouts, infos = zip(*[experiment.setup_data(c) for c in experiment.replica_configs(config)])
+  return stack_replicas(datas), list(heldouts), list(infos)
 
 
 def unstack(tree: PyTree, k: int) -> PyTree:

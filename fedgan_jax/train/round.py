@@ -300,10 +300,13 @@ def build(config, generator, discriminator, g_aggregator: Aggregator,
 
 
 def build_from_config(config) -> tuple[Program, Any, Any]:
-  """Models + aggregators + program for a validated config."""
+  """Models + aggregator + program for a validated config.
+
+  One aggregator serves generators and (when averaged) discriminators: its
+  functions are pure, and each model keeps its own aggregator state.
+  """
   from fedgan_jax import models
   g, d = models.build(config)
-  kwargs = config.aggregation.kwargs.to_dict()
-  g_agg = aggregation.get(config.aggregation.name, num_clients=config.num_clients, **kwargs)
-  d_agg = aggregation.get(config.aggregation.name, num_clients=config.num_clients, **kwargs)
-  return build(config, g, d, g_agg, d_agg), g, d
+  agg = aggregation.get(config.aggregation.name, num_clients=config.num_clients,
+                        **config.aggregation.kwargs.to_dict())
+  return build(config, g, d, agg), g, d
