@@ -13,13 +13,16 @@ inside the jitted step, as in a real run.
 Modes:
 
 * ``vmap``: the project's design, one jitted call per round (``program.round``,
-  clients vmapped), client-sharded over the devices when there are several
+  clients vmapped in chunks of ``--client-chunk``: 0 = the config's auto, i.e.
+  1 on CPU and all clients elsewhere; see ``round.client_chunk``),
+  client-sharded over the devices when there are several
   (``fedgan_jax.parallel``).
 * ``loop``: the original code's sequential design: the jitted SINGLE-client
   step (``program.local_train``) called in a Python loop over clients, each
   client keeping its own state, then the jitted aggregation.
-* ``both``: both, one after the other; the last line adds ``loop`` and
-  ``vmap_speedup`` (loop sec/round over vmap sec/round).
+* ``both``: both compiled, then their timed rounds alternate (so drifting
+  load hits both alike); the last line adds ``loop`` and ``vmap_speedup``
+  (loop sec/round over vmap sec/round).
 
 The last line printed is one JSON object (see ``_result``). Model widths
 default to the PyTorch peer's (ngf = ndf = 64, nz = 100), so the two are
@@ -52,7 +55,7 @@ from fedgan_jax.train import round as round_lib
 
 def make_config(clients: int = 4, resolution: int = 32, batch: int = 32, local_steps: int = 5,
                 precision: str = "f32", conv_impl: str = "auto", width: int = 64, latent_dim: int = 100,
-                overrides: dict[str, Any] | None = None):
+                client_chunk: int = 0, overrides: dict[str, Any] | None = None):
   """A validated config for the benchmark (base config + these sizes).
 
   Args:
@@ -64,6 +67,7 @@ def make_config(clients: int = 4, resolution: int = 32, batch: int = 32, local_s
     conv_impl: ``model.conv_impl``.
     width: ``model.g_width`` and ``model.d_width`` (the peer's ngf = ndf).
     latent_dim: ``model.latent_dim`` (nz).
+    client_chunk: ``train.client_chunk`` (0 = auto).
     overrides: further ``{'section.field': value}`` overrides.
 
   Returns:
@@ -80,6 +84,7 @@ def make_config(clients: int = 4, resolution: int = 32, batch: int = 32, local_s
   c.model.d_width = width
   c.model.latent_dim = latent_dim
   c.attack.malicious = (0,) if clients > 1 else ()
+  c.train.client_chunk = client_chunk
   for dotted, value in (overrides or {}).items():
     config_lib.parse_override(c, dotted, value if isinstance(value, str) else repr(value))
   return config_lib.validate(c)
@@ -121,27 +126,43 @@ def _scan_unrolled(config) -> bool:
 
 
 def _unrolled(config):
+  """``config`` with no loop in its round: local steps unrolled, all clients in one vmapped chunk."""
   c = copy.deepcopy(config)
   c.train.unroll = "true"
+  c.train.client_chunk = c.num_clients
   return c
 
 
-def _time_rounds(step: Callable[[int], Any], warmup: int, rounds: int) -> list[float]:
+def _round_has_loops(config, clients: int) -> bool:
+  """Whether the compiled round loops (rolled scan, or client chunks under ``lax.map``)."""
+  return not _scan_unrolled(config) or round_lib.client_chunk(config, clients) < clients
+
+
+def _time_rounds(steps: dict[str, Callable[[int], Any]], warmup: int, rounds: int) -> dict[str, list[float]]:
+  """Wall time of ``rounds`` rounds of each step, after ``warmup`` untimed ones.
+
+  With several steps the timed rounds alternate between them (round r of
+  every step, then round r + 1, ...), so drifting load on a shared machine
+  hits every design alike and their ratio stays meaningful.
+  """
   for r in range(warmup):
-    jax.block_until_ready(step(r))
-  times = []
+    for step in steps.values():
+      jax.block_until_ready(step(r))
+  times: dict[str, list[float]] = {name: [] for name in steps}
   for r in range(warmup, warmup + rounds):
-    t0 = time.perf_counter()
-    jax.block_until_ready(step(r))
-    times.append(time.perf_counter() - t0)
+    for name, step in steps.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(step(r))
+      times[name].append(time.perf_counter() - t0)
   return times
 
 
-def bench_vmap(config, warmup: int = 1, rounds: int = 5, shard: bool = True) -> dict[str, Any]:
-  """Times ``program.round`` (clients vmapped; sharded over devices if several).
+def prepare_vmap(config, shard: bool = True) -> dict[str, Any]:
+  """Compiles ``program.round`` (clients vmapped; sharded over devices if several).
 
   Returns:
-    ``{'compile_sec', 'round_times', 'flops_per_round', 'flops_source', 'sharded'}``.
+    ``{'compile_sec', 'flops_per_round', 'flops_source', 'sharded', 'step'}``;
+    ``step(r)`` runs round ``r`` and returns its metrics.
   """
   program, _, _ = round_lib.build_from_config(config)
   data = random_data(config)
@@ -154,19 +175,24 @@ def bench_vmap(config, warmup: int = 1, rounds: int = 5, shard: bool = True) -> 
   compiled = round_jit.lower(state, data, key).compile()
   compile_sec = time.perf_counter() - t0
   flops, source = _flops(compiled), "compiled round"
-  if not _scan_unrolled(config):
-    # XLA's cost analysis counts a while-loop body once: count the unrolled round instead.
+  if _round_has_loops(config, config.num_clients // (len(jax.devices()) if mesh is not None else 1)):
+    # XLA's cost analysis counts a while-loop body once: count the loop-free round instead.
     p2, _, _ = round_lib.build_from_config(_unrolled(config))
-    flops, source = _flops(jax.jit(p2.round).lower(state, data, key)), "unrolled round (pre-optimization HLO)"
+    flops, source = _flops(jax.jit(p2.round).lower(state, data, key)), "loop-free round (pre-optimization HLO)"
   box = {"state": state}
 
   def step(r):
     box["state"], m = compiled(box["state"], data, jax.random.fold_in(key, r))
     return m
 
-  times = _time_rounds(step, warmup, rounds)
-  return {"compile_sec": compile_sec, "round_times": times, "flops_per_round": flops,
-          "flops_source": source, "sharded": mesh is not None}
+  return {"compile_sec": compile_sec, "flops_per_round": flops, "flops_source": source,
+          "sharded": mesh is not None, "step": step}
+
+
+def bench_vmap(config, warmup: int = 1, rounds: int = 5, shard: bool = True) -> dict[str, Any]:
+  """``prepare_vmap`` and time it: adds ``'round_times'``."""
+  prep = prepare_vmap(config, shard)
+  return {**prep, "round_times": _time_rounds({"vmap": prep["step"]}, warmup, rounds)["vmap"]}
 
 
 def _server_fn(config, program) -> Callable:
@@ -202,15 +228,15 @@ def _server_fn(config, program) -> Callable:
   return server
 
 
-def bench_loop(config, warmup: int = 1, rounds: int = 5) -> dict[str, Any]:
-  """Times the sequential design: jitted single-client step in a Python loop, then aggregation.
+def prepare_loop(config) -> dict[str, Any]:
+  """Compiles the sequential design: jitted single-client step in a Python loop, then aggregation.
 
   Every client keeps its own state (a list, as the original code keeps one
   model and optimizer per client); the server stacks the uploads inside its
   jitted aggregation.
 
   Returns:
-    ``{'compile_sec', 'round_times', 'flops_per_round', 'flops_source'}``.
+    ``{'compile_sec', 'flops_per_round', 'flops_source', 'step'}`` (as ``prepare_vmap``).
   """
   C = config.num_clients
   program, _, _ = round_lib.build_from_config(config)
@@ -263,8 +289,13 @@ def bench_loop(config, warmup: int = 1, rounds: int = 5) -> dict[str, Any]:
     box["g"], m = server_c(g, outs, data, k)
     return box["g"], m
 
-  times = _time_rounds(step, warmup, rounds)
-  return {"compile_sec": compile_sec, "round_times": times, "flops_per_round": flops, "flops_source": source}
+  return {"compile_sec": compile_sec, "flops_per_round": flops, "flops_source": source, "step": step}
+
+
+def bench_loop(config, warmup: int = 1, rounds: int = 5) -> dict[str, Any]:
+  """``prepare_loop`` and time it: adds ``'round_times'``."""
+  prep = prepare_loop(config)
+  return {**prep, "round_times": _time_rounds({"loop": prep["step"]}, warmup, rounds)["loop"]}
 
 
 def _as_local(program, local):
@@ -305,6 +336,9 @@ def _result(mode: str, config, timing: dict[str, Any], rounds: int) -> dict[str,
       "precision": config.train.precision, "conv_impl": config.model.conv_impl,
       "conv_impl_resolved": _resolved_impl(config.model.conv_impl),
       "unroll": str(config.train.unroll), "scan_unrolled": _scan_unrolled(config),
+      "client_chunk": config.train.client_chunk,
+      "client_chunk_resolved": (round_lib.client_chunk(config, _clients_per_program(config, timing))
+                                if mode == "vmap" else None),
       "device": device_info(), "sharded": timing.get("sharded", False),
       "compile_sec": round(timing["compile_sec"], 3),
       "rounds": rounds, "round_times": [round(t, 5) for t in timing["round_times"]],
@@ -317,6 +351,13 @@ def _result(mode: str, config, timing: dict[str, Any], rounds: int) -> dict[str,
       "jax": jax.__version__, "python": platform.python_version(),
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
   }
+
+
+def _clients_per_program(config, timing: dict[str, Any]) -> int:
+  """Clients one program's ``local_round`` sees: all of them, or a device's share when sharded."""
+  if timing.get("sharded"):
+    return config.num_clients // len(jax.devices())
+  return config.num_clients
 
 
 def _resolved_impl(impl: str) -> str:
@@ -332,16 +373,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   if args.avg_disc:
     overrides["aggregation.average_discriminator"] = True
   config = make_config(args.clients, args.resolution, args.batch, args.local_steps, args.precision,
-                       args.conv_impl, args.width, args.latent_dim, overrides)
-  results = {}
-  for mode in (("vmap", "loop") if args.mode == "both" else (args.mode,)):
-    if mode == "vmap":
-      timing = bench_vmap(config, args.warmup, args.rounds, shard=not args.no_shard)
-    else:
-      timing = bench_loop(config, args.warmup, args.rounds)
-    results[mode] = _result(mode, config, timing, args.rounds)
-    if args.mode == "both":
-      print(json.dumps(results[mode]), flush=True)
+                       args.conv_impl, args.width, args.latent_dim, args.client_chunk, overrides)
+  modes = ("vmap", "loop") if args.mode == "both" else (args.mode,)
+  preps = {m: prepare_vmap(config, shard=not args.no_shard) if m == "vmap" else prepare_loop(config) for m in modes}
+  times = _time_rounds({m: p["step"] for m, p in preps.items()}, args.warmup, args.rounds)
+  results = {m: _result(m, config, {**preps[m], "round_times": times[m]}, args.rounds) for m in modes}
+  if args.mode == "both":
+    for m in modes:
+      print(json.dumps(results[m]), flush=True)
   if args.mode != "both":
     return results[args.mode]
   out = dict(results["vmap"], mode="both", loop=results["loop"])
@@ -365,6 +404,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--latent-dim", type=int, default=100, help="nz")
   p.add_argument("--unroll", choices=("auto", "true", "false"), default="auto",
                  help="train.unroll (auto: unrolled on CPU, rolled elsewhere)")
+  p.add_argument("--client-chunk", type=int, default=0,
+                 help="train.client_chunk: clients vmapped together (0 = auto: 1 on CPU, all elsewhere)")
   p.add_argument("--avg-disc", action="store_true", help="also average discriminators")
   p.add_argument("--no-shard", action="store_true", help="do not shard clients over several devices")
   args = p.parse_args(argv)
@@ -373,6 +414,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer")
   if args.warmup < 0:
     p.error(f"--warmup={args.warmup} must be >= 0")
+  if args.client_chunk < 0:
+    p.error(f"--client-chunk={args.client_chunk} must be >= 0 (0 = auto)")
   return args
 
 

@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.b1 = 0.5
   c.train.b2 = 0.999
   c.train.unroll = "auto"       # Unroll the local-step scan: auto (on CPU) | true | false.
+  c.train.client_chunk = 0      # Clients vmapped together; chunks run in turn (lax.map). 0 = auto: 1 on CPU, all elsewhere.
   c.train.precision = "f32"     # f32 | bf16 (bf16 compute, f32 params).
   c.train.regularizers = ml_collections.ConfigDict()
   c.train.regularizers.gradient_penalty = 0.0  # WGAN-GP lambda (paper defense 2: 10).
@@ -157,6 +158,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_choice(config, "attack.report_losses", {"honest", "mimic"})
   if str(config.train.unroll).lower() not in {"auto", "true", "false"}:
     _fail("train.unroll", config.train.unroll, "accepted values are 'auto', True, False")
+  chunk = config.train.client_chunk
+  if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+    _fail("train.client_chunk", chunk, "must be an integer >= 0 (0 = auto; >= num_clients = all clients at once)")
 
   mal = config.attack.malicious
   if isinstance(mal, int):

@@ -71,3 +71,7 @@ def test_bench_both_modes_end_to_end():
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["mode"] == "both" and out["loop"]["mode"] == "loop"
   assert out["vmap_speedup"] > 0 and out["sec_per_round"] > 0 and out["flops_per_round"] > 0
+  # Both designs do the same work: FLOPs agree whichever loops (client chunks, rolled scan) the
+  # vmapped round compiled to (a while body would otherwise be counted once).
+  assert out["flops_per_round"] == pytest.approx(out["loop"]["flops_per_round"], rel=0.25)
+  assert out["client_chunk_resolved"] == (1 if out["device"]["platform"] == "cpu" else 2)

@@ -71,3 +71,37 @@ def test_resolve_impl():
   assert layers.resolve_impl("auto") == ("fast_cpu" if jax.default_backend() == "cpu" else "xla")
   with pytest.raises(ValueError, match="model.conv_impl='cudnn'"):
     layers.resolve_impl("cudnn")
+
+
+@pytest.mark.parametrize("hw,k,stride,pad", [(7, 4, 2, 1), (6, 3, 1, 1), (9, 3, 2, 0), (8, 4, 2, 1)])
+def test_input_and_weight_transposes_equal_autodiff(hw, k, stride, pad):
+  """The written-out transposes (``_conv_input_t``, ``_conv_weight_t``) equal the VJP of a stock conv."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, hw, hw + 1, 3)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(k, k, 3, 5)).astype(np.float32))
+  y, vjp = jax.vjp(lambda a, b: layers._conv(a, b, stride, pad), x, w)
+  g = jnp.asarray(rng.normal(size=y.shape).astype(np.float32))
+  dx, dw = vjp(g)
+  np.testing.assert_allclose(layers._conv_input_t(g, w, stride, pad, x.shape[1:3]), dx, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(layers._conv_weight_t(x, g, w.shape, stride, pad), dw, rtol=1e-4, atol=1e-4)
+
+
+def test_convs_in_a_rolled_loop_stay_canonical():
+  """Inside a rolled scan every conv of a fast_cpu step (forward, both gradients) keeps the
+  canonical NHWC/HWIO layout XLA:CPU runs through its library kernels; a folded transpose
+  (e.g. ``f01b_i01o->01bf``) falls to a path ~40x slower (benchmarks doc)."""
+  rng = np.random.default_rng(4)
+  w = jnp.asarray(rng.normal(size=(4, 4, 3, 4)).astype(np.float32))
+  w2 = jnp.asarray(rng.normal(size=(4, 4, 2, 4)).astype(np.float32))
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)).astype(np.float32))
+
+  def step(ws, _):
+    a, b = ws
+    f = lambda a, b: jnp.sum(layers.conv2d_transpose(layers.conv2d(x, a, 2, 1, "fast_cpu"), b, 2, 1, "fast_cpu") ** 2)
+    ga, gb = jax.grad(f, argnums=(0, 1))(a, b)
+    return (a - 1e-3 * ga, b - 1e-3 * gb), None
+
+  hlo = jax.jit(lambda ws: jax.lax.scan(step, ws, None, length=3)[0]).lower((w, w2)).compile().as_text()
+  labels = [line.split("dim_labels=")[1].split(",")[0] for line in hlo.splitlines() if " convolution(" in line]
+  assert len(labels) >= 5 and "while" in hlo
+  assert set(labels) == {"b01f_01io->b01f"}, labels

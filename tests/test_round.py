@@ -47,6 +47,30 @@ def test_vmapped_round_equals_clients_one_after_another(tiny_program):
   assert float(jnp.abs(client_g["params"]["out"]["kernel"][0] - client_g["params"]["out"]["kernel"][1]).max()) > 0
 
 
+@pytest.mark.parametrize("chunk", [2, 3])
+def test_client_chunks_compute_the_same_local_round(tiny_program, chunk):
+  """Chunks of 2 (a vmapped pair, then a remainder of 1) and all 3 clients vmapped at
+  once equal clients in turn (``client_chunk`` 1, the tiny program's on CPU)."""
+  from conftest import tiny_config
+  config, program, _, data, _ = tiny_program
+  state = program.init(jax.random.key(5))
+  keys = round_lib.client_keys(jax.random.key(6), config.num_clients)
+  one = round_lib.build_from_config(tiny_config(num_clients=3, **{"train.client_chunk": 1}))[0]
+  other = round_lib.build_from_config(tiny_config(num_clients=3, **{"train.client_chunk": chunk}))[0]
+  assert round_lib.client_chunk(tiny_config(num_clients=3, **{"train.client_chunk": chunk}), 3) == chunk
+  expected = jax.jit(one.local_round)(state, data, keys)
+  got = jax.jit(other.local_round)(state, data, keys)
+  _tree_allclose(got, expected)
+
+
+def test_client_chunk_auto_and_bounds():
+  from conftest import tiny_config
+  auto = tiny_config(num_clients=3)
+  expected = 1 if jax.default_backend() == "cpu" else 3
+  assert round_lib.client_chunk(auto, 3) == expected
+  assert round_lib.client_chunk(tiny_config(num_clients=3, **{"train.client_chunk": 50}), 3) == 3
+
+
 def test_round_compiles_once_for_every_attack_setting(tiny_program):
   config, program, round_jit, data, traces = tiny_program
   state = program.init(jax.random.key(1))

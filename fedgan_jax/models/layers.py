@@ -12,7 +12,11 @@ Two lowerings of the same math:
   adjoint of the stride-2 conv, so its weight gradient is an ordinary conv
   weight gradient with input and output-gradient roles swapped. On XLA:CPU the
   grouped conv and the lhs-dilated weight gradient are 4-12x slower than these
-  forms (DESIGN §6 measurements).
+  forms (DESIGN §6 measurements). The input and weight transposes are written
+  out in the canonical NHWC/HWIO layout behind an optimization barrier: left to
+  autodiff, XLA folds their transposes into the conv's dimension numbers, and
+  inside a loop body (a rolled ``scan``, ``lax.map`` over clients) such a conv
+  is not re-canonicalized and runs ~40x slower (docs/benchmarks.md).
 
 ``auto`` picks ``fast_cpu`` on the CPU backend and ``xla`` elsewhere.
 """
@@ -43,16 +47,38 @@ def _conv(x, w, stride: int, pad: int):
 
 
 def _conv_input_t(g, w, stride: int, pad: int, in_hw: tuple[int, int]):
-  """Transpose of ``_conv`` w.r.t. its input: maps an output cotangent to the input space."""
-  shape = (g.shape[0], in_hw[0], in_hw[1], w.shape[2])
-  _, vjp = jax.vjp(lambda x: _conv(x, w, stride, pad), jnp.zeros(shape, g.dtype))
-  return vjp(g)[0]
+  """Transpose of ``_conv`` w.r.t. its input: maps an output cotangent to the input space.
+
+  An lhs-dilated conv with the spatially flipped, in/out-swapped kernel, written
+  out (with a barrier, see ``_conv_weight_t``) so the kernel is in the layout
+  XLA:CPU's library kernels take, in or out of a loop body.
+  """
+  k = w.shape[0]
+  rhs = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))  # [k, k, out, in] -> flipped [k, k, in, out]
+  g, rhs = lax.optimization_barrier((g, rhs))
+  lo = k - 1 - pad
+  hi = [in_hw[a] - (g.shape[1 + a] - 1) * stride - 1 - lo + k - 1 for a in (0, 1)]
+  return lax.conv_general_dilated(g, rhs, (1, 1), ((lo, hi[0]), (lo, hi[1])), lhs_dilation=(stride, stride),
+                                  dimension_numbers=_DN)
 
 
 def _conv_weight_t(x, g, w_shape, stride: int, pad: int):
-  """Gradient of ``<g, conv(x, w)>`` w.r.t. ``w`` (a plain conv weight gradient)."""
-  _, vjp = jax.vjp(lambda w: _conv(x, w, stride, pad), jnp.zeros(w_shape, x.dtype))
-  return vjp(g)[0]
+  """Gradient of ``<g, conv(x, w)>`` w.r.t. ``w`` (a plain conv weight gradient).
+
+  Written as the canonical conv XLA:CPU runs through its library kernels: the
+  image batch becomes the contracted feature axis, the input channels the conv
+  batch, the stride a kernel dilation. The barrier keeps XLA from folding the
+  two transposes back into the conv's dimension numbers, which inside a loop
+  body (rolled ``scan``/``map``) leaves a non-canonical conv on a slow path.
+  """
+  k = w_shape[0]
+  lhs = jnp.transpose(x, (3, 1, 2, 0))  # [Cin, H, W, N]
+  rhs = jnp.transpose(g, (1, 2, 0, 3))  # [Ho, Wo, N, Cout]
+  lhs, rhs = lax.optimization_barrier((lhs, rhs))
+  hi = [k + stride * (g.shape[1 + a] - 1) - x.shape[1 + a] - pad for a in (0, 1)]
+  out = lax.conv_general_dilated(lhs, rhs, (1, 1), ((pad, hi[0]), (pad, hi[1])), rhs_dilation=(stride, stride),
+                                 dimension_numbers=_DN)  # [Cin, k, k, Cout]
+  return jnp.transpose(out, (1, 2, 0, 3))
 
 
 def _per_client(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
