@@ -324,6 +324,33 @@ def device_info() -> dict[str, Any]:
   return info
 
 
+# Dense (no sparsity) peak TFLOP/s per device from the vendors' data sheets: (device_kind substring,
+# {precision: (TFLOP/s, basis)}). f32 on NVIDIA GPUs is TF32 tensor-core math: XLA's default precision
+# for f32 convolutions and matmuls there (``jax_default_matmul_precision`` unset).
+_PEAKS: tuple[tuple[str, dict[str, tuple[float, str]]], ...] = (
+    ("H100 PCIe", {"bf16": (756.0, "H100 PCIe dense BF16"), "f32": (378.0, "H100 PCIe dense TF32")}),
+    ("H100", {"bf16": (989.4, "H100 SXM dense BF16"), "f32": (494.7, "H100 SXM dense TF32")}),
+    ("H200", {"bf16": (989.4, "H200 dense BF16"), "f32": (494.7, "H200 dense TF32")}),
+    ("A100", {"bf16": (312.0, "A100 dense BF16"), "f32": (156.0, "A100 dense TF32")}),
+    ("TPU v4", {"bf16": (275.0, "TPU v4 BF16"), "f32": (275.0, "TPU v4 BF16 (f32 matmuls run as bf16 passes)")}),
+    ("TPU v5 lite", {"bf16": (197.0, "TPU v5e BF16"), "f32": (197.0, "TPU v5e BF16 (f32 as bf16 passes)")}),
+    ("TPU v5", {"bf16": (459.0, "TPU v5p BF16"), "f32": (459.0, "TPU v5p BF16 (f32 as bf16 passes)")}),
+    ("TPU v6", {"bf16": (918.0, "TPU v6e BF16"), "f32": (918.0, "TPU v6e BF16 (f32 as bf16 passes)")}),
+)
+
+
+def peak_tflops(device_kind: str, precision: str) -> tuple[float | None, str | None]:
+  """Dense peak TFLOP/s of ONE device of ``device_kind`` at ``precision`` (``None`` if unknown, e.g. CPUs).
+
+  Returns:
+    ``(tflops, basis)``: the number and which data-sheet figure it is.
+  """
+  for key, table in _PEAKS:
+    if key.lower() in device_kind.lower():
+      return table.get(precision, (None, None))
+  return None, None
+
+
 def _result(mode: str, config, timing: dict[str, Any], rounds: int) -> dict[str, Any]:
   C, B, L = config.num_clients, config.train.batch_size, config.train.local_steps
   spr = statistics.median(timing["round_times"])
@@ -348,9 +375,19 @@ def _result(mode: str, config, timing: dict[str, Any], rounds: int) -> dict[str,
       "real_images_per_sec": round(C * L * B / spr, 1),
       "flops_per_round": flops, "flops_source": timing["flops_source"],
       "achieved_tflops": round(flops / spr / 1e12, 5) if flops else None,
+      **_peak_fields(config.train.precision, flops / spr / 1e12 if flops else None),
       "jax": jax.__version__, "python": platform.python_version(),
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
   }
+
+
+def _peak_fields(precision: str, achieved: float | None) -> dict[str, Any]:
+  """``peak_tflops`` (all devices), its ``peak_basis`` and ``fraction_of_peak`` (``None`` when unknown)."""
+  devices = jax.devices()
+  one, basis = peak_tflops(devices[0].device_kind, precision)
+  peak = one * len(devices) if one else None
+  return {"peak_tflops": peak, "peak_basis": basis,
+          "fraction_of_peak": round(achieved / peak, 4) if peak and achieved else None}
 
 
 def _clients_per_program(config, timing: dict[str, Any]) -> int:

@@ -75,3 +75,12 @@ def test_bench_both_modes_end_to_end():
   # vmapped round compiled to (a while body would otherwise be counted once).
   assert out["flops_per_round"] == pytest.approx(out["loop"]["flops_per_round"], rel=0.25)
   assert out["client_chunk_resolved"] == (1 if out["device"]["platform"] == "cpu" else 2)
+
+
+def test_peak_tflops_lookup():
+  assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == (989.4, "H100 SXM dense BF16")
+  assert bench.peak_tflops("NVIDIA H100 PCIe", "f32")[0] == 378.0
+  assert bench.peak_tflops("NVIDIA H200", "bf16")[0] == 989.4
+  assert bench.peak_tflops("NVIDIA A100-SXM4-40GB", "f32")[0] == 156.0
+  assert bench.peak_tflops("TPU v5 lite", "bf16")[0] == 197.0
+  assert bench.peak_tflops("cpu", "f32") == (None, None)

@@ -38,6 +38,7 @@ def test_default_is_valid():
     ({"train.loss": "mse"}, r"train.loss='mse'"),
     ({"train.regularizers.gradient_penalty": 10.0}, r"model.d_norm='batch'.*gradient penalty"),
     ({"train.g_lr": 0.0}, r"train.g_lr=0.0"),
+    ({"train.client_chunk": -1}, r"train.client_chunk=-1 .*integer >= 0"),
 ])
 def test_bad_values(overrides, match):
   _bad(match, **overrides)

@@ -222,3 +222,49 @@ def test_run_replicas_writes_each_seed_like_a_single_run(tmp_path):
   # Rerunning resumes (nothing left to train) and keeps the results.
   again = parallel.run_replicas(config, str(tmp_path / "group"), 2)
   assert [s["rounds"] for s in again] == [1, 1]
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path):
+  """A real multi-process launch on this machine: 2 processes (one CPU device each, Gloo
+  collectives) found by the explicit environment variables, clients sharded across them,
+  only process 0 writing; the result equals the one-process run of the same command."""
+  import json
+  cmd = [sys.executable, "-m", "fedgan_jax.main", "--config", "configs/test.py", "--config.num_rounds=1"]
+  base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  base["JAX_PLATFORMS"] = "cpu"
+  port = _free_port()
+  procs = [subprocess.Popen(cmd + ["--workdir", str(tmp_path / "mp")], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(base, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                                     JAX_PROCESS_ID=str(i)))
+           for i in range(2)]
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0, f"process {i}:\n{log[-3000:]}"
+    assert "devices: [CpuDevice(id=0), CpuDevice(id=" in log, log[-2000:]  # Both processes' devices.
+  single = subprocess.run(cmd + ["--workdir", str(tmp_path / "single")], cwd=ROOT, env=base, text=True,
+                          capture_output=True, timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+  lines = (tmp_path / "mp" / "metrics.jsonl").read_text().splitlines()
+  assert len(lines) == 1  # Written once (by process 0), not once per process.
+  got, want = json.loads(lines[0]), json.loads((tmp_path / "single" / "metrics.jsonl").read_text())
+  assert set(got) == set(want)
+  for k in want:
+    if not k.startswith("z/"):  # Timings.
+      np.testing.assert_allclose(np.asarray(got[k], float), np.asarray(want[k], float), rtol=1e-4, atol=1e-5,
+                                 err_msg=k)
+  samples = sorted(p.name for p in (tmp_path / "single" / "samples").iterdir())
+  assert samples and samples == sorted(p.name for p in (tmp_path / "mp" / "samples").iterdir())
+  for name in samples:
+    assert (tmp_path / "mp" / "samples" / name).read_bytes() == (tmp_path / "single" / "samples" / name).read_bytes()
