@@ -170,7 +170,9 @@ def conv2d_transpose(y, w, stride: int, pad: int, impl: str):
   hw = (y.shape[1] * stride, y.shape[2] * stride)
   if impl == "fast_cpu":
     return _fast_ops(stride, pad, w.shape[0], hw)[1](y, w)
-  return _conv_input_t(y, w, stride, pad, hw)
+  # Stock: the linear transpose of the conv, left to XLA (cuDNN) and autodiff.
+  _, vjp = jax.vjp(lambda x: _conv(x, w, stride, pad), jnp.zeros((y.shape[0], *hw, w.shape[2]), y.dtype))
+  return vjp(y)[0]
 
 
 Dtype = Any

@@ -124,8 +124,8 @@ def client_chunk(config, num_clients: int) -> int:
   client is no faster than the next one (one client's step already fills the
   cores, and each conv is emitted per client anyway), while vmapping all of
   them makes every op stream C clients' activations through the cache: clients
-  in turn inside the same program run ~10-20 % faster there (DESIGN §6). On
-  accelerators the client axis is what fills the device.
+  in turn inside the same program run ~18 % faster there (docs/benchmarks.md,
+  section a). On accelerators the client axis is what fills the device.
 
   Args:
     config: the experiment config.
