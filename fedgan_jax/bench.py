@@ -46,7 +46,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedgan_jax import aggregation
 from fedgan_jax import config_lib
 from fedgan_jax import parallel
 from fedgan_jax.data import triggers
@@ -189,45 +188,6 @@ def prepare_vmap(config, shard: bool = True) -> dict[str, Any]:
           "sharded": mesh is not None, "step": step}
 
 
-def bench_vmap(config, warmup: int = 1, rounds: int = 5, shard: bool = True) -> dict[str, Any]:
-  """``prepare_vmap`` and time it: adds ``'round_times'``."""
-  prep = prepare_vmap(config, shard)
-  return {**prep, "round_times": _time_rounds({"vmap": prep["step"]}, warmup, rounds)["vmap"]}
-
-
-def _server_fn(config, program) -> Callable:
-  """The server's part of a round over stacked uploads (for ``--mode loop``).
-
-  Uses ``program.server_round`` when the program has it; otherwise mirrors
-  ``round_lib.build``'s aggregation (generators, and discriminators when
-  averaged) with the configured rule.
-  """
-  if parallel.has_split_round(program):
-    return lambda state, local, data, key: program.server_round(state, data, local, key)
-  kwargs = config.aggregation.kwargs.to_dict()
-  g_rule = aggregation.get(config.aggregation.name, num_clients=config.num_clients, **kwargs)
-  d_rule = aggregation.get(config.aggregation.name, num_clients=config.num_clients, **kwargs)
-  avg_d = bool(config.aggregation.average_discriminator)
-
-  def server(state, local, data, key):
-    clients, client_g, client_d, stats = local
-    _, k_g, k_d = jax.random.split(key, 3)
-    reported = {**stats, "num_examples": data.counts.astype(jnp.float32)}
-    g_stats = {**reported, **round_lib.server_stats(state.g_global, client_g)}
-    g_global, g_agg, diag = g_rule.aggregate(state.g_agg, state.g_global, client_g, g_stats, k_g)
-    d_global, d_agg = state.d_global, state.d_agg
-    if avg_d:
-      d_stats = {**reported, **round_lib.server_stats(state.d_global, client_d)}
-      d_global, d_agg, _ = d_rule.aggregate(state.d_agg, state.d_global, client_d, d_stats, k_d)
-      clients = clients._replace(d_vars=client_d)
-    new = round_lib.RoundState(round=state.round + 1, g_global=g_global, d_global=d_global,
-                               g_agg=g_agg, d_agg=d_agg, clients=clients)
-    # The server stats are logged by the real round, so they are computed here too.
-    return new, {**{f"train/{k}": v for k, v in g_stats.items()}, **{f"agg/{k}": v for k, v in diag.items()}}
-
-  return server
-
-
 def prepare_loop(config) -> dict[str, Any]:
   """Compiles the sequential design: jitted single-client step in a Python loop, then aggregation.
 
@@ -246,16 +206,14 @@ def prepare_loop(config) -> dict[str, Any]:
   clients = [jax.tree.map(lambda x: x[c], state.clients) for c in range(C)]
   shards = [tuple(jax.tree.map(lambda x: x[c], (data.images, data.counts, data.is_malicious, data.poison_flags)))
             for c in range(C)]
-  server = _server_fn(config, program)
 
   def server_step(state, outs, data, key):
-    stack = lambda i: jax.tree.map(lambda *xs: jnp.stack(xs), *[o[i] for o in outs])
-    local = round_lib.ClientState(*stack(0)), stack(1), stack(2), stack(3)
-    new, m = server(state._replace(clients=local[0]), _as_local(program, local), data, key)
+    local = round_lib.LocalOut(*jax.tree.map(lambda *xs: jnp.stack(xs), *outs))
+    new, m = program.server_round(state._replace(clients=local.clients), data, local, key)
     return new._replace(clients=()), m  # Client states stay with the clients (the loop).
 
   def keys_fn(key):
-    return tuple(jax.random.split(jax.random.split(key, 3)[0], C))  # = round_lib.client_keys
+    return tuple(round_lib.client_keys(key, C))
 
   local_jit = jax.jit(program.local_train)
   server_jit = jax.jit(server_step)
@@ -290,18 +248,6 @@ def prepare_loop(config) -> dict[str, Any]:
     return box["g"], m
 
   return {"compile_sec": compile_sec, "flops_per_round": flops, "flops_source": source, "step": step}
-
-
-def bench_loop(config, warmup: int = 1, rounds: int = 5) -> dict[str, Any]:
-  """``prepare_loop`` and time it: adds ``'round_times'``."""
-  prep = prepare_loop(config)
-  return {**prep, "round_times": _time_rounds({"loop": prep["step"]}, warmup, rounds)["loop"]}
-
-
-def _as_local(program, local):
-  """The uploads tuple in the type ``program.server_round`` expects (``LocalOut`` if present)."""
-  local_out = getattr(round_lib, "LocalOut", None)
-  return local_out(*local) if local_out is not None and parallel.has_split_round(program) else tuple(local)
 
 
 def device_info() -> dict[str, Any]:

@@ -12,7 +12,7 @@ Three independent pieces:
   XLA's partitioner (all-reduce / all-to-all over parameter slices). Leaving
   the whole round to the partitioner is correct but moves activations
   between devices for every conv (measured in docs/benchmarks.md), so it is
-  only the fallback for programs without ``local_round``/``server_round``.
+  only an option (``jit_round(..., local_shard_map=False)``).
   ``num_clients`` must be a multiple of the device count (required: an
   uneven client axis would need padding clients, which every aggregation
   rule would then have to mask out).
@@ -144,11 +144,6 @@ def _specs(tree: PyTree, client_axis: bool, replicas: bool) -> PyTree:
   return jax.tree.map(lambda _: _spec(client_axis, replicas), tree)
 
 
-def has_split_round(program: Any) -> bool:
-  """Whether ``program`` exposes ``local_round``/``server_round`` (the shard_map path)."""
-  return callable(getattr(program, "local_round", None)) and callable(getattr(program, "server_round", None))
-
-
 def sharded_round(program: round_lib.Program, mesh: Mesh) -> Callable:
   """``program.round`` with local training under ``jax.shard_map`` over the clients.
 
@@ -156,8 +151,7 @@ def sharded_round(program: round_lib.Program, mesh: Mesh) -> Callable:
   communication; the server's aggregation then runs on the client-sharded
   uploads under ``jit``'s automatic partitioning (reductions over the client
   axis become all-reduces). The same keys as ``program.round``, so the result
-  equals the single-device round. Needs ``program.local_round`` and
-  ``program.server_round``.
+  equals the single-device round.
 
   Args:
     program: from ``round_lib.build``.
@@ -166,13 +160,9 @@ def sharded_round(program: round_lib.Program, mesh: Mesh) -> Callable:
   Returns:
     ``round(state, data, key) -> (state, metrics)``, not jitted (``jit_round`` does).
   """
-  if not has_split_round(program):
-    raise ValueError("sharded_round needs program.local_round and program.server_round "
-                     "(fedgan_jax.train.round.build provides them).")
-
   def round_fn(state, data, key):
     num_clients = data.counts.shape[0]
-    keys = jax.random.split(jax.random.split(key, 3)[0], num_clients)  # = round_lib.client_keys
+    keys = round_lib.client_keys(key, num_clients)
     state_specs = round_lib.RoundState(
         round=P(), g_global=_specs(state.g_global, False, False), d_global=_specs(state.d_global, False, False),
         g_agg=_specs(state.g_agg, False, False), d_agg=_specs(state.d_agg, False, False),
@@ -188,7 +178,7 @@ def sharded_round(program: round_lib.Program, mesh: Mesh) -> Callable:
 
 def jit_round(program: round_lib.Program, state: round_lib.RoundState, data: round_lib.RoundData,
               mesh: Mesh | None, replicas: bool = False, donate: bool = True,
-              local_shard_map: bool | None = None) -> Callable:
+              local_shard_map: bool = True) -> Callable:
   """The jitted round of ``program``, client-sharded on ``mesh``.
 
   Args:
@@ -199,8 +189,8 @@ def jit_round(program: round_lib.Program, state: round_lib.RoundState, data: rou
     replicas: ``state``/``data`` carry a leading replica axis and the round
       is ``replicate(program).round`` (the replica axis is not sharded).
     donate: donate the state buffers (the caller must not reuse the old state).
-    local_shard_map: run local training under ``shard_map`` (``sharded_round``;
-      default: when the program supports it). With False, the whole round is
+    local_shard_map: run local training under ``shard_map`` (``sharded_round``).
+      With False, the whole round is
       left to XLA's automatic partitioning, which on XLA:CPU gathers conv
       activations and weights to every device (docs/benchmarks.md).
 
@@ -212,8 +202,6 @@ def jit_round(program: round_lib.Program, state: round_lib.RoundState, data: rou
   if mesh is None:
     fn = replicate(program).round if replicas else program.round
     return jax.jit(fn, donate_argnums=donate_argnums)
-  if local_shard_map is None:
-    local_shard_map = has_split_round(program)
   fn = sharded_round(program, mesh) if local_shard_map else program.round
   if replicas:
     fn = jax.vmap(fn)

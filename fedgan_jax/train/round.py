@@ -281,19 +281,16 @@ def build(config, generator, discriminator, g_aggregator: Aggregator,
     than C per chunk, ``lax.map`` runs the chunks in turn (a remainder chunk
     is vmapped on its own). Every choice computes the same round.
     """
-    per_client = (state.clients, data.images, data.counts, data.is_malicious, data.poison_flags, keys)
-    num = keys.shape[0]
-    chunk = client_chunk(config, num)
-    if chunk >= num:
-      return LocalOut(*jax.vmap(local_train, in_axes=(0, None, None, 0, 0, 0, 0, None, None, 0))(
-          state.clients, state.g_global, state.d_global, data.images, data.counts,
-          data.is_malicious, data.poison_flags, data.trigger, data.trigger_loc, keys))
-
     def one(xs):
       client, images, count, is_mal, flags, key = xs
       return local_train(client, state.g_global, state.d_global, images, count, is_mal, flags,
                          data.trigger, data.trigger_loc, key)
 
+    per_client = (state.clients, data.images, data.counts, data.is_malicious, data.poison_flags, keys)
+    num = keys.shape[0]
+    chunk = client_chunk(config, num)
+    if chunk >= num:
+      return LocalOut(*jax.vmap(one)(per_client))
     return LocalOut(*jax.lax.map(one, per_client, batch_size=chunk if chunk > 1 else None))
 
   def round_fn(state: RoundState, data: RoundData, key: jax.Array):
