@@ -1,4 +1,4 @@
-"""Throughput benchmark of one federated round (issue "Throughput and scale").
+"""Throughput benchmark of one federated round: the vmapped round vs a per-client loop.
 
     python -m fedgan_jax.bench --clients 16 --resolution 32 --batch 16 --local-steps 5 \\
         --rounds 5 --mode both
@@ -21,10 +21,16 @@ Modes:
   step (``program.local_train``) called in a Python loop over clients, each
   client keeping its own state, then the jitted aggregation.
 * ``both``: both compiled, then their timed rounds alternate (so drifting
-  load hits both alike); the last line adds ``loop`` and ``vmap_speedup``
+  load hits both alike); the JSON adds ``loop`` and ``vmap_speedup``
   (loop sec/round over vmap sec/round).
 
-The last line printed is one JSON object (see ``_result``). Model widths
+Progress goes to stderr as it happens (compiling, compiled in N s, each
+timed round); stdout gets exactly one line, the JSON object (see
+``_result``). FLOPs are counted from the round's operations
+(``fedgan_jax.flops``: the model's arithmetic, the same number whatever the
+lowering or backend), and ``hlo_ops`` counts the convolutions, grouped
+convolutions, lhs-dilated (transposed) convolutions and ``dot_general``s of
+the lowered program, so the record says which lowering ran. Model widths
 default to the PyTorch peer's (ngf = ndf = 64, nz = 100), so the two are
 comparable at equal ``--resolution/--clients/--batch/--local-steps``.
 """
@@ -37,6 +43,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -47,9 +54,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedgan_jax import config_lib
+from fedgan_jax import flops as flops_lib
 from fedgan_jax import parallel
 from fedgan_jax.data import triggers
+from fedgan_jax.models import layers
 from fedgan_jax.train import round as round_lib
+
+
+def say(msg: str) -> None:
+  """A progress line on stderr (stdout carries only the final JSON)."""
+  print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def make_config(clients: int = 4, resolution: int = 32, batch: int = 32, local_steps: int = 5,
@@ -107,34 +121,49 @@ def random_data(config, images_per_client: int | None = None, seed: int = 0) -> 
   return round_lib.RoundData(**{f: fields[f] for f in round_lib.RoundData._fields})
 
 
-def _flops(compiled) -> float | None:
-  try:
-    ca = compiled.cost_analysis()
-  except Exception:  # Some backends do not implement it.
-    return None
-  if isinstance(ca, (list, tuple)):
-    ca = ca[0] if ca else {}
-  f = (ca or {}).get("flops")
-  return float(f) if f is not None and f >= 0 else None
+def round_flops(config, state: round_lib.RoundState, data: round_lib.RoundData,
+                key: jax.Array) -> flops_lib.FlopCount:
+  """The FLOPs of one round of ``config``: the model's arithmetic, whatever the lowering.
 
-
-def _scan_unrolled(config) -> bool:
-  """Whether the local-step scan is fully unrolled (as ``train.unroll`` resolves in round.py)."""
-  u = str(config.train.unroll).lower()
-  return u == "true" or (u == "auto" and jax.default_backend() == "cpu")
-
-
-def _unrolled(config):
-  """``config`` with no loop in its round: local steps unrolled, all clients in one vmapped chunk."""
+  Counted from the operations of the round traced with stock convolutions
+  (``conv_impl='xla'``: a transposed conv counts its useful multiply-adds, not
+  the zeros of its dilated input, nor the padding an im2col would multiply);
+  the local-step scan and client chunks are followed, so this is the whole
+  round's work on every backend (``fedgan_jax.flops``).
+  """
   c = copy.deepcopy(config)
-  c.train.unroll = "true"
-  c.train.client_chunk = c.num_clients
-  return c
+  c.model.conv_impl = "xla"
+  program, _, _ = round_lib.build_from_config(c)
+  return flops_lib.count(program.round, state, data, key)
 
 
-def _round_has_loops(config, clients: int) -> bool:
-  """Whether the compiled round loops (rolled scan, or client chunks under ``lax.map``)."""
-  return not _scan_unrolled(config) or round_lib.client_chunk(config, clients) < clients
+_HLO_PATTERNS = {
+    "feature_group_count": re.compile(r"feature_group_count = (\d+)"),
+    "batch_group_count": re.compile(r"batch_group_count = (\d+)"),
+    "lhs_dilate": re.compile(r"lhs_dilate = \[([\d, ]+)\]"),
+}
+
+
+def hlo_op_counts(lowered) -> dict[str, int]:
+  """Convolutions (all / grouped / lhs-dilated) and ``dot_general``s in a lowered program.
+
+  Read from its StableHLO text, before XLA's backend rewrites (which turn
+  them into library calls), so the counts say which lowering the program
+  uses on any backend.
+  """
+  text = lowered.as_text()
+  convs = [line for line in text.splitlines() if "stablehlo.convolution" in line]
+
+  def over_one(pattern, line):
+    return any(int(v) > 1 for m in pattern.findall(line) for v in m.split(","))
+
+  return {
+      "convolution": len(convs),
+      "grouped_convolution": sum(over_one(_HLO_PATTERNS["feature_group_count"], line)
+                                 or over_one(_HLO_PATTERNS["batch_group_count"], line) for line in convs),
+      "lhs_dilated_convolution": sum(over_one(_HLO_PATTERNS["lhs_dilate"], line) for line in convs),
+      "dot_general": text.count("stablehlo.dot_general") + text.count("stablehlo.dot "),
+  }
 
 
 def _time_rounds(steps: dict[str, Callable[[int], Any]], warmup: int, rounds: int) -> dict[str, list[float]]:
@@ -145,14 +174,17 @@ def _time_rounds(steps: dict[str, Callable[[int], Any]], warmup: int, rounds: in
   hits every design alike and their ratio stays meaningful.
   """
   for r in range(warmup):
-    for step in steps.values():
+    for name, step in steps.items():
+      t0 = time.perf_counter()
       jax.block_until_ready(step(r))
+      say(f"{name}: warm-up round {r + 1} of {warmup}: {time.perf_counter() - t0:.3f} s")
   times: dict[str, list[float]] = {name: [] for name in steps}
   for r in range(warmup, warmup + rounds):
     for name, step in steps.items():
       t0 = time.perf_counter()
       jax.block_until_ready(step(r))
       times[name].append(time.perf_counter() - t0)
+      say(f"{name}: round {r - warmup + 1} of {rounds}: {times[name][-1]:.3f} s")
   return times
 
 
@@ -160,31 +192,31 @@ def prepare_vmap(config, shard: bool = True) -> dict[str, Any]:
   """Compiles ``program.round`` (clients vmapped; sharded over devices if several).
 
   Returns:
-    ``{'compile_sec', 'flops_per_round', 'flops_source', 'sharded', 'step'}``;
+    ``{'compile_sec', 'flops', 'hlo_ops', 'sharded', 'step'}``;
     ``step(r)`` runs round ``r`` and returns its metrics.
   """
   program, _, _ = round_lib.build_from_config(config)
   data = random_data(config)
   state = program.init(jax.random.key(0))
+  key = jax.random.key(1)
+  flops = round_flops(config, state, data, key)
   mesh = parallel.client_mesh(config.num_clients) if shard else None
   state, data = parallel.shard_round_inputs(state, data, mesh)
-  key = jax.random.key(1)
   round_jit = parallel.jit_round(program, state, data, mesh)
+  say(f"vmap: compiling the round ({config.num_clients} clients, conv_impl={config.model.conv_impl}, "
+      f"{config.train.precision})...")
   t0 = time.perf_counter()
-  compiled = round_jit.lower(state, data, key).compile()
+  lowered = round_jit.lower(state, data, key)
+  compiled = lowered.compile()
   compile_sec = time.perf_counter() - t0
-  flops, source = _flops(compiled), "compiled round"
-  if _round_has_loops(config, config.num_clients // (len(jax.devices()) if mesh is not None else 1)):
-    # XLA's cost analysis counts a while-loop body once: count the loop-free round instead.
-    p2, _, _ = round_lib.build_from_config(_unrolled(config))
-    flops, source = _flops(jax.jit(p2.round).lower(state, data, key)), "loop-free round (pre-optimization HLO)"
+  say(f"vmap: compiled in {compile_sec:.1f} s")
   box = {"state": state}
 
   def step(r):
     box["state"], m = compiled(box["state"], data, jax.random.fold_in(key, r))
     return m
 
-  return {"compile_sec": compile_sec, "flops_per_round": flops, "flops_source": source,
+  return {"compile_sec": compile_sec, "flops": flops, "hlo_ops": hlo_op_counts(lowered),
           "sharded": mesh is not None, "step": step}
 
 
@@ -196,7 +228,8 @@ def prepare_loop(config) -> dict[str, Any]:
   jitted aggregation.
 
   Returns:
-    ``{'compile_sec', 'flops_per_round', 'flops_source', 'step'}`` (as ``prepare_vmap``).
+    ``{'compile_sec', 'flops', 'hlo_ops', 'step'}`` (as ``prepare_vmap``; ``hlo_ops``
+    of the one-client step).
   """
   C = config.num_clients
   program, _, _ = round_lib.build_from_config(config)
@@ -219,22 +252,18 @@ def prepare_loop(config) -> dict[str, Any]:
   server_jit = jax.jit(server_step)
   keys_jit = jax.jit(keys_fn)
   globals_state = state._replace(clients=())
+  flops = round_flops(config, state, data, key)
+  say(f"loop: compiling the one-client step and the aggregation (conv_impl={config.model.conv_impl}, "
+      f"{config.train.precision})...")
   t0 = time.perf_counter()
   ex_keys = keys_jit(key)
-  local_c = local_jit.lower(clients[0], state.g_global, state.d_global, *shards[0], data.trigger,
-                            data.trigger_loc, ex_keys[0]).compile()
+  local_lowered = local_jit.lower(clients[0], state.g_global, state.d_global, *shards[0], data.trigger,
+                                  data.trigger_loc, ex_keys[0])
+  local_c = local_lowered.compile()
   ex_out = local_c(clients[0], state.g_global, state.d_global, *shards[0], data.trigger, data.trigger_loc, ex_keys[0])
   server_c = server_jit.lower(globals_state, [ex_out] * C, data, key).compile()
   compile_sec = time.perf_counter() - t0
-  f_local, f_server = _flops(local_c), _flops(server_c)
-  flops, source = None, "C x compiled client step + compiled aggregation"
-  if f_local is not None:
-    if not _scan_unrolled(config):
-      p2, _, _ = round_lib.build_from_config(_unrolled(config))
-      f_local = _flops(jax.jit(p2.local_train).lower(clients[0], state.g_global, state.d_global, *shards[0],
-                                                      data.trigger, data.trigger_loc, ex_keys[0]))
-      source = "C x unrolled client step (pre-optimization HLO) + compiled aggregation"
-    flops = C * (f_local or 0.0) + (f_server or 0.0)
+  say(f"loop: compiled in {compile_sec:.1f} s")
   box = {"g": globals_state, "clients": clients}
 
   def step(r):
@@ -247,7 +276,7 @@ def prepare_loop(config) -> dict[str, Any]:
     box["g"], m = server_c(g, outs, data, k)
     return box["g"], m
 
-  return {"compile_sec": compile_sec, "flops_per_round": flops, "flops_source": source, "step": step}
+  return {"compile_sec": compile_sec, "flops": flops, "hlo_ops": hlo_op_counts(local_lowered), "step": step}
 
 
 def device_info() -> dict[str, Any]:
@@ -301,14 +330,15 @@ def _result(mode: str, config, timing: dict[str, Any], rounds: int) -> dict[str,
   C, B, L = config.num_clients, config.train.batch_size, config.train.local_steps
   spr = statistics.median(timing["round_times"])
   images_per_round = C * L * B * (2 + config.train.gen_steps)  # D: B real + B fake; G: B fake per G step.
-  flops = timing["flops_per_round"]
+  fc: flops_lib.FlopCount = timing["flops"]
+  achieved = fc.total / spr / 1e12
   return {
       "mode": mode,
       "clients": C, "resolution": config.resolution, "batch": B, "local_steps": L,
       "gen_steps": config.train.gen_steps, "width": config.model.g_width, "latent_dim": config.model.latent_dim,
       "precision": config.train.precision, "conv_impl": config.model.conv_impl,
-      "conv_impl_resolved": _resolved_impl(config.model.conv_impl),
-      "unroll": str(config.train.unroll), "scan_unrolled": _scan_unrolled(config),
+      "conv_impl_resolved": layers.resolve_impl(config.model.conv_impl),
+      "unroll": str(config.train.unroll), "scan_unrolled": round_lib.scan_unroll(config) is True,
       "client_chunk": config.train.client_chunk,
       "client_chunk_resolved": (round_lib.client_chunk(config, _clients_per_program(config, timing))
                                 if mode == "vmap" else None),
@@ -319,9 +349,12 @@ def _result(mode: str, config, timing: dict[str, Any], rounds: int) -> dict[str,
       "client_steps_per_sec": round(C * L / spr, 3),
       "images_per_sec": round(images_per_round / spr, 1),
       "real_images_per_sec": round(C * L * B / spr, 1),
-      "flops_per_round": flops, "flops_source": timing["flops_source"],
-      "achieved_tflops": round(flops / spr / 1e12, 5) if flops else None,
-      **_peak_fields(config.train.precision, flops / spr / 1e12 if flops else None),
+      "flops_per_round": fc.total,
+      "flops_breakdown": {k: v for k, v in fc._asdict().items()},
+      "flops_source": "counted from the round's operations (fedgan_jax.flops; model arithmetic, any lowering)",
+      "achieved_tflops": round(achieved, 5),
+      **_peak_fields(config.train.precision, achieved),
+      "hlo_ops": timing["hlo_ops"],
       "jax": jax.__version__, "python": platform.python_version(),
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
   }
@@ -343,11 +376,6 @@ def _clients_per_program(config, timing: dict[str, Any]) -> int:
   return config.num_clients
 
 
-def _resolved_impl(impl: str) -> str:
-  from fedgan_jax.models import layers
-  return layers.resolve_impl(impl)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
   """Runs the benchmark described by parsed ``args``; returns the final JSON object."""
   overrides = {}
@@ -361,9 +389,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   preps = {m: prepare_vmap(config, shard=not args.no_shard) if m == "vmap" else prepare_loop(config) for m in modes}
   times = _time_rounds({m: p["step"] for m, p in preps.items()}, args.warmup, args.rounds)
   results = {m: _result(m, config, {**preps[m], "round_times": times[m]}, args.rounds) for m in modes}
-  if args.mode == "both":
-    for m in modes:
-      print(json.dumps(results[m]), flush=True)
+  for m, r in results.items():
+    say(f"{m}: {r['sec_per_round']:.4f} s/round, {r['achieved_tflops']:.3f} TFLOP/s"
+        + (f" ({100 * r['fraction_of_peak']:.1f} % of {r['peak_basis']})" if r["fraction_of_peak"] else "")
+        + f", compiled in {r['compile_sec']:.1f} s")
   if args.mode != "both":
     return results[args.mode]
   out = dict(results["vmap"], mode="both", loop=results["loop"])
@@ -373,18 +402,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   """The command line (see the module docstring)."""
-  p = argparse.ArgumentParser(prog="python -m fedgan_jax.bench", description=__doc__.split("\n")[0])
-  p.add_argument("--clients", type=int, default=4)
-  p.add_argument("--resolution", type=int, default=32)
-  p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--local-steps", type=int, default=5)
+  base = config_lib.base_config()
+  p = argparse.ArgumentParser(prog="python -m fedgan_jax.bench", description=__doc__.split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--clients", type=int, default=4, help="C: clients trained per round (client 0 malicious)")
+  p.add_argument("--resolution", type=int, default=32, help="R: image side in px (32, 64, 128, 256)")
+  p.add_argument("--batch", type=int, default=32, help="B: images per client step")
+  p.add_argument("--local-steps", type=int, default=5, help="L: local (D, G) steps per client per round")
   p.add_argument("--rounds", type=int, default=5, help="timed rounds (the median is reported)")
   p.add_argument("--warmup", type=int, default=1, help="untimed rounds after compilation")
-  p.add_argument("--mode", choices=("vmap", "loop", "both"), default="vmap")
-  p.add_argument("--precision", choices=("f32", "bf16"), default="f32")
-  p.add_argument("--conv-impl", choices=("auto", "xla", "fast_cpu"), default="auto")
-  p.add_argument("--width", type=int, default=64, help="g_width = d_width (the peer's ngf = ndf)")
-  p.add_argument("--latent-dim", type=int, default=100, help="nz")
+  p.add_argument("--mode", choices=("vmap", "loop", "both"), default="vmap",
+                 help="vmap: the project's round; loop: the one-client step looped from Python; both: alternated")
+  p.add_argument("--precision", choices=("f32", "bf16"), default="f32",
+                 help="train.precision (bf16: bf16 compute, f32 parameters)")
+  p.add_argument("--conv-impl", choices=("auto", *layers.IMPLS), default="auto",
+                 help="model.conv_impl (auto: %s)" % ", ".join(f"{b} {i}" for b, i in layers.AUTO_IMPL.items()
+                                                             if b in ("cpu", "gpu", "tpu")))
+  p.add_argument("--width", type=int, default=base.model.g_width,
+                 help="model.g_width = model.d_width (the model's default; the PyTorch peer's ngf = ndf is 64)")
+  p.add_argument("--latent-dim", type=int, default=base.model.latent_dim, help="model.latent_dim (nz)")
   p.add_argument("--unroll", choices=("auto", "true", "false"), default="auto",
                  help="train.unroll (auto: unrolled on CPU, rolled elsewhere)")
   p.add_argument("--client-chunk", type=int, default=0,

@@ -59,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.g_width = 32          # Generator width at the output (DCGAN ngf).
   c.model.d_width = 32          # Discriminator width at the input (DCGAN ndf).
   c.model.d_norm = "batch"      # batch | instance | none (WGAN-GP needs instance or none).
-  c.model.conv_impl = "auto"    # auto | xla | fast_cpu: convolution lowering (DESIGN §6).
+  c.model.conv_impl = "auto"    # auto | xla | fast_cpu | gemm: convolution lowering (auto: fast_cpu on CPU, gemm elsewhere).
 
   c.train = ml_collections.ConfigDict()
   c.train.local_steps = 5       # L: local (D, G) steps per client per round.
@@ -150,7 +150,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_choice(config, "data.partition", {"iid", "dirichlet", "quantity", "by_group"})
   _check_choice(config, "model.name", {"dcgan"})
   _check_choice(config, "model.d_norm", {"batch", "instance", "none"})
-  _check_choice(config, "model.conv_impl", {"auto", "xla", "fast_cpu"})
+  _check_choice(config, "model.conv_impl", {"auto", "xla", "fast_cpu", "gemm"})
   _check_choice(config, "train.loss", {"bce", "wgan", "hinge"})
   _check_choice(config, "train.optimizer", {"adam", "rmsprop"})
   _check_choice(config, "train.precision", {"f32", "bf16"})

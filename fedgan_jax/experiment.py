@@ -150,7 +150,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     heldouts, infos = [heldout], [info]
     k_init, k_rounds, k_eval = jax.random.split(jax.random.key(config.seed), 3)
     k_eval = k_eval[None]
-    state = program.init(k_init)
+    state = jax.jit(program.init)(k_init)  # One compiled program, not hundreds of op-by-op dispatches.
     view = lambda tree, k: tree
     round_key = lambda r: jax.random.fold_in(k_rounds, r)
 

@@ -9,6 +9,7 @@ of the aggregation rule are free-form:
 from __future__ import annotations
 
 import ast
+import os
 import sys
 
 from absl import app
@@ -59,11 +60,23 @@ def check_override_names(argv: list[str]) -> None:
       node = node[part]
 
 
+def _enable_compilation_cache() -> None:
+  """Persistent XLA compilation cache, so a rerun (resume, sweep point, seed) skips compiling.
+
+  ``$JAX_COMPILATION_CACHE_DIR`` if set (JAX reads it itself), else ``~/.cache/fedgan_jax/xla``.
+  """
+  import jax
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "fedgan_jax", "xla"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv):
   del argv
   from fedgan_jax import experiment
   from fedgan_jax import parallel
   parallel.maybe_initialize_distributed()  # Before anything touches a device; no-op for one process.
+  _enable_compilation_cache()
   logging.set_verbosity(logging.INFO)
   config = _CONFIG.value
   if _agg_kwargs:

@@ -1,4 +1,4 @@
-"""Convolution lowerings: the CPU path equals stock XLA in values and 1st/2nd-order gradients."""
+"""Convolution lowerings: fast_cpu and gemm equal stock XLA in values and 1st/2nd-order gradients."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _np_conv_transpose(y, w, stride, pad):
   return full[:, pad:pad + h * stride, pad:pad + wd * stride]
 
 
-@pytest.mark.parametrize("impl", ["xla", "fast_cpu"])
+@pytest.mark.parametrize("impl", ["xla", "fast_cpu", "gemm"])
 def test_transposed_conv_matches_reference(impl):
   rng = np.random.default_rng(0)
   y = rng.normal(size=(2, 3, 3, 5)).astype(np.float32)
@@ -40,21 +40,77 @@ def _loss(impl):
   return f
 
 
-def test_fast_cpu_equals_xla_vmapped_first_and_second_order():
+@pytest.mark.parametrize("impl", ["fast_cpu", "gemm"])
+def test_lowering_equals_xla_vmapped_first_and_second_order(impl):
   rng = np.random.default_rng(1)
   C = 3
   w1 = jnp.asarray(rng.normal(size=(C, 4, 4, 3, 4)).astype(np.float32) * 0.3)
   w2 = jnp.asarray(rng.normal(size=(C, 4, 4, 3, 4)).astype(np.float32) * 0.3)
   x = jnp.asarray(rng.normal(size=(C, 2, 8, 8, 3)).astype(np.float32))
   results = {}
-  for impl in ("xla", "fast_cpu"):
-    f = _loss(impl)
+  for name in ("xla", impl):
+    f = _loss(name)
     val = jax.vmap(f)(w1, w2, x)
     grads = jax.vmap(jax.grad(f, argnums=(0, 1, 2)))(w1, w2, x)
-    results[impl] = (val, grads)
-  np.testing.assert_allclose(results["fast_cpu"][0], results["xla"][0], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(results["fast_cpu"][1]), jax.tree.leaves(results["xla"][1])):
+    results[name] = (val, grads)
+  np.testing.assert_allclose(results[impl][0], results["xla"][0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(results[impl][1]), jax.tree.leaves(results["xla"][1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+# Odd and even sizes, both strides and the paddings the models use (4x4 s2 p1), and others.
+_GEOMETRIES = [(7, 4, 2, 1), (8, 4, 2, 1), (5, 3, 1, 1), (9, 3, 2, 0), (6, 1, 1, 0), (4, 4, 1, 0)]
+
+
+@pytest.mark.parametrize("hw,k,stride,pad", _GEOMETRIES)
+def test_gemm_conv_and_transpose_equal_xla_per_layer_under_vmap(hw, k, stride, pad):
+  """Per layer, clients vmapped with their own weights: values, first-order gradients and a
+  gradient-penalty-style second-order gradient (d/dw of ||d/dx D(x)||^2) equal stock XLA."""
+  rng = np.random.default_rng(5)
+  C, cin, cout = 3, 3, 5
+  x = jnp.asarray(rng.normal(size=(C, 2, hw, hw + 2, cin)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(C, k, k, cin, cout)).astype(np.float32) * 0.3)
+  y_shape = layers._conv(x[0], w[0], stride, pad).shape
+  y = jnp.asarray(rng.normal(size=(C,) + y_shape).astype(np.float32))
+
+  def transpose(impl, yy, ww):
+    if impl == "gemm":
+      return layers._gemm_conv_transpose(yy, ww, stride, pad, x.shape[2:4])
+    return jax.vjp(lambda a: layers._conv(a, ww, stride, pad), x[0])[1](yy)[0]
+
+  def losses(impl):
+    def conv_loss(xx, ww):
+      return jnp.sum(jnp.sin(layers.conv2d(xx, ww, stride, pad, impl)))
+
+    def t_loss(yy, ww):
+      return jnp.sum(jnp.sin(transpose(impl, yy, ww)))
+
+    def gp(xx, ww):  # Second order: a gradient w.r.t. the input inside the loss.
+      gx = jax.grad(lambda a: jnp.sum(jnp.tanh(layers.conv2d(a, ww, stride, pad, impl))))(xx)
+      return jnp.sum(gx ** 2)
+
+    return conv_loss, t_loss, gp
+
+  got, want = losses("gemm"), losses("xla")
+  for g, r, args in zip(got, want, ((x, w), (y, w), (x, w))):
+    np.testing.assert_allclose(jax.vmap(g)(*args), jax.vmap(r)(*args), rtol=1e-4, atol=1e-4)
+    for a, b in zip(jax.vmap(jax.grad(g, argnums=(0, 1)))(*args), jax.vmap(jax.grad(r, argnums=(0, 1)))(*args)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_gemm_under_vmap_is_batched_matmuls_only():
+  """With per-client weights, the gemm lowering of a conv, a transposed conv and their first
+  and second-order gradients holds no convolution at all: only dot_generals with the client
+  axis as a batch dimension."""
+  C = 3
+  w1 = jnp.zeros((C, 4, 4, 3, 4))
+  w2 = jnp.zeros((C, 4, 4, 3, 4))
+  x = jnp.zeros((C, 2, 8, 8, 3))
+  f = jax.vmap(jax.grad(_loss("gemm"), argnums=(0, 1, 2)))
+  text = jax.jit(f).lower(w1, w2, x).as_text()
+  assert "stablehlo.convolution" not in text
+  dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+  assert dots and all("batching_dims = [0] x [0]" in line for line in dots), dots[:3]
 
 
 def test_weights_shared_across_clients_fold_into_the_batch():
@@ -68,8 +124,11 @@ def test_weights_shared_across_clients_fold_into_the_batch():
 
 
 def test_resolve_impl():
-  assert layers.resolve_impl("auto") == ("fast_cpu" if jax.default_backend() == "cpu" else "xla")
-  with pytest.raises(ValueError, match="model.conv_impl='cudnn'"):
+  assert layers.resolve_impl("auto", "cpu") == "fast_cpu"
+  assert layers.resolve_impl("auto", "gpu") == layers.resolve_impl("auto", "tpu") == "gemm"
+  assert layers.resolve_impl("auto") == layers.AUTO_IMPL[jax.default_backend()]
+  assert layers.resolve_impl("gemm", "cpu") == "gemm"
+  with pytest.raises(ValueError, match=r"model.conv_impl='cudnn': accepted \['auto', 'xla', 'fast_cpu', 'gemm'\]"):
     layers.resolve_impl("cudnn")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import tiny_config
 from fedgan_jax import experiment
@@ -22,18 +23,21 @@ def _diff(a, b):
   return jax.tree.map(lambda x, y: np.asarray(x, np.float64) - np.asarray(y, np.float64), a, b)
 
 
-def _one_round(precision: str, data):
-  config = tiny_config(**{"train.precision": precision})
+def _one_round(precision: str, data, impl: str = "auto"):
+  config = tiny_config(**{"train.precision": precision, "model.conv_impl": impl})
   program, _, _ = round_lib.build_from_config(config)
   state = program.init(jax.random.key(0))
   new_state, metrics = jax.jit(program.round)(state, data, jax.random.key(1))
   return state, new_state, metrics
 
 
-def test_bf16_round_stays_close_to_f32():
+@pytest.mark.parametrize("impl", ["auto", "gemm"])
+def test_bf16_round_stays_close_to_f32(impl):
+  """bf16 operands (f32 parameters and accumulation) against f32, in the CPU default lowering
+  and in the accelerators' ``gemm`` lowering (bf16 matmuls, bf16 col2im sums)."""
   data, _, _ = experiment.setup_data(tiny_config())
-  init32, s32, m32 = _one_round("f32", data)
-  init16, s16, m16 = _one_round("bf16", data)
+  init32, s32, m32 = _one_round("f32", data, impl)
+  init16, s16, m16 = _one_round("bf16", data, impl)
   # Parameters stay f32 (only compute is bf16) and start identical.
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16.g_global["params"]))
   assert _norm(_diff(init16.g_global["params"], init32.g_global["params"])) == 0.0

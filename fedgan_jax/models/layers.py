@@ -1,6 +1,6 @@
-"""Convolutions with a selectable lowering (DESIGN §6).
+"""Convolutions with a selectable lowering (docs/design.md, "Lowerings").
 
-Two lowerings of the same math:
+Three lowerings of the same math:
 
 * ``xla``: plain ``lax.conv_general_dilated`` with autodiff; under ``vmap`` over
   per-client weights XLA emits a grouped convolution. Right where cuDNN serves
@@ -18,7 +18,20 @@ Two lowerings of the same math:
   inside a loop body (a rolled ``scan``, ``lax.map`` over clients) such a conv
   is not re-canonicalized and runs ~40x slower (docs/benchmarks.md).
 
-``auto`` picks ``fast_cpu`` on the CPU backend and ``xla`` elsewhere.
+* ``gemm``: every conv is im2col (strided slices of the padded input,
+  concatenated on the feature axis) + ``dot_general``, and the transposed conv
+  is its exact adjoint (``dot_general`` + col2im, an overlap-add of padded
+  slices). Only slices, pads, adds and matmuls, so autodiff of any order
+  (WGAN-GP, R1) stays in that form, and under ``vmap`` over per-client weights
+  every matmul is a ``dot_general`` with the client axis as a batch dimension:
+  one batched GEMM per layer for all clients, no grouped and no lhs-dilated
+  convolution anywhere. Built for accelerators, where XLA:GPU runs the input
+  gradient of a grouped conv and every lhs-dilated conv as a forward conv over
+  a zero-inserted input (docs/benchmarks.md, GPU). In bf16 the operands are
+  bf16 and XLA's GPU/TPU GEMMs accumulate in f32.
+
+``auto`` picks per backend (``AUTO_IMPL``): ``fast_cpu`` on CPU (measured
+fastest there), ``gemm`` on GPU and TPU.
 """
 
 from __future__ import annotations
@@ -32,13 +45,24 @@ from jax import lax
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
+IMPLS = ("xla", "fast_cpu", "gemm")
+# What ``auto`` resolves to, per backend. CPU: fast_cpu, 7x stock convs at 16 clients and
+# 1.0-1.1x PyTorch (docs/benchmarks.md (a), (b)); gemm is ~0.5x PyTorch there. GPU: an
+# im2col + batched-GEMM prototype ran the vmapped 64-client round 2.2x faster than stock
+# convs on an H200 (docs/benchmarks.md, GPU); ``launch.device_check`` re-measures all three.
+AUTO_IMPL = {"cpu": "fast_cpu", "gpu": "gemm", "cuda": "gemm", "rocm": "gemm", "tpu": "gemm"}
 
-def resolve_impl(impl: str) -> str:
-  """Maps ``'auto'`` to the lowering for the default backend."""
+
+def resolve_impl(impl: str, backend: str | None = None) -> str:
+  """Maps ``'auto'`` to the lowering for ``backend`` (default: JAX's default backend).
+
+  Raises:
+    ValueError: ``impl`` is not one of ``'auto'`` and ``IMPLS``.
+  """
   if impl == "auto":
-    return "fast_cpu" if jax.default_backend() == "cpu" else "xla"
-  if impl not in ("xla", "fast_cpu"):
-    raise ValueError(f"model.conv_impl={impl!r}: accepted 'auto', 'xla', 'fast_cpu'.")
+    return AUTO_IMPL.get(backend or jax.default_backend(), "gemm")
+  if impl not in IMPLS:
+    raise ValueError(f"model.conv_impl={impl!r}: accepted {['auto', *IMPLS]}.")
   return impl
 
 
@@ -147,10 +171,68 @@ def _fast_ops(stride: int, pad: int, k: int, in_hw: tuple[int, int]):
   return conv, tin, tw
 
 
+def _out_size(n: int, k: int, stride: int, pad: int) -> int:
+  return (n + 2 * pad - k) // stride + 1
+
+
+def _taps(k: int, stride: int, out_hw: tuple[int, int]):
+  """``(i, j, limits)`` of each kernel tap: the strided window of the padded input it reads."""
+  span = [stride * (o - 1) + 1 for o in out_hw]
+  return [(i, j, (i + span[0], j + span[1])) for i in range(k) for j in range(k)]
+
+
+def _im2col(x, k: int, stride: int, pad: int):
+  """``[B, H, W, C] -> [B, Ho, Wo, k*k*C]``: the patch of every output pixel, taps in HWI order.
+
+  One strided slice of the zero-padded input per kernel tap; their transpose
+  (autodiff, or ``_col2im``) is a pad with interior zeros, never a conv.
+  """
+  b, h, w, c = x.shape
+  out_hw = (_out_size(h, k, stride, pad), _out_size(w, k, stride, pad))
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  cols = [lax.slice(xp, (0, i, j, 0), (b, hi, wj, c), (1, stride, stride, 1))
+          for i, j, (hi, wj) in _taps(k, stride, out_hw)]
+  return jnp.concatenate(cols, axis=-1)
+
+
+def _col2im(cols, k: int, stride: int, pad: int, in_hw: tuple[int, int]):
+  """The adjoint of ``_im2col``: ``[B, Ho, Wo, k*k*C] -> [B, H, W, C]`` by overlap-add.
+
+  Each tap's columns are placed back on its strided window of the padded
+  input (a pad with ``stride - 1`` interior zeros) and summed; the padding is
+  then cropped.
+  """
+  b, ho, wo, kkc = cols.shape
+  c = kkc // (k * k)
+  hp, wp = in_hw[0] + 2 * pad, in_hw[1] + 2 * pad
+  zero = jnp.zeros((), cols.dtype)
+  out = None
+  for t, (i, j, (hi, wj)) in enumerate(_taps(k, stride, (ho, wo))):
+    part = lax.pad(cols[..., t * c:(t + 1) * c], zero,
+                   ((0, 0, 0), (i, hp - hi, stride - 1), (j, wp - wj, stride - 1), (0, 0, 0)))
+    out = part if out is None else out + part
+  return out[:, pad:pad + in_hw[0], pad:pad + in_hw[1], :]
+
+
+def _gemm_conv(x, w, stride: int, pad: int):
+  """``conv2d`` as im2col + one matmul: ``[B, Ho, Wo, kkC] @ [kkC, O]``."""
+  k, _, cin, cout = w.shape
+  return lax.dot_general(_im2col(x, k, stride, pad), w.reshape(k * k * cin, cout), (((3,), (0,)), ((), ())))
+
+
+def _gemm_conv_transpose(y, w, stride: int, pad: int, in_hw: tuple[int, int]):
+  """The adjoint of ``_gemm_conv(·, w)``: one matmul ``[B, Ho, Wo, O] @ [O, kkC]``, then col2im."""
+  k, _, cin, cout = w.shape
+  cols = lax.dot_general(y, w.reshape(k * k * cin, cout), (((3,), (1,)), ((), ())))
+  return _col2im(cols, k, stride, pad, in_hw)
+
+
 def conv2d(x, w, stride: int, pad: int, impl: str):
   """NHWC conv with HWIO weights, symmetric padding, lowering ``impl``."""
   if impl == "fast_cpu":
     return _fast_ops(stride, pad, w.shape[0], tuple(x.shape[1:3]))[0](x, w)
+  if impl == "gemm":
+    return _gemm_conv(x, w, stride, pad)
   return _conv(x, w, stride, pad)
 
 
@@ -170,6 +252,8 @@ def conv2d_transpose(y, w, stride: int, pad: int, impl: str):
   hw = (y.shape[1] * stride, y.shape[2] * stride)
   if impl == "fast_cpu":
     return _fast_ops(stride, pad, w.shape[0], hw)[1](y, w)
+  if impl == "gemm":
+    return _gemm_conv_transpose(y, w, stride, pad, hw)
   # Stock: the linear transpose of the conv, left to XLA (cuDNN) and autodiff.
   _, vjp = jax.vjp(lambda x: _conv(x, w, stride, pad), jnp.zeros((y.shape[0], *hw, w.shape[2]), y.dtype))
   return vjp(y)[0]

@@ -108,7 +108,7 @@ def _optimizer(config, lr: float) -> optax.GradientTransformation:
   return optax.rmsprop(lr)
 
 
-def _unroll(config):
+def scan_unroll(config):
   """``lax.scan``'s ``unroll`` for the local steps from ``train.unroll``."""
   u = str(config.train.unroll).lower()
   if u == "auto":
@@ -181,7 +181,7 @@ def build(config, generator, discriminator, g_aggregator: Aggregator,
   g_tx = _optimizer(config, config.train.g_lr)
   d_tx = _optimizer(config, config.train.d_lr)
   d_aggregator = d_aggregator or g_aggregator
-  unroll = _unroll(config)
+  unroll = scan_unroll(config)
 
   def init(key: jax.Array) -> RoundState:
     kg, kd = jax.random.split(key)

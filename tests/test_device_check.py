@@ -1,0 +1,65 @@
+"""launch.device_check: the plan, the report, and the whole --tiny check end to end (as CI runs it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from launch import device_check
+
+
+def test_plan_full_gpu_and_peer_skips(tmp_path):
+  steps = device_check.plan(False, "gpu", None, str(tmp_path))
+  names = [s.name for s in steps]
+  assert names[:3] == ["c64_gemm_f32", "c64_xla_f32", "c64_peer_f32"]  # Most important first.
+  assert {"c64_gemm_bf16", "c64_xla_bf16", "r256_auto_bf16", "r256_peer_f32", "scale_c4", "scale_c256",
+          "main_default"} <= set(names)
+  assert "c64_fast_cpu_f32" not in names  # The CPU lowering is not run on accelerators.
+  assert all(s.skip for s in steps if s.kind == "peer")  # No peer script given.
+  big = next(s for s in steps if s.name == "r256_auto_bf16")
+  assert big.argv[big.argv.index("--clients") + 1] == "16" and "--precision" in big.argv
+  peer = device_check.plan(False, "gpu", "/x/peer.py", str(tmp_path))[2]
+  assert peer.argv[1] == "/x/peer.py" and peer.argv[-1] == "cuda"
+  assert sum(s.limit for s in steps if not s.skip) > 450  # The budget, not the limits, bounds the check.
+
+
+def test_budget_skips_steps_that_would_start_too_late(tmp_path):
+  steps = [device_check.Step("a", "g", "bench", (sys.executable, "-c", "print('{\"sec_per_round\": 1.0}')"), 30),
+           device_check.Step("b", "g", "bench", (sys.executable, "-c", "import time; time.sleep(30)"), 2),
+           device_check.Step("c", "g", "bench", (sys.executable, "-c", "raise SystemExit(3)"), 30),
+           device_check.Step("d", "g", "peer", ("x",), 30, skip="torch is not installed")]
+  recs = device_check.run_all(steps, str(tmp_path), budget=60)
+  assert [r["status"] for r in recs] == ["ok", "timeout", "error", "skipped"]
+  assert recs[0]["result"] == {"sec_per_round": 1.0} and "exit code 3" in recs[2]["detail"]
+  late = device_check.run_all(steps[:1], str(tmp_path), budget=5)
+  assert late[0]["status"] == "skipped" and "budget" in late[0]["detail"]
+  lines = (tmp_path / "device_check.jsonl").read_text().splitlines()
+  assert len(lines) == 1  # Rewritten by each check.
+
+
+@pytest.mark.slow
+def test_tiny_device_check_writes_both_files(tmp_path):
+  out = tmp_path / "dc"
+  proc = subprocess.run([sys.executable, "-m", "launch.device_check", "--tiny", "--out", str(out)],
+                        capture_output=True, text=True, cwd=ROOT, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "step 1/" in proc.stdout and "wrote" in proc.stdout
+  recs = [json.loads(line) for line in (out / "device_check.jsonl").read_text().splitlines()]
+  by = {r["step"]: r for r in recs}
+  assert set(by) == {s.name for s in device_check.plan(True, "cpu", None, str(out))}
+  for r in recs:
+    assert set(r) >= {"step", "group", "command", "status", "seconds", "result"}
+    assert r["status"] == ("skipped" if "_peer_" in r["step"] and r["status"] == "skipped" else "ok"), r
+  gemm = by["c2_gemm_f32"]["result"]
+  assert gemm["hlo_ops"]["convolution"] == 0 and gemm["loop"]["hlo_ops"]["convolution"] == 0
+  assert by["c2_xla_f32"]["result"]["hlo_ops"]["lhs_dilated_convolution"] > 0
+  assert by["main_default"]["result"]["rounds"] == 2
+  md = (out / "device_check.md").read_text()
+  for text in ("## C = 2, 32 px, B = 4, L = 1", "## scaling in C", "## the main job", "## Targets", "c2_gemm_bf16"):
+    assert text in md, text
+  assert os.path.isdir(out / "jax_cache")
