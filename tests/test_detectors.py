@@ -1,6 +1,6 @@
 """Detectors (JAX Isolation Forest vs sklearn, robust z-score), the
 detect-and-decay defense of Jin & Li (SASHIMI 2022) with golden weight
-sequences, and detection metrics."""
+sequences."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from sklearn.ensemble._iforest import _average_path_length
 
 from fedgan_jax import aggregation
 from fedgan_jax.aggregation import isolation_forest, robust_zscore
-from fedgan_jax.aggregation.detection_metrics import detection_rates, first_flagged_round
 from fedgan_jax.aggregation.detectors import average_path_length
 
 iforest = jax.jit(isolation_forest, static_argnames=("num_trees", "max_samples", "max_depth"))
@@ -250,23 +249,3 @@ def test_detect_errors_name_the_field():
   with pytest.raises(ValueError, match="num_clients=3 does not match"):
     jax.eval_shape(agg.aggregate, agg.init(g), g, cp,
                    {"num_examples": jnp.ones(4), "g_loss": jnp.ones(4)}, jax.random.key(0))
-
-
-# ------------------------------------------------------------- detection metrics
-
-
-def test_detection_rates():
-  r = detection_rates(np.array([True, True, False, False]), np.array([True, False, False, False]))
-  assert float(r["tpr"]) == 1.0 and float(r["fpr"]) == pytest.approx(1 / 3)
-  r = jax.jit(detection_rates)(jnp.array([False, True]), jnp.array([False, False]))
-  assert np.isnan(r["tpr"]) and float(r["fpr"]) == 0.5  # No attacker: TPR undefined.
-
-
-def test_first_flagged_round():
-  hist = np.array([[False, False, False], [False, True, False], [True, True, False]])
-  mal = np.array([True, True, True])
-  assert first_flagged_round(hist, mal) == {0: 2, 1: 1, 2: None}
-  assert first_flagged_round(hist, np.array([True, False, False]), rounds=[10, 20, 30]) == {0: 30}
-  assert first_flagged_round([], mal) == {0: None, 1: None, 2: None}
-  with pytest.raises(ValueError, match="expected"):
-    first_flagged_round(np.zeros((2, 4), bool), mal)

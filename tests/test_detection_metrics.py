@@ -1,0 +1,35 @@
+"""metrics.detection: per-round rates, first flagged round, and run means, on hand-checkable inputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fedgan_jax.metrics.detection import detection_rates, first_flagged_round, mean_rate
+
+
+def test_detection_rates():
+  tpr, fpr = detection_rates(np.array([True, True, False, False]), np.array([True, False, False, False]))
+  assert tpr == 1.0 and fpr == pytest.approx(1 / 3)
+  tpr, fpr = detection_rates([False, True], [False, False])
+  assert math.isnan(tpr) and fpr == 0.5  # No attacker: TPR undefined.
+  tpr, fpr = detection_rates([True], [True])
+  assert tpr == 1.0 and math.isnan(fpr)  # No honest client: FPR undefined.
+
+
+def test_first_flagged_round():
+  hist = np.array([[False, False, False], [False, True, False], [True, True, False]])
+  mal = np.array([True, True, True])
+  assert first_flagged_round(hist, mal) == {0: 2, 1: 1, 2: None}
+  assert first_flagged_round(hist, np.array([True, False, False]), rounds=[10, 20, 30]) == {0: 30}
+  assert first_flagged_round([], mal) == {0: None, 1: None, 2: None}
+  with pytest.raises(ValueError, match="expected"):
+    first_flagged_round(np.zeros((2, 4), bool), mal)
+
+
+def test_mean_rate_skips_undefined_rounds():
+  assert mean_rate([1.0, None, float("nan"), 0.0]) == 0.5
+  assert mean_rate([None, float("nan")]) is None
+  assert mean_rate([]) is None
