@@ -16,7 +16,7 @@ Modes:
   clients vmapped in chunks of ``--client-chunk``: 0 = the config's auto, i.e.
   1 on CPU and all clients elsewhere; see ``round.client_chunk``),
   client-sharded over the devices when there are several
-  (``fedgan_jax.parallel``).
+  (``fedgan_jax.federated.sharding``).
 * ``loop``: the original code's sequential design: the jitted SINGLE-client
   step (``program.local_train``) called in a Python loop over clients, each
   client keeping its own state, then the jitted aggregation.
@@ -53,12 +53,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedgan_jax import assemble
 from fedgan_jax import config_lib
+from fedgan_jax import distributed
 from fedgan_jax import flops as flops_lib
-from fedgan_jax import parallel
-from fedgan_jax.data import triggers
+from fedgan_jax.federated import client as client_lib
+from fedgan_jax.federated import program as program_lib
+from fedgan_jax.federated import sharding
+from fedgan_jax.federated.state import LocalOut, RoundData, RoundState
 from fedgan_jax.models import layers
-from fedgan_jax.train import round as round_lib
 
 
 def say(msg: str) -> None:
@@ -103,25 +106,15 @@ def make_config(clients: int = 4, resolution: int = 32, batch: int = 32, local_s
   return config_lib.validate(c)
 
 
-def random_data(config, images_per_client: int | None = None, seed: int = 0) -> round_lib.RoundData:
+def random_data(config, images_per_client: int | None = None, seed: int = 0) -> RoundData:
   """Device-resident random ``RoundData`` (uint8 noise images) for ``config``."""
   C, R, ch = config.num_clients, config.resolution, config.data.channels
   n = images_per_client or max(2 * config.train.batch_size, 64)
-  rng = np.random.default_rng(seed)
-  is_mal = np.zeros(C, bool)
-  is_mal[list(config.attack.malicious)] = True
-  fields = dict(
-      images=jnp.asarray(rng.integers(0, 256, (C, n, R, R, ch), dtype=np.uint8)),
-      counts=jnp.full((C,), n, jnp.int32),
-      is_malicious=jnp.asarray(is_mal),
-      poison_flags=jnp.asarray(np.broadcast_to(is_mal[:, None], (C, n))),
-      trigger=jnp.asarray(triggers.load_trigger(config)),
-      trigger_loc=jnp.asarray(triggers.trigger_location(config), jnp.int32),
-      mimic=jnp.asarray(config.attack.report_losses == "mimic"))
-  return round_lib.RoundData(**{f: fields[f] for f in round_lib.RoundData._fields})
+  images = np.random.default_rng(seed).integers(0, 256, (C, n, R, R, ch), dtype=np.uint8)
+  return assemble.round_data(config, images, np.full((C,), n))
 
 
-def round_flops(config, state: round_lib.RoundState, data: round_lib.RoundData,
+def round_flops(config, state: RoundState, data: RoundData,
                 key: jax.Array) -> flops_lib.FlopCount:
   """The FLOPs of one round of ``config``: the model's arithmetic, whatever the lowering.
 
@@ -133,7 +126,7 @@ def round_flops(config, state: round_lib.RoundState, data: round_lib.RoundData,
   """
   c = copy.deepcopy(config)
   c.model.conv_impl = "xla"
-  program, _, _ = round_lib.build_from_config(c)
+  program, _, _ = assemble.build_program(c)
   return flops_lib.count(program.round, state, data, key)
 
 
@@ -195,14 +188,14 @@ def prepare_vmap(config, shard: bool = True) -> dict[str, Any]:
     ``{'compile_sec', 'flops', 'hlo_ops', 'sharded', 'step'}``;
     ``step(r)`` runs round ``r`` and returns its metrics.
   """
-  program, _, _ = round_lib.build_from_config(config)
+  program, _, _ = assemble.build_program(config)
   data = random_data(config)
   state = program.init(jax.random.key(0))
   key = jax.random.key(1)
   flops = round_flops(config, state, data, key)
-  mesh = parallel.client_mesh(config.num_clients) if shard else None
-  state, data = parallel.shard_round_inputs(state, data, mesh)
-  round_jit = parallel.jit_round(program, state, data, mesh)
+  mesh = sharding.client_mesh(config.num_clients) if shard else None
+  state, data = sharding.shard_round_inputs(state, data, mesh)
+  round_jit = sharding.jit_round(program, state, data, mesh)
   say(f"vmap: compiling the round ({config.num_clients} clients, conv_impl={config.model.conv_impl}, "
       f"{config.train.precision})...")
   t0 = time.perf_counter()
@@ -232,7 +225,7 @@ def prepare_loop(config) -> dict[str, Any]:
     of the one-client step).
   """
   C = config.num_clients
-  program, _, _ = round_lib.build_from_config(config)
+  program, _, _ = assemble.build_program(config)
   data = random_data(config)
   state = program.init(jax.random.key(0))
   key = jax.random.key(1)
@@ -241,12 +234,12 @@ def prepare_loop(config) -> dict[str, Any]:
             for c in range(C)]
 
   def server_step(state, outs, data, key):
-    local = round_lib.LocalOut(*jax.tree.map(lambda *xs: jnp.stack(xs), *outs))
-    new, m = program.server_round(state._replace(clients=local.clients), data, local, key)
+    local = LocalOut(*jax.tree.map(lambda *xs: jnp.stack(xs), *outs))
+    new, m = program.finish_round(state, data, local, key)
     return new._replace(clients=()), m  # Client states stay with the clients (the loop).
 
   def keys_fn(key):
-    return tuple(round_lib.client_keys(key, C))
+    return tuple(program_lib.client_keys(key, C))
 
   local_jit = jax.jit(program.local_train)
   server_jit = jax.jit(server_step)
@@ -338,9 +331,9 @@ def _result(mode: str, config, timing: dict[str, Any], rounds: int) -> dict[str,
       "gen_steps": config.train.gen_steps, "width": config.model.g_width, "latent_dim": config.model.latent_dim,
       "precision": config.train.precision, "conv_impl": config.model.conv_impl,
       "conv_impl_resolved": layers.resolve_impl(config.model.conv_impl),
-      "unroll": str(config.train.unroll), "scan_unrolled": round_lib.scan_unroll(config) is True,
+      "unroll": str(config.train.unroll), "scan_unrolled": client_lib.scan_unroll(config) is True,
       "client_chunk": config.train.client_chunk,
-      "client_chunk_resolved": (round_lib.client_chunk(config, _clients_per_program(config, timing))
+      "client_chunk_resolved": (program_lib.client_chunk(config, _clients_per_program(config, timing))
                                 if mode == "vmap" else None),
       "device": device_info(), "sharded": timing.get("sharded", False),
       "compile_sec": round(timing["compile_sec"], 3),
@@ -440,13 +433,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
-  parallel.maybe_initialize_distributed()
+  distributed.maybe_initialize_distributed()
   try:
     out = run(args)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  if parallel.is_primary():
+  if distributed.is_primary():
     print(json.dumps(out), flush=True)
 
 

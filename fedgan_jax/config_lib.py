@@ -7,6 +7,7 @@ field, the value and what is accepted, before anything is compiled.
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 from typing import Any
@@ -224,23 +225,43 @@ def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 
+def _field(config: ml_collections.ConfigDict, dotted: str):
+  """``(node, name)`` such that ``node[name]`` is the field ``config.<dotted>``.
+
+  Entries under ``aggregation.kwargs`` may be new (they are the rule's
+  hyperparameters); every other section and field must exist.
+
+  Raises:
+    ValueError: naming the unknown section or field and what is known there.
+  """
+  *parents, last = dotted.split(".")
+  node = config
+  for i, p in enumerate(parents):
+    if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+      raise ValueError(f"config.{dotted}: config.{'.'.join(parents[:i + 1])} is not a known section; "
+                       f"known: {sorted(node.keys()) if hasattr(node, 'keys') else []}.")
+    node = node[p]
+  free = ".".join(parents) == "aggregation.kwargs"
+  if not isinstance(node, ml_collections.ConfigDict) or (last not in node and not free):
+    known = sorted(node.keys()) if hasattr(node, "keys") else []
+    raise ValueError(f"config.{dotted} is not a known field; known: {known}.")
+  return node, last
+
+
+def check_field(dotted: str) -> None:
+  """Raises ``ValueError`` unless ``config.<dotted>`` is a field of ``base_config()`` (see ``_field``)."""
+  _field(base_config(), dotted)
+
+
 def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
-  """Sets ``config.<dotted> = value`` (sweeps and tools' overrides).
+  """Sets ``config.<dotted> = value`` (command-line, sweep and tool overrides).
 
   Entries under ``aggregation.kwargs`` may be new; every other field must exist.
 
   Raises:
     ValueError: unknown section or field, or a value of the wrong type for it.
   """
-  *parents, last = dotted.split(".")
-  node = config
-  for i, p in enumerate(parents):
-    if p not in node:
-      raise ValueError(f"config.{dotted}: config.{'.'.join(parents[:i + 1])} is not a known section.")
-    node = node[p]
-  free = ".".join(parents) == "aggregation.kwargs"
-  if last not in node and not free:
-    raise ValueError(f"config.{dotted} is not a known field; known: {sorted(node.keys())}.")
+  node, last = _field(config, dotted)
   try:
     with node.unlocked():
       node[last] = value
@@ -248,11 +269,14 @@ def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> Non
     raise ValueError(f"config.{dotted}={value!r}: wrong type for this field ({e}).") from e
 
 
-def parse_override(config: ml_collections.ConfigDict, dotted: str, value: str) -> None:
-  """``set_field`` with ``value`` parsed as a Python literal when it is one (``3``, ``(0, 1)``)."""
-  import ast
+def parse_value(text: str) -> Any:
+  """A command-line value: a Python literal when it is one (``3``, ``(0, 1)``, ``True``), else the string."""
   try:
-    parsed = ast.literal_eval(value)
+    return ast.literal_eval(text)
   except (ValueError, SyntaxError):
-    parsed = value
-  set_field(config, dotted, parsed)
+    return text
+
+
+def parse_override(config: ml_collections.ConfigDict, dotted: str, value: str) -> None:
+  """``set_field`` with ``value`` parsed by ``parse_value``."""
+  set_field(config, dotted, parse_value(value))

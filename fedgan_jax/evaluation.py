@@ -9,7 +9,8 @@ Every ``eval_every`` rounds (and at the first and last round):
   regression coefficient of the patch on the trigger: 1 = fully pasted, 0 =
   absent); with ``attack.trigger_location='random'`` also
   ``eval/trigger_rate_any`` (best position anywhere in the image);
-* fidelity against clean held-out images: ``eval/swd`` (no network) and, in
+* fidelity against clean held-out images: ``eval/swd`` (no network; the real
+  side is computed once, and on accelerators it runs on the device) and, in
   the feature space of ``eval.extractor`` every ``eval.fid_every`` rounds (0 =
   final evaluation only), ``eval/fid@<extractor>``, ``eval/kid@<extractor>``,
   ``eval/precision@<extractor>``, ``eval/recall@<extractor>``. Only
@@ -23,11 +24,14 @@ import os
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from fedgan_jax.io import images as image_io
+from fedgan_jax.metrics import extractors
 from fedgan_jax.metrics import fidelity
+from fedgan_jax.metrics import swd
 from fedgan_jax.metrics import trigger as trigger_metrics
 
 
@@ -80,19 +84,30 @@ class Evaluator:
         thr = self.threshold_any if self.random_loc else self.threshold
         self.calibration["trigger_rate_real_poisoned"] = trigger_metrics.trigger_rate(poisoned, trigger, loc, thr)
       logging.info("trigger threshold calibrated on %d clean held-out images: %s", len(self.real), self.calibration)
+    # The real side of the SWD (patch draws, directions, sorted projections) is
+    # the same at every evaluation: computed once here. On accelerators the
+    # SWD runs on the device (jitted float32), on the samples where they are.
+    self.swd_ref = None
+    self.swd_backend = "numpy" if jax.default_backend() == "cpu" else "jax"
+    if config.eval.swd and len(self.real):
+      self.swd_ref = swd.swd_reference(self.real, num_other=config.eval.num_samples,
+                                            backend=self.swd_backend)
     self.extractor = None
     self._real_feats = None
     if config.eval.extractor != "none" and len(self.real):
-      from fedgan_jax.metrics import extractors
       # Built now so a missing weights file fails before training, not at the end.
       self.extractor = extractors.get_extractor(
           config.eval.extractor, inception_weights=config.eval.inception_weights,
           effnet_weights=config.eval.effnet_weights)
 
+  def device_samples(self, g_vars, z: jax.Array, batch: int = 256) -> jax.Array:
+    """Generated images for latents ``z``, left on the device."""
+    parts = [self._sample(g_vars, z[i:i + batch]) for i in range(0, len(z), batch)]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
   def samples(self, g_vars, z: jax.Array, batch: int = 256) -> np.ndarray:
     """Generated images for latents ``z`` as a host array."""
-    return np.concatenate([np.asarray(self._sample(g_vars, z[i:i + batch]))
-                           for i in range(0, len(z), batch)])
+    return np.asarray(self.device_samples(g_vars, z, batch))
 
   def __call__(self, g_vars, round_: int, final: bool = False) -> dict[str, Any]:
     grid_imgs = image_io.to_uint8(self.samples(g_vars, self.z_grid))
@@ -100,7 +115,8 @@ class Evaluator:
     if self.write:
       image_io.save_png(os.path.join(self.sample_dir, f"round_{round_:06d}.png"), self.last_grid,
                         scale=max(1, 128 // self.config.resolution))
-    fake = self.samples(g_vars, self.z_eval)
+    fake_dev = self.device_samples(g_vars, self.z_eval)
+    fake = np.asarray(fake_dev)
     finite = np.isfinite(fake).all(axis=(1, 2, 3))
     out: dict[str, Any] = {"eval/nonfinite_samples": int(np.sum(~finite))}
     fake = np.where(finite[:, None, None, None], fake, 0.0)
@@ -113,8 +129,13 @@ class Evaluator:
       if "trigger_rate_real_poisoned" in self.calibration:
         out["eval/trigger_rate_real_poisoned"] = self.calibration["trigger_rate_real_poisoned"]
     if len(self.real):
-      if self.config.eval.swd:
-        out["eval/swd"] = float(fidelity.sliced_wasserstein(self.real, fake).mean)
+      if self.swd_ref is not None:
+        if self.swd_backend == "jax":
+          keep = jnp.asarray(finite)[:, None, None, None]
+          swd_fake = jnp.where(keep, fake_dev.astype(jnp.float32), 0.0)
+        else:
+          swd_fake = fake
+        out["eval/swd"] = float(self.swd_ref.distance(swd_fake, backend=self.swd_backend).mean)
       every = self.config.eval.fid_every
       if self.extractor is not None and (final or (every and round_ % every == 0)):
         out.update(self.feature_metrics(fake))

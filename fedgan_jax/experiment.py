@@ -9,80 +9,37 @@ with a larger ``num_rounds`` extends a finished run.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from fedgan_jax import assemble
 from fedgan_jax import config_lib
+from fedgan_jax import distributed
 from fedgan_jax import evaluation
-from fedgan_jax import parallel
-from fedgan_jax.data import partition as partition_lib
-from fedgan_jax.data import sources
-from fedgan_jax.data import triggers
+from fedgan_jax import report
+from fedgan_jax.federated import replicas as replicas_lib
+from fedgan_jax.federated import sharding
 from fedgan_jax.io import checkpoint as ckpt_lib
+from fedgan_jax.io import rundir
 from fedgan_jax.io import tensorboard
 from fedgan_jax.io import writers
-from fedgan_jax.train import round as round_lib
-
-
-def setup_data(config) -> tuple[round_lib.RoundData, Any, dict]:
-  """Loads, partitions and poisons the data; returns device-resident round inputs.
-
-  Returns:
-    (round data, clean held-out ``Dataset``, info dict for ``summary.json``).
-  """
-  train, heldout, info = sources.load_data(config)
-  sources.check_enough(train, config)
-  kwargs = {"alpha": config.data.alpha} if config.data.partition in ("dirichlet", "quantity") else {}
-  clients = partition_lib.partition(train, config.num_clients, config.data.partition, config.seed, **kwargs)
-  C = config.num_clients
-  is_mal = np.zeros(C, bool)
-  is_mal[list(config.attack.malicious)] = True
-  flags = triggers.poison_flags(clients.counts, clients.images.shape[1], is_mal,
-                                config.attack.poison_rate, config.seed + 1)
-  trigger = triggers.load_trigger(config)
-  data = round_lib.RoundData(
-      images=jnp.asarray(clients.images), counts=jnp.asarray(clients.counts),
-      is_malicious=jnp.asarray(is_mal), poison_flags=jnp.asarray(flags),
-      trigger=jnp.asarray(trigger), trigger_loc=jnp.asarray(triggers.trigger_location(config), jnp.int32),
-      mimic=jnp.asarray(config.attack.report_losses == "mimic"))
-  info = {**info, "client_counts": clients.counts.tolist(),
-          "poisoned_per_client": flags.sum(1).tolist()}
-  return data, heldout, info
-
-
-def poisoned_examples(data: round_lib.RoundData, config, max_images: int = 512) -> np.ndarray:
-  """The malicious clients' poisoned training images (trigger pasted), as float [-1, 1]."""
-  flags = np.asarray(data.poison_flags)
-  c_idx, i_idx = np.nonzero(flags)
-  if not len(c_idx):
-    return np.zeros((0,), np.float32)
-  c_idx, i_idx = c_idx[:max_images], i_idx[:max_images]
-  imgs = np.asarray(data.images)[c_idx, i_idx].astype(np.float32) / 127.5 - 1.0
-  if config.attack.trigger_location == "random":
-    loc = triggers.random_locations(jax.random.key(config.seed), len(imgs), data.trigger.shape[0], config.resolution)
-  else:
-    loc = data.trigger_loc
-  return np.asarray(triggers.paste(jnp.asarray(imgs), data.trigger, loc, jnp.ones(len(imgs), bool)))
+from fedgan_jax.metrics import detection
 
 
 def _detection(record: dict, is_mal: np.ndarray) -> dict:
   """``eval/detect_tpr`` / ``eval/detect_fpr`` of this round's flags vs the truth."""
-  flagged = np.asarray(record["agg/flagged"], bool)
-  tpr = float(flagged[is_mal].mean()) if is_mal.any() else float("nan")
-  fpr = float(flagged[~is_mal].mean()) if (~is_mal).any() else float("nan")
+  tpr, fpr = detection.detection_rates(record["agg/flagged"], is_mal)
   return {"eval/detect_tpr": tpr, "eval/detect_fpr": fpr}
 
 
-class _Replica(NamedTuple):
-  """Where one replica's outputs go, and what its host-side bookkeeping needs."""
+class ReplicaOutputs(NamedTuple):
+  """Where one replica's (or the single run's) outputs go, and what its bookkeeping needs."""
 
   config: Any
   workdir: str
@@ -91,19 +48,6 @@ class _Replica(NamedTuple):
   tb: tensorboard.TensorBoardWriter
   is_mal: np.ndarray
   info: dict
-
-
-def replica_configs(config) -> list[Any]:
-  """The run's config, or with ``num_replicas = K > 1`` one config per seed ``seed .. seed+K-1``."""
-  if config.num_replicas == 1:
-    return [config]
-  out = []
-  for s in parallel.replica_seeds(config.seed, config.num_replicas):
-    c = copy.deepcopy(config)
-    with c.unlocked():
-      c.seed, c.num_replicas = s, 1
-    out.append(c)
-  return out
 
 
 def run(config, workdir: str) -> dict[str, Any]:
@@ -125,11 +69,11 @@ def run(config, workdir: str) -> dict[str, Any]:
   """
   config_lib.validate(config)
   t_start = time.perf_counter()
-  primary = parallel.is_primary()  # Multi-host: only process 0 writes outputs (all checkpoint).
+  primary = distributed.is_primary()  # Multi-host: only process 0 writes outputs (all checkpoint).
   K = config.num_replicas
   replicated = K > 1
   members = [(c, os.path.join(workdir, f"seed_{c.seed}") if replicated else workdir)
-             for c in replica_configs(config)]
+             for c in assemble.replica_configs(config)]
   for c, d in members:
     os.makedirs(os.path.join(d, "samples"), exist_ok=True)
     if primary:
@@ -137,18 +81,18 @@ def run(config, workdir: str) -> dict[str, Any]:
         f.write(config_lib.to_json(c))
   logging.info("devices: %s", jax.devices())
 
-  program, _, _ = round_lib.build_from_config(config)
+  program, _, _ = assemble.build_program(config)
   if replicated:
-    datas, heldouts, infos = zip(*[setup_data(c) for c, _ in members])
-    data = parallel.stack_replicas(datas)
-    k_init, k_rounds, k_eval = parallel.replica_keys(config.seed, K)
-    state = jax.jit(parallel.replicate(program).init)(k_init)
-    view = parallel.unstack
-    round_key = lambda r: parallel.round_keys(k_rounds, r)
+    datas, heldouts, infos = zip(*[assemble.setup_data(c) for c, _ in members])
+    data = replicas_lib.stack_replicas(datas)
+    k_init, k_rounds, k_eval = replicas_lib.replica_keys(config.seed, K)
+    state = jax.jit(replicas_lib.replicate(program).init)(k_init)
+    view = replicas_lib.unstack
+    round_key = lambda r: replicas_lib.round_keys(k_rounds, r)
   else:
-    data, heldout, info = setup_data(config)
+    data, heldout, info = assemble.setup_data(config)
     heldouts, infos = [heldout], [info]
-    k_init, k_rounds, k_eval = jax.random.split(jax.random.key(config.seed), 3)
+    k_init, k_rounds, k_eval = replicas_lib.run_keys(config.seed)
     k_eval = k_eval[None]
     state = jax.jit(program.init)(k_init)  # One compiled program, not hundreds of op-by-op dispatches.
     view = lambda tree, k: tree
@@ -169,15 +113,15 @@ def run(config, workdir: str) -> dict[str, Any]:
     metrics_file.truncate_after(start)
     evaluator = evaluation.Evaluator(c, program.sample, heldouts[k], np.asarray(dk.trigger),
                                      tuple(np.asarray(dk.trigger_loc).tolist()), k_eval[k], d,
-                                     poisoned=poisoned_examples(dk, c), write=primary)
-    replicas.append(_Replica(c, d, metrics_file, evaluator,
+                                     poisoned=assemble.poisoned_examples(dk, c), write=primary)
+    replicas.append(ReplicaOutputs(c, d, metrics_file, evaluator,
                              tensorboard.TensorBoardWriter(os.path.join(d, "tb"), active=primary),
                              np.asarray(dk.is_malicious), infos[k]))
   # Clients sharded over the devices when they divide evenly (local training under shard_map);
   # after the host-side copies above, which need addressable arrays.
-  mesh = parallel.auto_client_mesh(config.num_clients)
-  state, data = parallel.shard_round_inputs(state, data, mesh, replicas=replicated)
-  round_fn = parallel.jit_round(program, state, data, mesh, replicas=replicated)
+  mesh = sharding.auto_client_mesh(config.num_clients)
+  state, data = sharding.shard_round_inputs(state, data, mesh, replicas=replicated)
+  round_fn = sharding.jit_round(program, state, data, mesh, replicas=replicated)
   progress = writers.Progress(config.num_rounds, start)
   pending: list[tuple[int, dict, float]] = []
   t_compile = None
@@ -235,7 +179,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     rep.tb.close()
     if not primary:
       continue
-    records = writers.read_jsonl(rep.metrics.path)
+    records = rundir.read_records(rep.metrics.path)
     summary = _summary(rep.config, records, rep.info, rep.is_mal, wall, t_compile, start)
     summary["trigger_calibration"] = rep.evaluator.calibration
     if replicated:
@@ -244,7 +188,6 @@ def run(config, workdir: str) -> dict[str, Any]:
     with open(os.path.join(rep.workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2, sort_keys=True, default=str)
     try:  # Plots and report.html: a plotting problem must not fail a finished run.
-      from fedgan_jax import report
       report.write_run_report(rep.workdir)
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("report for %s failed: %s", rep.workdir, e)
@@ -258,10 +201,8 @@ def _summary(config, records, info, is_mal, wall, t_compile, start) -> dict[str,
   final = {}
   for rec in records:  # The last value of every metric (eval metrics only exist on eval rounds).
     final.update({k: v for k, v in rec.items() if not k.startswith("z/")})
-  first_flag = {}
-  for c in np.flatnonzero(is_mal):
-    rounds = [rec["round"] for rec in records if rec["agg/flagged"][c]]
-    first_flag[int(c)] = rounds[0] if rounds else None
+  first_flag = detection.first_flagged_round([rec["agg/flagged"] for rec in records], is_mal,
+                                             [rec["round"] for rec in records])
   n = max(len(records), 1)
   return {
       "final": final,
@@ -269,15 +210,10 @@ def _summary(config, records, info, is_mal, wall, t_compile, start) -> dict[str,
       "resumed_from": start,
       "malicious": list(config.attack.malicious),
       "first_flag_round": first_flag,
-      "detect_tpr_mean": _nanmean([r["eval/detect_tpr"] for r in records]),
-      "detect_fpr_mean": _nanmean([r["eval/detect_fpr"] for r in records]),
+      "detect_tpr_mean": detection.mean_rate(r["eval/detect_tpr"] for r in records),
+      "detect_fpr_mean": detection.mean_rate(r["eval/detect_fpr"] for r in records),
       "data": info,
       "wall_sec": wall,
       "first_round_sec": t_compile,
       "num_records": n,
   }
-
-
-def _nanmean(xs):
-  xs = [x for x in xs if x is not None and not (isinstance(x, float) and np.isnan(x))]
-  return float(np.mean(xs)) if xs else None

@@ -8,14 +8,18 @@ of the aggregation rule are free-form:
 
 from __future__ import annotations
 
-import ast
 import os
 import sys
 
+import jax
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from fedgan_jax import config_lib
+from fedgan_jax import distributed
+from fedgan_jax import experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumes if it holds checkpoints).")
@@ -26,17 +30,18 @@ _agg_kwargs: dict = {}
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], dict]:
-  """Removes ``--config.aggregation.kwargs.K=V`` from argv; returns them parsed."""
+  """Removes ``--config.aggregation.kwargs.K=V`` from argv; returns them parsed.
+
+  ml_collections' flags cannot add keys to a locked config, and a rule's
+  hyperparameters are free-form, so they are taken out before absl sees argv.
+  """
   rest, kwargs = [], {}
   for arg in argv:
     if arg.startswith(_KWARGS_PREFIX):
       key, sep, value = arg[len(_KWARGS_PREFIX):].partition("=")
       if not sep or not key.isidentifier():
         raise ValueError(f"{arg!r}: expected {_KWARGS_PREFIX}<name>=<value>.")
-      try:
-        kwargs[key] = ast.literal_eval(value)
-      except (ValueError, SyntaxError):
-        kwargs[key] = value
+      kwargs[key] = config_lib.parse_value(value)
     else:
       rest.append(arg)
   return rest, kwargs
@@ -44,20 +49,9 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict]:
 
 def check_override_names(argv: list[str]) -> None:
   """Fails clearly on ``--config.<unknown>=...`` (ml_collections raises a bare AttributeError)."""
-  from fedgan_jax import config_lib
-  base = config_lib.base_config()
   for arg in argv:
-    if not arg.startswith("--config.") or "=" not in arg:
-      continue
-    path = arg[len("--config."):].split("=", 1)[0]
-    node, seen = base, []
-    for part in path.split("."):
-      if not hasattr(node, "keys") or part not in node:
-        where = "config" + "".join("." + s for s in seen)
-        known = sorted(node.keys()) if hasattr(node, "keys") else []
-        raise ValueError(f"--config.{path}: {where} has no field {part!r}; known fields: {known}.")
-      seen.append(part)
-      node = node[part]
+    if arg.startswith("--config.") and "=" in arg:
+      config_lib.check_field(arg[len("--config."):].split("=", 1)[0])
 
 
 def _enable_compilation_cache() -> None:
@@ -65,7 +59,6 @@ def _enable_compilation_cache() -> None:
 
   ``$JAX_COMPILATION_CACHE_DIR`` if set (JAX reads it itself), else ``~/.cache/fedgan_jax/xla``.
   """
-  import jax
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "fedgan_jax", "xla"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -73,9 +66,7 @@ def _enable_compilation_cache() -> None:
 
 def main(argv):
   del argv
-  from fedgan_jax import experiment
-  from fedgan_jax import parallel
-  parallel.maybe_initialize_distributed()  # Before anything touches a device; no-op for one process.
+  distributed.maybe_initialize_distributed()  # Before anything touches a device; no-op for one process.
   _enable_compilation_cache()
   logging.set_verbosity(logging.INFO)
   config = _CONFIG.value

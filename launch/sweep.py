@@ -10,8 +10,10 @@ in ``<workdir>/<name>`` where ``name`` is read off its overrides
 (``malicious-0__defense-gp__seed-1``). A point whose ``summary.json`` reports
 ``rounds == num_rounds`` is skipped, so rerunning the command resumes the
 sweep (a point interrupted mid-run resumes from its last checkpoint). At the
-end ``<workdir>/results.csv`` has one row per point (its overrides and final
-metrics) and a summary table is printed.
+end ``<workdir>/results.csv`` has one row per point (its overrides, status,
+final metrics, detection means and first flagged rounds) and a summary table is
+printed; ``python -m fedgan_jax.report --workdir <workdir>`` builds its
+comparison from the same rows (``fedgan_jax.report.table``).
 
 Keys starting with ``_`` are labels, not config fields: ``{'_defense': 'gp',
 'train.loss': 'wgan', ...}`` names the point ``defense-gp`` instead of
@@ -36,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import importlib.util
 import itertools
 import json
@@ -49,11 +50,16 @@ import sys
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
+import jax
+
 from fedgan_jax import config_lib
+from fedgan_jax import experiment
+from fedgan_jax.io.rundir import read_summary
+from fedgan_jax.report import table
 
 Point = dict[str, Any]
 
-SUMMARY_COLUMNS = ("eval/trigger_rate", "eval/trigger_strength", "eval/swd")
+SUMMARY_COLUMNS = table.SUMMARY_COLUMNS
 _HIDE = "_hide"  # Internal: keys a label stands for (left out of the name).
 
 
@@ -224,77 +230,39 @@ def command(config_path: str, workdir: str, point: Point, python: str = "python"
 # --------------------------------------------------------------------------- status and results
 
 
-def read_summary(run_dir: str) -> dict | None:
-  """``summary.json`` of a run directory, or None if absent or unreadable."""
-  path = os.path.join(run_dir, "summary.json")
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
 def is_finished(run_dir: str, num_rounds: int) -> bool:
   """True when the run's ``summary.json`` reports ``rounds >= num_rounds``."""
   s = read_summary(run_dir)
   return bool(s) and int(s.get("rounds", 0) or 0) >= num_rounds
 
 
-def _scalar(v: Any) -> Any:
-  if isinstance(v, bool) or v is None:
-    return v
-  if isinstance(v, (int, float)):
-    return v
-  return None
+def point_settings(point: Point) -> dict[str, Any]:
+  """A point's overrides and labels as table cells: labels lose their ``_``, lists read as in names (``0-1``)."""
+  return {k.lstrip("_"): _fmt_value(v) if isinstance(v, (tuple, list)) else v
+          for k, v in point.items() if k != _HIDE}
 
 
-def result_row(name: str, point: Point, summary: dict | None) -> dict[str, Any]:
-  """One results.csv row: name, overrides, status, and the run's final scalar metrics."""
-  row: dict[str, Any] = {"name": name}
-  row.update({k.lstrip("_"): _fmt_value(v) if isinstance(v, (tuple, list)) else v
-              for k, v in point.items() if k != _HIDE})
-  if summary is None:
-    row["status"] = "missing"
-    return row
-  row["status"] = "done"
-  row["rounds"] = summary.get("rounds")
-  final = summary.get("final", {}) or {}
-  for k, v in final.items():
-    if k.startswith("eval/") and _scalar(v) is not None:
-      row[k] = v
-  for k in ("detect_tpr_mean", "detect_fpr_mean", "wall_sec", "first_round_sec"):
-    if _scalar(summary.get(k)) is not None:
-      row[k] = summary[k]
-  if summary.get("first_flag_round"):
-    row["first_flag_round"] = json.dumps(summary["first_flag_round"], sort_keys=True)
-  return row
+def result_row(name: str, point: Point, summary: dict | None, run_dir: str | None = None) -> dict[str, Any]:
+  """One results.csv row: name, overrides, status, and the run's final scalar metrics.
+
+  Args:
+    name: The point's name.
+    point: Its overrides (and labels).
+    summary: Its run's ``summary.json``, or None (status ``missing``).
+    run_dir: Its run directory (read only for what ``summary`` lacks).
+
+  Returns:
+    A row of the sweep table (``fedgan_jax.report.table.sweep_row``).
+  """
+  return table.sweep_row(name, point_settings(point), summary, run_dir=run_dir)
 
 
 def write_results(path: str, rows: Sequence[dict[str, Any]]) -> list[str]:
   """Writes ``rows`` to CSV (columns: union, first-seen order); returns the columns."""
-  cols: list[str] = []
-  for r in rows:
-    cols += [k for k in r if k not in cols]
-  with open(path, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=cols)
-    w.writeheader()
-    for r in rows:
-      w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
-  return cols
+  return table.write_csv(path, rows)
 
 
-def format_table(rows: Sequence[dict[str, Any]],
-                 columns: Sequence[str] = ("status",) + SUMMARY_COLUMNS + ("detect_tpr_mean", "detect_fpr_mean")) -> str:
-  """A plain-text table of the key results (one line per point)."""
-  def cell(v):
-    if isinstance(v, float):
-      return f"{v:.3f}"
-    return "" if v is None else str(v)
-  header = ["name"] + [c.replace("eval/", "") for c in columns]
-  body = [[r["name"]] + [cell(r.get(c)) for c in columns] for r in rows]
-  widths = [max(len(x) for x in col) for col in zip(header, *body)]
-  lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [header] + body]
-  return "\n".join(lines)
+format_table = table.text_table  # The printed summary: name, status, headline metrics, detection means.
 
 
 # --------------------------------------------------------------------------- seeds as replicas
@@ -327,14 +295,12 @@ def seed_groups(points: Sequence[Point]) -> list[list[int]]:
 # --------------------------------------------------------------------------- running
 
 
-def _run_in_process(config, run_dir: str) -> None:
-  from fedgan_jax import experiment
+def _run_in_process(config, run_dir: str, num_replicas: int = 1) -> None:
+  """``experiment.run`` of one point, or of ``num_replicas`` consecutive seeds as one program."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.num_replicas = num_replicas
   experiment.run(config, run_dir)
-
-
-def _run_replicas_in_process(config, group_dir: str, num_replicas: int) -> None:
-  from fedgan_jax import parallel
-  parallel.run_replicas(config, group_dir, num_replicas)
 
 
 def group_name(point: Point, seeds: Sequence[int]) -> str:
@@ -366,7 +332,6 @@ def run_sweep(config_path: str, workdir: str, parallel: int = 1, dry_run: bool =
   Raises:
     ValueError: bad config file, overrides, names, or flags.
   """
-  from fedgan_jax import config_lib
   if parallel < 1:
     raise ValueError(f"--parallel={parallel} must be >= 1.")
   mod = load_module(config_path)
@@ -388,7 +353,7 @@ def run_sweep(config_path: str, workdir: str, parallel: int = 1, dry_run: bool =
     dirs = [""] * len(points)
     for g, gdir in zip(groups, group_dirs):
       for i in g:
-        dirs[i] = os.path.join(gdir, f"seed_{seeds[i]}")  # Where parallel.run_replicas writes replica i.
+        dirs[i] = os.path.join(gdir, f"seed_{seeds[i]}")  # Where experiment.run writes replica i.
   else:
     groups = [[i] for i in range(len(points))]
     group_dirs = [os.path.join(workdir, n) for n in names]
@@ -412,17 +377,13 @@ def run_sweep(config_path: str, workdir: str, parallel: int = 1, dry_run: bool =
   cache = os.path.join(workdir, ".jax_cache")
   failures: list[str] = []
   if parallel == 1 and not use_subprocess:
-    import jax
     jax.config.update("jax_compilation_cache_dir", cache)
     for n, k in enumerate(todo_groups):
       g = groups[k]
       label = os.path.basename(group_dirs[k])
       print(f"[{n + 1}/{len(todo_groups)}] {label}", file=out, flush=True)
       try:
-        if batch_seeds:
-          _run_replicas_in_process(configs[g[0]], group_dirs[k], len(g))
-        else:
-          _run_in_process(configs[g[0]], group_dirs[k])
+        _run_in_process(configs[g[0]], group_dirs[k], len(g) if batch_seeds else 1)
       except Exception as e:  # One bad point must not stop the sweep; it is reported.
         failures.append(f"{label}: {type(e).__name__}: {e}")
         print(f"  failed: {e}", file=out, flush=True)
@@ -449,7 +410,7 @@ def run_sweep(config_path: str, workdir: str, parallel: int = 1, dry_run: bool =
             failures.append(f"{label}: exit {proc.returncode} (see {group_dirs[k]}/sweep.log)")
           print(f"{'done' if proc.returncode == 0 else 'FAILED'}: {label}", file=out, flush=True)
 
-  rows = [result_row(n, p, read_summary(d)) for n, p, d in zip(names, points, dirs)]
+  rows = [result_row(n, p, read_summary(d), run_dir=d) for n, p, d in zip(names, points, dirs)]
   write_results(os.path.join(workdir, "results.csv"), rows)
   print(format_table(rows), file=out)
   print(f"results: {os.path.join(workdir, 'results.csv')}", file=out)

@@ -31,32 +31,21 @@ def tiny_config(**overrides):
   spec.loader.exec_module(mod)
   config = mod.get_config()
   for dotted, value in overrides.items():
-    node = config
-    *parents, last = dotted.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
+    config_lib.set_field(config, dotted, value)
   return config_lib.validate(config)
 
 
 @pytest.fixture(scope="session")
 def tiny_program():
   """(config, program, jitted round, RoundData) for 3 clients, client 0 malicious."""
-  import jax.numpy as jnp
-  from fedgan_jax.data import triggers
-  from fedgan_jax.train import round as round_lib
+  from fedgan_jax import assemble
   config = tiny_config(num_clients=3)
-  program, _, _ = round_lib.build_from_config(config)
+  program, _, _ = assemble.build_program(config)
   C, n, R = 3, 16, config.resolution
   rng = np.random.default_rng(0)
-  data = round_lib.RoundData(
-      images=jnp.asarray(rng.integers(0, 256, (C, n, R, R, 3), dtype=np.uint8)),
-      counts=jnp.asarray([16, 12, 16], jnp.int32),
-      is_malicious=jnp.asarray([True, False, False]),
-      poison_flags=jnp.asarray(np.arange(n)[None, :] < np.array([16, 0, 0])[:, None]),
-      trigger=jnp.asarray(triggers.load_trigger(config)),
-      trigger_loc=jnp.asarray(triggers.trigger_location(config), jnp.int32),
-      mimic=jnp.asarray(False))
+  # Client 0 malicious (the config's default), all of its images poisoned; client 1 has 12 real images.
+  data = assemble.round_data(config, rng.integers(0, 256, (C, n, R, R, 3), dtype=np.uint8), [16, 12, 16])
+  assert np.asarray(data.poison_flags).sum(1).tolist() == [16, 0, 0]
   traces = []
 
   def counted(state, data, key):

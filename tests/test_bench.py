@@ -13,7 +13,7 @@ from conftest import ROOT
 from fedgan_jax import bench
 from fedgan_jax import config_lib
 from fedgan_jax import flops
-from fedgan_jax.train import round as round_lib
+from fedgan_jax.federated.state import RoundData
 
 
 def test_parse_args_defaults_and_errors(capsys):
@@ -53,7 +53,7 @@ def test_make_config_matches_the_peer_and_validates():
 def test_random_data_is_device_resident_round_data():
   c = bench.make_config(clients=2, batch=4)
   d = bench.random_data(c)
-  assert isinstance(d, round_lib.RoundData)
+  assert isinstance(d, RoundData)
   assert d.images.shape == (2, 64, 32, 32, 3) and d.images.dtype == np.uint8
   np.testing.assert_array_equal(d.counts, [64, 64])
   np.testing.assert_array_equal(np.asarray(d.is_malicious), [True, False])

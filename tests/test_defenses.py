@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fedgan_jax import experiment
-from fedgan_jax.train import round as round_lib
+from fedgan_jax import assemble
 
 
 @pytest.mark.slow
@@ -17,8 +16,8 @@ def test_detector_flags_the_attacker_more_than_any_honest_client():
   config = tiny_config(**{"num_clients": 4, "attack.trigger_size": 12, "data.num_images": 256,
                           "aggregation.name": "detect"})
   config.aggregation.kwargs.update({"features": ("g_loss",), "warmup_rounds": 1})
-  data, _, _ = experiment.setup_data(config)
-  program, _, _ = round_lib.build_from_config(config)
+  data, _, _ = assemble.setup_data(config)
+  program, _, _ = assemble.build_program(config)
   round_fn = jax.jit(program.round)
 
   def flag_counts(data, rounds=24):

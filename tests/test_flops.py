@@ -6,14 +6,13 @@ import copy
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from conftest import tiny_config
+from fedgan_jax import assemble
 from fedgan_jax import bench
 from fedgan_jax import flops
 from fedgan_jax.models import layers
-from fedgan_jax.train import round as round_lib
 
 
 def _xla(fn, *args, compiled=True) -> float:
@@ -69,9 +68,8 @@ def test_loops_are_followed():
 
 @pytest.fixture(scope="module")
 def tiny_round():
-  from fedgan_jax import experiment
   config = tiny_config(**{"train.regularizers.gradient_penalty": 10.0, "model.d_norm": "instance"})
-  data, _, _ = experiment.setup_data(config)
+  data, _, _ = assemble.setup_data(config)
   return config, data
 
 
@@ -90,7 +88,7 @@ def test_round_count_equals_xla_cost_analysis_of_the_loop_free_round(tiny_round)
   (XLA expands e.g. the PRNG into integer arithmetic it counts as FLOPs)."""
   config, data = tiny_round
   flat = _with(config, model__conv_impl="xla", train__unroll="true", train__client_chunk=config.num_clients)
-  program, _, _ = round_lib.build_from_config(flat)
+  program, _, _ = assemble.build_program(flat)
   state, key = program.init(jax.random.key(0)), jax.random.key(1)
   got = flops.count(program.round, state, data, key)
   assert got.unknown_loops == 0 and got.conv > 0.9 * got.total

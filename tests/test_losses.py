@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedgan_jax.train import losses
+from fedgan_jax.federated import losses
 
 
 def test_bce_losses_at_zero_logits_are_log2():

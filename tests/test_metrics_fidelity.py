@@ -8,7 +8,7 @@ import scipy.linalg
 import scipy.ndimage
 
 from fedgan_jax import metrics
-from fedgan_jax.metrics import fidelity
+from fedgan_jax.metrics import swd
 
 
 def _random_features(n, d, seed, scale=1.0, shift=0.0):
@@ -203,7 +203,7 @@ def _pggan_pyramid(x_nchw, levels):
 
 def test_laplacian_pyramid_matches_pggan():
   x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3))
-  ours = fidelity._laplacian_pyramid(x, 3)
+  ours = swd._laplacian_pyramid(x, 3)
   ref = _pggan_pyramid(x.transpose(0, 3, 1, 2), 3)
   for o, r in zip(ours, ref):
     np.testing.assert_allclose(o.transpose(0, 3, 1, 2), r, atol=1e-6)
@@ -244,3 +244,162 @@ def test_swd_grayscale_unequal_sizes_and_seed():
   assert all(v > 0 for v in r1.per_level)
   with pytest.raises(ValueError, match="share H, W, C"):
     metrics.sliced_wasserstein(x, _smooth_images(4, 32, 6, channels=1))
+
+
+# ---------------------------------------------------------------- SWD: cached reference, jax path
+
+
+def _swd_before_cache(images_a, images_b, patch_size=7, patches_per_image=128, dir_repeats=4,
+                      dirs_per_repeat=128, min_resolution=16, seed=0):
+  """``sliced_wasserstein`` as it was before the reusable reference (frozen copy)."""
+  a, b = np.asarray(images_a, np.float32), np.asarray(images_b, np.float32)
+  _, h, w, _ = a.shape
+  resolutions, res = [], min(h, w)
+  while res >= min_resolution:
+    resolutions.append(res)
+    res //= 2
+  n = min(a.shape[0], b.shape[0])
+  order_rng = np.random.default_rng(np.random.SeedSequence([seed, 0]))
+
+  def image_index(num):
+    chosen = np.arange(num) if num == n else np.sort(order_rng.permutation(num)[:n])
+    return np.repeat(chosen, patches_per_image)
+
+  def patches(level, img_idx, rng):
+    _, lh, lw, _ = level.shape
+    half = patch_size // 2
+    ys = rng.integers(half, lh - half, size=img_idx.shape[0])
+    xs = rng.integers(half, lw - half, size=img_idx.shape[0])
+    off = np.arange(-half, half + 1)
+    rows = (ys[:, None] + off[None, :])[:, :, None]
+    cols = (xs[:, None] + off[None, :])[:, None, :]
+    return level[img_idx[:, None, None], rows, cols]
+
+  def finalize(desc):
+    desc = desc - desc.mean(axis=(0, 1, 2), keepdims=True)
+    std = desc.std(axis=(0, 1, 2), keepdims=True)
+    desc = desc / np.where(std > 0, std, 1.0)
+    return desc.reshape(desc.shape[0], -1).astype(np.float32)
+
+  def distance(da, db, rng):
+    results = []
+    for _ in range(dir_repeats):
+      d = rng.standard_normal((da.shape[1], dirs_per_repeat))
+      d /= np.sqrt((d * d).sum(axis=0, keepdims=True))
+      d = d.astype(np.float32).T
+      pa, pb = np.sort(d @ da.T, axis=1), np.sort(d @ db.T, axis=1)
+      results.append(np.abs(pa - pb).mean())
+    return float(np.mean(results))
+
+  idx_a, idx_b = image_index(a.shape[0]), image_index(b.shape[0])
+  pyr_a = swd._laplacian_pyramid(a.astype(np.float64), len(resolutions))
+  pyr_b = swd._laplacian_pyramid(b.astype(np.float64), len(resolutions))
+  per_level = []
+  for lvl in range(len(resolutions)):
+    pos_seed = np.random.SeedSequence([seed, 1, lvl])
+    da = finalize(patches(pyr_a[lvl], idx_a, np.random.default_rng(pos_seed)))
+    db = finalize(patches(pyr_b[lvl], idx_b, np.random.default_rng(pos_seed)))
+    dir_rng = np.random.default_rng(np.random.SeedSequence([seed, 2, lvl]))
+    per_level.append(1e3 * distance(da, db, dir_rng))
+  return swd.SlicedWasserstein(tuple(resolutions), tuple(per_level), float(np.mean(per_level)))
+
+
+def _uniform_images(n, h, w, c, seed):
+  return np.random.default_rng(seed).uniform(-1, 1, (n, h, w, c)).astype(np.float32)
+
+
+@pytest.mark.parametrize("n_a,n_b,hwc,kwargs", [
+    (24, 24, (32, 32, 3), {}),
+    (20, 13, (32, 32, 3), {"seed": 5}),
+    (9, 17, (64, 64, 1), {"patches_per_image": 32}),
+    (12, 8, (40, 33, 2), {"patch_size": 5, "dir_repeats": 2, "dirs_per_repeat": 64}),
+])
+def test_swd_reference_reuse_is_bit_identical(n_a, n_b, hwc, kwargs):
+  h, w, c = hwc
+  a = _smooth_images(n_a, h, 10, channels=c) if h == w else _uniform_images(n_a, h, w, c, 10)
+  b = _uniform_images(n_b, *hwc, 11)
+  want = _swd_before_cache(a, b, **kwargs)
+  assert metrics.sliced_wasserstein(a, b, **kwargs) == want
+  ref = swd.swd_reference(a, num_other=n_b, **kwargs)
+  assert ref.distance(b) == want
+  assert ref.distance(b) == want  # reused
+  assert swd.sliced_wasserstein(ref, b) == want
+  assert swd.sliced_wasserstein(ref, b, **kwargs) == want  # matching settings are accepted
+  # Another size: the reference side is redone for it (positions depend on min(N_a, N_b)).
+  for m in (n_a + 3, max(1, n_a - 4), n_b):
+    c = _uniform_images(m, *hwc, 12 + m)
+    assert ref.distance(c) == _swd_before_cache(a, c, **kwargs), m
+
+
+def test_swd_reference_settings_and_errors():
+  x = _uniform_images(6, 32, 32, 3, 0)
+  ref = swd.swd_reference(x, seed=2)
+  assert swd.sliced_wasserstein(ref, x, seed=2).mean == 0.0
+  with pytest.raises(ValueError, match="differ"):
+    swd.sliced_wasserstein(ref, x, seed=3)
+  with pytest.raises(ValueError, match="share H, W, C"):
+    ref.distance(_uniform_images(6, 32, 32, 1, 0))
+  with pytest.raises(ValueError, match="backend"):
+    ref.distance(x, backend="torch")
+  with pytest.raises(ValueError, match="non-empty"):
+    swd.sliced_wasserstein(x, x[:0])
+
+
+@pytest.mark.parametrize("backend", ["numpy", "jax"])
+def test_swd_of_set_with_itself_is_zero_on_both_backends(backend):
+  x = _smooth_images(12, 32, 7)
+  assert metrics.sliced_wasserstein(x, x.copy(), backend=backend).mean == 0.0
+  ref = swd.swd_reference(x, backend=backend)
+  assert ref.distance(x, backend=backend).mean == 0.0
+
+
+@pytest.mark.parametrize("case", ["random", "noisy", "sizes"])
+def test_swd_jax_path_agrees_with_numpy(case):
+  if case == "random":  # two draws of the same distribution: the smallest values
+    a, b = _smooth_images(48, 32, 20), _smooth_images(48, 32, 21)
+  elif case == "noisy":
+    a = _smooth_images(48, 32, 22)
+    b = np.clip(a + 0.1 * np.random.default_rng(23).standard_normal(a.shape), -1, 1)
+  else:  # unequal sizes, grayscale, three levels
+    a, b = _smooth_images(20, 64, 24, channels=1), _smooth_images(28, 64, 25, channels=1)
+  want = metrics.sliced_wasserstein(a, b)
+  got = metrics.sliced_wasserstein(a, b, backend="jax")
+  assert got.resolutions == want.resolutions
+  np.testing.assert_allclose(got.per_level, want.per_level, rtol=1e-4)
+  np.testing.assert_allclose(got.mean, want.mean, rtol=1e-4)
+  # A device array as the other set, through a cached reference.
+  import jax.numpy as jnp
+  ref = swd.swd_reference(a, num_other=len(b), backend="jax")
+  np.testing.assert_allclose(ref.distance(jnp.asarray(b), backend="jax").mean, want.mean, rtol=1e-4)
+
+
+def test_evaluator_swd_uses_cached_reference(tmp_path):
+  import types
+
+  import jax
+  import jax.numpy as jnp
+
+  from conftest import tiny_config
+  from fedgan_jax import evaluation
+  from fedgan_jax.data import triggers
+
+  config = tiny_config(**{"eval.extractor": "none"})
+  r, nz = config.resolution, config.model.latent_dim
+  rng = np.random.default_rng(0)
+  mix = jnp.asarray(rng.standard_normal((nz, r * r * 3)) / np.sqrt(nz), jnp.float32)
+  sample_fn = lambda g_vars, z: jnp.tanh(z @ (g_vars * mix)).reshape(len(z), r, r, 3)
+  heldout = types.SimpleNamespace(images=rng.integers(0, 256, (24, r, r, 3), dtype=np.uint8))
+  ev = evaluation.Evaluator(config, sample_fn, heldout, triggers.load_trigger(config),
+                            triggers.trigger_location(config), jax.random.PRNGKey(0),
+                            str(tmp_path), write=False)
+  assert ev.swd_backend == ("numpy" if jax.default_backend() == "cpu" else "jax")
+  g_vars = jnp.float32(1.0)
+  fake = ev.samples(g_vars, ev.z_eval)
+  want = _swd_before_cache(ev.real, fake).mean
+  out = ev(g_vars, 1)
+  if ev.swd_backend == "numpy":
+    assert out["eval/swd"] == want
+  np.testing.assert_allclose(out["eval/swd"], want, rtol=1e-4)
+  # The device path on whatever backend this is.
+  ev.swd_backend = "jax"
+  np.testing.assert_allclose(ev(g_vars, 2)["eval/swd"], want, rtol=1e-4)

@@ -1,4 +1,4 @@
-"""Scale-out: client mesh and sharding, multi-host helpers, replicas of one config."""
+"""Scale-out: client mesh and sharding, multi-host launch, replicas of one config."""
 
 from __future__ import annotations
 
@@ -13,9 +13,13 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config
+from fedgan_jax import assemble
+from fedgan_jax import distributed
 from fedgan_jax import experiment
-from fedgan_jax import parallel
-from fedgan_jax.train import round as round_lib
+from fedgan_jax.federated import replicas
+from fedgan_jax.federated import sharding
+from fedgan_jax.federated.state import RoundData
+from fedgan_jax.io import rundir
 
 
 def _assert_trees_close(a, b, rtol=1e-4, atol=1e-5):
@@ -29,18 +33,18 @@ def _assert_trees_close(a, b, rtol=1e-4, atol=1e-5):
 
 
 def test_client_mesh_is_none_on_one_device():
-  assert parallel.client_mesh(4, devices=jax.devices()[:1]) is None
+  assert sharding.client_mesh(4, devices=jax.devices()[:1]) is None
 
 
 def test_client_mesh_requires_divisible_num_clients():
   fake = jax.devices()[:1] * 3  # Only the count matters for the check.
   with pytest.raises(ValueError, match=r"num_clients=4 must be a positive multiple of the device count \(3\)"):
-    parallel.client_mesh(4, devices=fake)
+    sharding.client_mesh(4, devices=fake)
 
 
 def test_shard_round_inputs_without_mesh_is_identity():
   state, data = object(), object()
-  assert parallel.shard_round_inputs(state, data, None) == (state, data)
+  assert sharding.shard_round_inputs(state, data, None) == (state, data)
 
 
 # --------------------------------------------------------------------------- multi-host
@@ -60,42 +64,42 @@ def clean_env(monkeypatch):
 
 
 def test_distributed_env_detection(clean_env):
-  assert parallel.distributed_env() is None
-  assert parallel.maybe_initialize_distributed() is False
+  assert distributed.distributed_env() is None
+  assert distributed.maybe_initialize_distributed() is False
   clean_env.setenv("SLURM_JOB_ID", "7")
   clean_env.setenv("SLURM_NTASKS", "1")  # A one-task SLURM job is a single process.
-  assert parallel.distributed_env() is None
+  assert distributed.distributed_env() is None
   clean_env.setenv("SLURM_NTASKS", "4")
-  assert parallel.distributed_env() == "slurm"
+  assert distributed.distributed_env() == "slurm"
   clean_env.setenv("TPU_WORKER_HOSTNAMES", "a,b")
   clean_env.delenv("SLURM_JOB_ID")
-  assert parallel.distributed_env() == "tpu"
+  assert distributed.distributed_env() == "tpu"
   clean_env.setenv("COORDINATOR_ADDRESS", "10.0.0.1:1234")
-  assert parallel.distributed_env() == "explicit"
+  assert distributed.distributed_env() == "explicit"
 
 
 def test_explicit_launch_needs_all_variables(clean_env):
   clean_env.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
   with pytest.raises(ValueError, match="JAX_NUM_PROCESSES and JAX_PROCESS_ID"):
-    parallel.maybe_initialize_distributed()
+    distributed.maybe_initialize_distributed()
   clean_env.setenv("JAX_NUM_PROCESSES", "two")
   clean_env.setenv("JAX_PROCESS_ID", "0")
   with pytest.raises(ValueError, match="must be integers"):
-    parallel.maybe_initialize_distributed()
+    distributed.maybe_initialize_distributed()
 
 
 def test_is_primary_in_a_single_process():
-  assert parallel.is_primary()
+  assert distributed.is_primary()
 
 
 # --------------------------------------------------------------------------- replicas
 
 
 def test_replica_seeds_and_keys_match_experiment_run():
-  assert parallel.replica_seeds(5, 3) == [5, 6, 7]
+  assert replicas.replica_seeds(5, 3) == [5, 6, 7]
   with pytest.raises(ValueError, match="num_replicas=0"):
-    parallel.replica_seeds(0, 0)
-  k_init, k_rounds, k_eval = parallel.replica_keys(3, 2)
+    replicas.replica_seeds(0, 0)
+  k_init, k_rounds, k_eval = replicas.replica_keys(3, 2)
   for k in range(2):
     expected = jax.random.split(jax.random.key(3 + k), 3)  # As experiment.run derives them.
     for got, want in zip((k_init[k], k_rounds[k], k_eval[k]), expected):
@@ -108,42 +112,41 @@ def test_stack_replicas_pads_client_shards():
                   is_malicious=jnp.asarray([True, False]), poison_flags=jnp.ones((2, n), bool),
                   trigger=jnp.zeros((2, 2, 3)), trigger_loc=jnp.asarray([1, 1], jnp.int32),
                   mimic=jnp.asarray(False))
-    return round_lib.RoundData(**{f: fields[f] for f in round_lib.RoundData._fields})
-  stacked = parallel.stack_replicas([data(3), data(5)])
+    return RoundData(**fields)
+  stacked = replicas.stack_replicas([data(3), data(5)])
   assert stacked.images.shape == (2, 2, 5, 4, 4, 3)
   assert stacked.poison_flags.shape == (2, 2, 5)
   assert not bool(stacked.poison_flags[0, :, 3:].any())  # Padding is never poisoned.
   np.testing.assert_array_equal(stacked.counts, [[3, 2], [5, 4]])
   bad = data(3)._replace(images=jnp.ones((3, 3, 4, 4, 3), jnp.uint8))
   with pytest.raises(ValueError, match="replica 1"):
-    parallel.stack_replicas([data(3), bad])
+    replicas.stack_replicas([data(3), bad])
 
 
 @pytest.fixture(scope="module")
 def single_program():
   """(config, program, jitted round) of the tiny 2-client config (shared with test_precision)."""
   config = tiny_config()
-  program, _, _ = round_lib.build_from_config(config)
+  program, _, _ = assemble.build_program(config)
   return config, program, jax.jit(program.round)
 
 
 def test_replica_k_equals_the_run_with_seed_plus_k(single_program):
   config, program, round_jit = single_program
   K = 2
-  data, _, _ = parallel.setup_replica_data(config, K)
-  k_init, k_rounds, _ = parallel.replica_keys(config.seed, K)
-  rep = parallel.replicate(program)
+  data = replicas.stack_replicas([assemble.setup_data(tiny_config(seed=config.seed + k))[0] for k in range(K)])
+  k_init, k_rounds, _ = replicas.replica_keys(config.seed, K)
+  rep = replicas.replicate(program)
   states = jax.jit(rep.init)(k_init)
-  new_states, metrics = parallel.jit_round(program, states, data, None, replicas=True, donate=False)(
-      states, data, parallel.round_keys(k_rounds, 1))
+  new_states, metrics = sharding.jit_round(program, states, data, None, replicas=True, donate=False)(
+      states, data, replicas.round_keys(k_rounds, 1))
   for k in range(K):
     c = tiny_config(seed=config.seed + k)
-    d, _, _ = experiment.setup_data(c)
-    root = jax.random.key(c.seed)
-    k_i, k_r, _ = jax.random.split(root, 3)
+    d, _, _ = assemble.setup_data(c)
+    k_i, k_r, _ = replicas.run_keys(c.seed)
     s, m = round_jit(program.init(k_i), d, jax.random.fold_in(k_r, 1))
-    _assert_trees_close(parallel.unstack(new_states, k), s)
-    _assert_trees_close(parallel.unstack(metrics, k), m)
+    _assert_trees_close(replicas.unstack(new_states, k), s)
+    _assert_trees_close(replicas.unstack(metrics, k), m)
   # Different seeds really differ (data, init and keys).
   kernels = np.asarray(new_states.g_global["params"]["out"]["kernel"])
   assert not np.allclose(kernels[0], kernels[1])
@@ -157,20 +160,20 @@ _SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import jax, numpy as np
     from conftest import tiny_config
-    from fedgan_jax import experiment, parallel
-    from fedgan_jax.train import round as round_lib
+    from fedgan_jax import assemble
+    from fedgan_jax.federated import sharding
     assert jax.device_count() == 8, jax.devices()
     shard_map = {shard_map!r}
     config = tiny_config(num_clients=8, **{{"data.num_images": 128, "train.local_steps": 1}})
-    program, _, _ = round_lib.build_from_config(config)
-    data, _, _ = experiment.setup_data(config)
+    program, _, _ = assemble.build_program(config)
+    data, _, _ = assemble.setup_data(config)
     state = program.init(jax.random.key(0))
     key = jax.random.key(1)
     ref_state, ref_metrics = jax.jit(program.round)(state, data, key)
-    mesh = parallel.client_mesh(config.num_clients)
-    s, d = parallel.shard_round_inputs(state, data, mesh)
+    mesh = sharding.client_mesh(config.num_clients)
+    s, d = sharding.shard_round_inputs(state, data, mesh)
     assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(s.clients))
-    new_state, metrics = parallel.jit_round(program, s, d, mesh, donate=False, local_shard_map=shard_map)(s, d, key)
+    new_state, metrics = sharding.jit_round(program, s, d, mesh, donate=False, local_shard_map=shard_map)(s, d, key)
     assert new_state.clients.d_vars["params"]["in"]["kernel"].sharding.spec[0] == "clients"
     for a, b in zip(jax.tree.leaves((ref_state, ref_metrics)), jax.tree.leaves((new_state, metrics))):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
@@ -199,23 +202,22 @@ def test_gspmd_round_on_8_devices_equals_single_device():
 
 
 @pytest.mark.slow
-def test_run_replicas_writes_each_seed_like_a_single_run(tmp_path):
-  """run_replicas(K=2) writes seed_<s>/ whose metrics equal experiment.run with that seed."""
-  config = tiny_config(num_rounds=1)
-  summaries = parallel.run_replicas(config, str(tmp_path / "group"), 2)
+def test_replicas_write_each_seed_like_a_single_run(tmp_path):
+  """num_replicas=2 writes seed_<s>/ whose metrics equal experiment.run with that seed."""
+  config = tiny_config(num_rounds=1, num_replicas=2)
+  summaries = experiment.run(config, str(tmp_path / "group"))["replicas"]
   assert len(summaries) == 2 and all(s["rounds"] == 1 for s in summaries)
-  from fedgan_jax.io import writers
   for k in range(2):
     d = tmp_path / "group" / f"seed_{config.seed + k}"
     assert (d / "summary.json").exists() and (d / "config.json").exists()
     single = experiment.run(tiny_config(num_rounds=1, seed=config.seed + k), str(tmp_path / f"single{k}"))
-    got = writers.read_jsonl(str(d / "metrics.jsonl"))[-1]
-    want = writers.read_jsonl(str(tmp_path / f"single{k}" / "metrics.jsonl"))[-1]
+    got = rundir.read_records(str(d / "metrics.jsonl"))[-1]
+    want = rundir.read_records(str(tmp_path / f"single{k}" / "metrics.jsonl"))[-1]
     for key in ("train/g_loss", "train/d_loss", "agg/weights"):
       np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5, err_msg=key)
     assert single["rounds"] == 1
   # Rerunning resumes (nothing left to train) and keeps the results.
-  again = parallel.run_replicas(config, str(tmp_path / "group"), 2)
+  again = experiment.run(config, str(tmp_path / "group"))["replicas"]
   assert [s["rounds"] for s in again] == [1, 1]
 
 

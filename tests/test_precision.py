@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fedgan_jax import experiment
-from fedgan_jax.train import round as round_lib
+from fedgan_jax import assemble
 
 
 def _norm(tree) -> float:
@@ -25,7 +24,7 @@ def _diff(a, b):
 
 def _one_round(precision: str, data, impl: str = "auto"):
   config = tiny_config(**{"train.precision": precision, "model.conv_impl": impl})
-  program, _, _ = round_lib.build_from_config(config)
+  program, _, _ = assemble.build_program(config)
   state = program.init(jax.random.key(0))
   new_state, metrics = jax.jit(program.round)(state, data, jax.random.key(1))
   return state, new_state, metrics
@@ -35,7 +34,7 @@ def _one_round(precision: str, data, impl: str = "auto"):
 def test_bf16_round_stays_close_to_f32(impl):
   """bf16 operands (f32 parameters and accumulation) against f32, in the CPU default lowering
   and in the accelerators' ``gemm`` lowering (bf16 matmuls, bf16 col2im sums)."""
-  data, _, _ = experiment.setup_data(tiny_config())
+  data, _, _ = assemble.setup_data(tiny_config())
   init32, s32, m32 = _one_round("f32", data, impl)
   init16, s16, m16 = _one_round("bf16", data, impl)
   # Parameters stay f32 (only compute is bf16) and start identical.

@@ -134,7 +134,7 @@ def test_cli_run_report_renders_everything(tmp_path):
   final = summary["final"]
   for key in ("eval/trigger_rate", "eval/trigger_strength", "eval/swd", "eval/fid@effnet_lite0",
               "eval/kid@effnet_lite0"):
-    assert report._fmt(final[key]) in page, key
+    assert report.format_value(final[key]) in page, key
   # Honest naming: effnet features are an FD, not "FID".
   assert "FD (effnet_lite0 features)" in page and "KD (effnet_lite0 features)" in page
   assert "<details>" in page and "&quot;num_clients&quot;: 4" in page
@@ -205,7 +205,7 @@ def test_sweep_report(tmp_path):
   page = (out / "comparison.html").read_text()
   assert "src='final_metrics.png'" in page and "trimmed_mean" in page
   assert "../mean/report/report.html" in page
-  assert report._fmt(summ["final"]["eval/swd"]) in page
+  assert report.format_value(summ["final"]["eval/swd"]) in page
 
 
 def test_not_a_run_dir_is_a_clear_error(tmp_path):
@@ -266,3 +266,25 @@ def test_tensorboard_missing_is_a_noop(tmp_path, monkeypatch):
   w.close()
   assert not (tmp_path / "tb").exists()
   assert len(warnings) == 1 and 'pip install -e ".[tensorboard]"' in warnings[0]
+
+
+def test_one_sweep_table_for_results_and_comparison(tmp_path):
+  """launch.sweep's results.csv rows and the report's comparison.csv come from one row builder."""
+  from fedgan_jax.report import table
+  from launch import sweep as sweep_lib
+  run = tmp_path / "sw" / "a"
+  os.makedirs(run)
+  summary = make_run(str(run), malicious=(0, 2), flag_from=3)
+  del summary["detect_tpr_mean"]  # A summary without the mean: it is read off metrics.jsonl.
+  (run / "summary.json").write_text(json.dumps(summary))
+  with open(run / "metrics.jsonl") as f:
+    expected = np.mean([r["eval/detect_tpr"] for r in map(json.loads, f) if r["eval/detect_tpr"] is not None])
+  row = sweep_lib.result_row("a", {"seed": 0}, summary, run_dir=str(run))
+  assert row["status"] == "done" and row["detect_tpr_mean"] == pytest.approx(expected)
+  assert table.earliest_flag(row) == 3 and table.flag_text(row) == "client 0: 3; client 2: 3"
+  report.write_sweep_report(str(tmp_path / "sw"))
+  with open(tmp_path / "sw" / "report" / "comparison.csv") as f:
+    (comp,) = list(csv.DictReader(f))
+  assert comp["run"] == "a" and float(comp["detect_tpr_mean"]) == pytest.approx(expected)
+  assert comp["first_flag_round"] == "3" and comp["first_flag_rounds"] == "client 0: 3; client 2: 3"
+  assert float(comp["eval/swd"]) == row["eval/swd"]

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedgan_jax import aggregation
 from fedgan_jax.aggregation.base import masked_median
-from fedgan_jax.train import round as round_lib
+from fedgan_jax import assemble
+from fedgan_jax.federated import program as program_lib
+from fedgan_jax.federated import server as server_lib
 
 
 def _tree_allclose(a, b, rtol=1e-4, atol=1e-5):
@@ -54,10 +55,10 @@ def test_client_chunks_compute_the_same_local_round(tiny_program, chunk):
   from conftest import tiny_config
   config, program, _, data, _ = tiny_program
   state = program.init(jax.random.key(5))
-  keys = round_lib.client_keys(jax.random.key(6), config.num_clients)
-  one = round_lib.build_from_config(tiny_config(num_clients=3, **{"train.client_chunk": 1}))[0]
-  other = round_lib.build_from_config(tiny_config(num_clients=3, **{"train.client_chunk": chunk}))[0]
-  assert round_lib.client_chunk(tiny_config(num_clients=3, **{"train.client_chunk": chunk}), 3) == chunk
+  keys = program_lib.client_keys(jax.random.key(6), config.num_clients)
+  one = assemble.build_program(tiny_config(num_clients=3, **{"train.client_chunk": 1}))[0]
+  other = assemble.build_program(tiny_config(num_clients=3, **{"train.client_chunk": chunk}))[0]
+  assert program_lib.client_chunk(tiny_config(num_clients=3, **{"train.client_chunk": chunk}), 3) == chunk
   expected = jax.jit(one.local_round)(state, data, keys)
   got = jax.jit(other.local_round)(state, data, keys)
   _tree_allclose(got, expected)
@@ -67,8 +68,8 @@ def test_client_chunk_auto_and_bounds():
   from conftest import tiny_config
   auto = tiny_config(num_clients=3)
   expected = 1 if jax.default_backend() == "cpu" else 3
-  assert round_lib.client_chunk(auto, 3) == expected
-  assert round_lib.client_chunk(tiny_config(num_clients=3, **{"train.client_chunk": 50}), 3) == 3
+  assert program_lib.client_chunk(auto, 3) == expected
+  assert program_lib.client_chunk(tiny_config(num_clients=3, **{"train.client_chunk": 50}), 3) == 3
 
 
 def test_round_compiles_once_for_every_attack_setting(tiny_program):
@@ -108,7 +109,7 @@ def test_mimic_reports_honest_median(tiny_program):
 def test_server_stats_update_norm():
   g = {"params": {"w": jnp.zeros((2,))}}
   c = {"params": {"w": jnp.asarray([[3.0, 4.0], [0.0, 0.0]])}}
-  stats = round_lib.server_stats(g, c)
+  stats = server_lib.server_stats(g, c)
   np.testing.assert_allclose(stats["update_norm"], [5.0, 0.0])
   np.testing.assert_allclose(stats["dist_to_median"], [2.5, 2.5])  # Median of two = their midpoint.
 
@@ -116,15 +117,11 @@ def test_server_stats_update_norm():
 @pytest.mark.slow
 def test_average_discriminator_averages_and_broadcasts_d():
   from conftest import tiny_config
-  from fedgan_jax.data import triggers
   config = tiny_config(**{"aggregation.average_discriminator": True, "model.d_norm": "none"})
-  program, _, _ = round_lib.build_from_config(config)
+  program, _, _ = assemble.build_program(config)
   C, n, R = 2, 8, config.resolution
-  data = round_lib.RoundData(
-      images=jnp.asarray(np.random.default_rng(0).integers(0, 256, (C, n, R, R, 3), dtype=np.uint8)),
-      counts=jnp.asarray([8, 4], jnp.int32), is_malicious=jnp.asarray([True, False]),
-      poison_flags=jnp.ones((C, n), bool), trigger=jnp.asarray(triggers.load_trigger(config)),
-      trigger_loc=jnp.asarray(triggers.trigger_location(config), jnp.int32), mimic=jnp.asarray(False))
+  data = assemble.round_data(config, np.random.default_rng(0).integers(0, 256, (C, n, R, R, 3), dtype=np.uint8),
+                             [8, 4])
   state = program.init(jax.random.key(0))
   new, m = jax.jit(program.round)(state, data, jax.random.key(1))
   client_d = new.clients.d_vars["params"]
@@ -149,7 +146,7 @@ def test_lowered_gemm_round_holds_no_grouped_and_no_lhs_dilated_conv(tiny_progra
   data = jax.tree.map(lambda x: x[:2] if x.ndim and x.shape[0] == 3 else x, data)
   counts = {}
   for impl in ("gemm", "xla"):
-    program, _, _ = round_lib.build_from_config(_gp_config(impl, **{"train.client_chunk": 2}))
+    program, _, _ = assemble.build_program(_gp_config(impl, **{"train.client_chunk": 2}))
     lowered = jax.jit(program.round).lower(program.init(jax.random.key(0)), data, jax.random.key(1))
     counts[impl] = bench.hlo_op_counts(lowered)
   assert counts["gemm"]["convolution"] == 0 and counts["gemm"]["dot_general"] > 20
@@ -164,7 +161,7 @@ def test_gemm_round_equals_xla_round(tiny_program):
   data = jax.tree.map(lambda x: x[:2] if x.ndim and x.shape[0] == 3 else x, data)
   out = {}
   for impl in ("gemm", "xla"):
-    program, _, _ = round_lib.build_from_config(_gp_config(impl, **{"train.client_chunk": 2}))
+    program, _, _ = assemble.build_program(_gp_config(impl, **{"train.client_chunk": 2}))
     out[impl] = jax.jit(program.round)(program.init(jax.random.key(0)), data, jax.random.key(1))
   (s_gemm, m_gemm), (s_xla, m_xla) = out["gemm"], out["xla"]
   _tree_allclose(s_gemm, s_xla, rtol=1e-3, atol=2e-5)

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from fedgan_jax.data import images as images_lib
 from fedgan_jax.data import partition as partition_lib
 from fedgan_jax.data import sources
 
@@ -314,7 +315,7 @@ def test_folder_cache_hit_skips_decoding(tmp_path, monkeypatch):
   def boom(*args, **kwargs):
     raise RuntimeError("decoded despite the cache")
 
-  monkeypatch.setattr(sources, "_decode_image", boom)
+  monkeypatch.setattr(images_lib, "decode_image", boom)
   train2, held2, info2 = sources.load_data(cfg)
   assert info2["cache_hit"]
   np.testing.assert_array_equal(train1.images, train2.images)
@@ -460,7 +461,7 @@ def test_tfds_array_record(tmp_path, tiny_tfds, monkeypatch):
   assert train.class_names == ("benign", "malignant")
   np.testing.assert_array_equal(colour_class(train.images), train.labels)
   assert info["file_format"] == "array_record" and not info["cache_hit"]
-  monkeypatch.setattr(sources, "convert_image", lambda *a, **k: 1 / 0)
+  monkeypatch.setattr(images_lib, "convert_image", lambda *a, **k: 1 / 0)
   _, _, info = sources.load_data(cfg)
   assert info["cache_hit"]
 

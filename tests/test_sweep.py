@@ -126,7 +126,8 @@ def test_finished_points_are_skipped_and_results_written(tmp_path, monkeypatch):
     (wd / name / "summary.json").write_text(json.dumps(_summary(rounds, 0.25 if "0__" in name else 0.0, 1.0)))
   ran = []
 
-  def fake_run(config, run_dir):
+  def fake_run(config, run_dir, num_replicas=1):
+    assert num_replicas == 1
     ran.append((os.path.basename(run_dir), config.seed, tuple(config.attack.malicious), config.num_rounds))
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
@@ -171,7 +172,6 @@ def test_seed_groups_for_batched_seeds():
 
 
 def test_batch_seeds_groups_and_dirs(tmp_path, monkeypatch):
-  from fedgan_jax import config_lib
   cfg = _fabricated_sweep(tmp_path)
   wd = tmp_path / "sw"
   calls = []
@@ -183,7 +183,7 @@ def test_batch_seeds_groups_and_dirs(tmp_path, monkeypatch):
       with open(os.path.join(group_dir, f"seed_{s}", "summary.json"), "w") as f:
         json.dump(_summary(config.num_rounds, 0.5), f)
 
-  monkeypatch.setattr(sweep, "_run_replicas_in_process", fake_replicas)
+  monkeypatch.setattr(sweep, "_run_in_process", fake_replicas)
   rows = sweep.run_sweep(cfg, str(wd), batch_seeds=True, out=io.StringIO())
   assert sorted(calls) == [("malicious-0__seeds-0-1", 0, 2), ("malicious-none__seeds-0-1", 0, 2)]
   assert [r["status"] for r in rows] == ["done"] * 4

@@ -57,9 +57,10 @@ class EmptyState(NamedTuple):
   """State of a stateless rule."""
 
 
-def num_clients(client_params: PyTree) -> int:
-  """Size of the (static) client axis of a stacked parameter pytree."""
-  return jax.tree.leaves(client_params)[0].shape[0]
+def stateless_init(global_params: PyTree) -> EmptyState:
+  """``init`` of a rule or stage that keeps no state between rounds."""
+  del global_params
+  return EmptyState()
 
 
 def finite_mask(client_params: PyTree) -> jax.Array:
@@ -252,10 +253,6 @@ def mean() -> Aggregator:
     An ``Aggregator`` with an empty state.
   """
 
-  def init(global_params):
-    del global_params
-    return EmptyState()
-
   def aggregate(state, global_params, client_params, client_stats, key):
     del key
     valid, nonfinite = valid_mask(client_params, client_stats)
@@ -269,4 +266,4 @@ def mean() -> Aggregator:
     }
     return new_global, state, diagnostics
 
-  return Aggregator(init, aggregate)
+  return Aggregator(stateless_init, aggregate)

@@ -1,4 +1,4 @@
-"""Malicious-client detectors and the detect-and-decay defense.
+"""Malicious-client detectors, and the detect and decay stages of the detection defense.
 
 - Isolation Forest: Liu, Ting, Zhou, "Isolation Forest", ICDM 2008, written in
   JAX with static shapes so it runs inside the jitted round: every tree is a
@@ -8,13 +8,14 @@
   distribution; the random draws differ, so individual scores differ.
 - Robust z-score: ``|x - median| / (1.4826 * MAD)`` (Iglewicz & Hoaglin,
   1993), with the mean absolute deviation as fallback when MAD is 0.
-- Detect-and-decay: the global malicious detection of Jin & Li, "Backdoor
+- The stages of the global malicious detection of Jin & Li, "Backdoor
   Attack is a Devil in Federated GAN-based Medical Image Synthesis", SASHIMI
-  2022: after a warm-up, an Isolation Forest over the clients' |generator
-  loss| flags clients; if fewer than half are flagged, each flagged client's
-  aggregation weight is multiplied by ``decay ** times_flagged``; with
-  ``block_after`` a client flagged in that many rounds is blocked (weight 0),
-  the FedDetect variant (Jin & Li, Medical Image Analysis 2023).
+  2022: ``detect`` (a detector over per-client features flags clients) and
+  ``decay_flagged`` (after a warm-up, if fewer than half are flagged, each
+  flagged client's aggregation weight is multiplied by
+  ``decay ** times_flagged``; with ``block_after`` a client flagged in that
+  many rounds is blocked). ``aggregation.registry.detect_and_decay`` chains
+  them into the rule named ``detect``.
 
 A detector is a pure function ``(x: f32[C, F], fit: bool[C], key) ->
 (scores: f32[C], flagged: bool[C])``: ``fit`` selects the rows the model is
@@ -34,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedgan_jax.aggregation.base import Aggregator, EmptyState, masked_median, valid_mask
-from fedgan_jax.aggregation.compose import Stage, chain
+from fedgan_jax.aggregation.base import masked_median, stateless_init, valid_mask
+from fedgan_jax.aggregation.compose import Stage
 
 _EULER_GAMMA = 0.5772156649015329
 
@@ -297,10 +298,6 @@ def detect(detector: str = "isolation_forest", features: tuple[str, ...] | str =
                      "of client_stats keys.")
   fn = _check_detector_kwargs(detector, detector_kwargs)
 
-  def init(global_params):
-    del global_params
-    return EmptyState()
-
   def update(state, global_params, client_params, client_stats, key):
     del global_params
     missing = [f for f in features if f not in client_stats]
@@ -315,7 +312,7 @@ def detect(detector: str = "isolation_forest", features: tuple[str, ...] | str =
     stats = {**client_stats, "flagged": flagged, "anomaly_score": scores}
     return client_params, stats, state, {"flagged": flagged, "scores": scores}
 
-  return Stage(init, update)
+  return Stage(stateless_init, update)
 
 
 class DecayState(NamedTuple):
@@ -325,7 +322,7 @@ class DecayState(NamedTuple):
   times_flagged: jax.Array  # int32[C]: rounds (after warm-up) each client was flagged and acted on.
 
 
-def _check_num_clients(num_clients: Any, rule: str) -> int:
+def check_num_clients(num_clients: Any, rule: str) -> int:
   if num_clients is None:
     raise ValueError(
         f"aggregation.kwargs.num_clients: required by {rule!r} (its state holds a [C] "
@@ -377,7 +374,7 @@ def decay_flagged(decay: float = 0.9, warmup_rounds: int = 10, block_after: int 
   if block_after is not None and (not isinstance(block_after, numbers.Integral) or block_after < 1):
     raise ValueError(f"aggregation.kwargs.block_after={block_after!r}: must be None or an "
                      "integer >= 1.")
-  c = _check_num_clients(num_clients, "decay")
+  c = check_num_clients(num_clients, "decay")
   decay = float(decay)
 
   def init(global_params):
@@ -408,47 +405,3 @@ def decay_flagged(decay: float = 0.9, warmup_rounds: int = 10, block_after: int 
     return client_params, stats, new_state, diagnostics
 
   return Stage(init, update)
-
-
-def detect_and_decay(detector: str = "isolation_forest",
-                     features: tuple[str, ...] | str = ("g_loss",),
-                     warmup_rounds: int = 10, decay: float = 0.9,
-                     block_after: int | None = None, inner: Any = "mean",
-                     inner_kwargs: dict | None = None, abs_features: bool = True,
-                     num_clients: int | None = None, **detector_kwargs: Any) -> Aggregator:
-  """The global malicious detection defense of Jin & Li (SASHIMI 2022).
-
-  ``chain(detect(detector, features), decay_flagged(...), inner)``: every
-  round the detector scores the clients on ``|client_stats[features]|``
-  (``flagged`` reports its verdict every round, warm-up included); from round
-  ``warmup_rounds`` on, if fewer than half of the clients are flagged, each
-  flagged client's weight is multiplied by ``decay ** times_flagged`` (count
-  incremented first) and ``inner`` renormalizes. ``block_after=k`` gives the
-  FedDetect variant (Medical Image Analysis 2023): a client flagged in ``k``
-  acted-on rounds is blocked for good. See ``decay_flagged`` for the order.
-
-  Args:
-    detector: ``'isolation_forest'`` (paper) or ``'robust_zscore'``.
-    features: ``client_stats`` keys the detector sees.
-    warmup_rounds: rounds before flags are acted on.
-    decay: per-flag weight factor in ``(0, 1]``.
-    block_after: None, or flagged rounds after which a client is blocked.
-    inner: the reduction (registry name or ``Aggregator``), ``mean`` in the paper.
-    inner_kwargs: kwargs of ``inner`` when given by name.
-    abs_features: take ``abs`` of the features (the paper's |G loss|).
-    num_clients: C, required (the state holds ``times_flagged: int32[C]``).
-    **detector_kwargs: hyperparameters of the detector, e.g. ``num_trees``,
-      ``threshold``.
-
-  Returns:
-    The ``Aggregator``; state ``(EmptyState(), DecayState, inner_state)``;
-    diagnostics ``weights``, ``flagged``, ``scores``, ``times_flagged``,
-    ``blocked``, ``decay_active``, ``nonfinite`` plus ``inner``'s.
-  """
-  spec = inner if not isinstance(inner, str) else (inner, dict(inner_kwargs or {}))
-  return chain(
-      detect(detector, features, abs_features, **detector_kwargs),
-      decay_flagged(decay, warmup_rounds, block_after, _check_num_clients(num_clients, "detect")),
-      spec,
-      num_clients=num_clients,
-  )

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 
 from fedgan_jax.aggregation.base import (
     Aggregator,
-    EmptyState,
     expand_to,
     client_deltas,
     example_weights,
@@ -34,15 +33,11 @@ from fedgan_jax.aggregation.base import (
     normalize,
     tree_sq_norms,
     valid_mask,
+    stateless_init,
     weighted_average,
 )
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 in distance Gram matrices on GPU
-
-
-def _stateless_init(global_params):
-  del global_params
-  return EmptyState()
 
 
 def _coordinate_share(used: list[jax.Array]) -> jax.Array:
@@ -86,7 +81,7 @@ def median() -> Aggregator:
     }
     return new_global, state, diagnostics
 
-  return Aggregator(_stateless_init, aggregate)
+  return Aggregator(stateless_init, aggregate)
 
 
 def trimmed_mean(beta: float = 0.1) -> Aggregator:
@@ -145,7 +140,7 @@ def trimmed_mean(beta: float = 0.1) -> Aggregator:
     }
     return new_global, state, diagnostics
 
-  return Aggregator(_stateless_init, aggregate)
+  return Aggregator(stateless_init, aggregate)
 
 
 def pairwise_sq_distances(global_params, client_params, valid: jax.Array) -> jax.Array:
@@ -261,7 +256,7 @@ def multi_krum(f: int = 1, m: int | None = None, num_clients: int | None = None)
     }
     return new_global, state, diagnostics
 
-  return Aggregator(_stateless_init, aggregate)
+  return Aggregator(stateless_init, aggregate)
 
 
 def krum(f: int = 1, num_clients: int | None = None) -> Aggregator:
@@ -352,4 +347,4 @@ def geometric_median(iters: int = 100, eps: float = 1e-6, ftol: float = 1e-6) ->
     }
     return new_global, state, diagnostics
 
-  return Aggregator(_stateless_init, aggregate)
+  return Aggregator(stateless_init, aggregate)

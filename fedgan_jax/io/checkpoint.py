@@ -27,17 +27,13 @@ class Checkpointer:
     return self._mgr.latest_step()
 
   def save(self, round_: int, state: Any) -> None:
-    """Saves ``state`` as round ``round_`` (asynchronously; ``wait`` to finish)."""
+    """Saves ``state`` as round ``round_`` (asynchronously; ``close`` waits for it)."""
     self._mgr.save(round_, args=ocp.args.StandardSave(state))
 
   def restore(self, round_: int, like: Any) -> Any:
     """Restores round ``round_`` into the structure (and shardings) of ``like``."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     return self._mgr.restore(round_, args=ocp.args.StandardRestore(abstract))
-
-  def wait(self) -> None:
-    """Blocks until pending saves are on disk."""
-    self._mgr.wait_until_finished()
 
   def close(self) -> None:
     self._mgr.wait_until_finished()

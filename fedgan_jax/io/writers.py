@@ -50,12 +50,6 @@ class JsonlWriter:
       f.write(json.dumps({k: to_json_value(v) for k, v in record.items()}, sort_keys=True) + "\n")
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """All records of a ``metrics.jsonl``."""
-  with open(path) as f:
-    return [json.loads(ln) for ln in f if ln.strip()]
-
-
 class Progress:
   """Round, rounds/sec and ETA, like clu's ``ReportProgress``."""
 

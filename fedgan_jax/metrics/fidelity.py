@@ -1,8 +1,9 @@
-"""Fidelity metrics between two sets of samples: FD, KID, precision/recall, SWD.
+"""Fidelity metrics between two sets of features: FD, KID, precision/recall.
 
 All functions are host-side NumPy (float64 where it matters), pure and seeded;
 they take features (``[N, D]`` arrays from :mod:`fedgan_jax.metrics.extractors`)
-or images (``[N, H, W, C]`` in [-1, 1]) and return Python floats.
+and return Python floats. The image-space sliced Wasserstein distance is in
+:mod:`fedgan_jax.metrics.swd`.
 
 References:
   * Fréchet distance (FID): Heusel et al., "GANs Trained by a Two Time-Scale
@@ -11,14 +12,9 @@ References:
     ICLR 2018 (unbiased MMD² with the cubic polynomial kernel).
   * Improved precision and recall: Kynkäänniemi et al., "Improved Precision and
     Recall Metric for Assessing Generative Models", NeurIPS 2019.
-  * Sliced Wasserstein distance on Laplacian-pyramid patches: Karras et al.,
-    "Progressive Growing of GANs for Improved Quality, Stability, and
-    Variation", ICLR 2018 (``metrics/sliced_wasserstein.py`` of their code).
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import numpy as np
 
@@ -28,8 +24,6 @@ __all__ = [
     "feature_stats",
     "kid",
     "precision_recall",
-    "sliced_wasserstein",
-    "SlicedWasserstein",
 ]
 
 
@@ -282,162 +276,3 @@ def precision_recall(real_feats,
   precision = _coverage(real, r_real, fake, block_size)
   recall = _coverage(fake, r_fake, real, block_size)
   return precision, recall
-
-
-# ----------------------------------------------------------------------------
-# Sliced Wasserstein distance (PGGAN)
-
-_BINOMIAL5 = np.array([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0  # separable cv2.pyrDown kernel
-
-
-def _blur(x: np.ndarray, gain: float = 1.0) -> np.ndarray:
-  """5x5 binomial filter (sum ``gain``) on [N, H, W, C], mirror (reflect-101) borders."""
-  k = _BINOMIAL5 * np.sqrt(gain)
-  p = np.pad(x, ((0, 0), (2, 2), (0, 0), (0, 0)), mode="reflect")
-  x = sum(k[i] * p[:, i:i + x.shape[1]] for i in range(5))
-  p = np.pad(x, ((0, 0), (0, 0), (2, 2), (0, 0)), mode="reflect")
-  return sum(k[i] * p[:, :, i:i + x.shape[2]] for i in range(5))
-
-
-def _pyr_down(x: np.ndarray) -> np.ndarray:
-  return _blur(x)[:, ::2, ::2]
-
-
-def _pyr_up(x: np.ndarray) -> np.ndarray:
-  n, h, w, c = x.shape
-  up = np.zeros((n, 2 * h, 2 * w, c), x.dtype)
-  up[:, ::2, ::2] = x
-  return _blur(up, gain=4.0)  # kernel ×4 as in cv2.pyrUp (zeros between samples)
-
-
-def _laplacian_pyramid(x: np.ndarray, levels: int) -> list[np.ndarray]:
-  pyr = [x]
-  for _ in range(1, levels):
-    pyr.append(_pyr_down(pyr[-1]))
-    h, w = pyr[-2].shape[1:3]
-    pyr[-2] = pyr[-2] - _pyr_up(pyr[-1])[:, :h, :w]
-  return pyr
-
-
-def _patches(level: np.ndarray, img_idx: np.ndarray, rng: np.random.Generator,
-             size: int) -> np.ndarray:
-  """Random ``size x size`` patches, one per entry of ``img_idx`` -> [M, size*size*C]."""
-  _, h, w, _ = level.shape
-  half = size // 2
-  ys = rng.integers(half, h - half, size=img_idx.shape[0])
-  xs = rng.integers(half, w - half, size=img_idx.shape[0])
-  off = np.arange(-half, half + 1)
-  rows = (ys[:, None] + off[None, :])[:, :, None]
-  cols = (xs[:, None] + off[None, :])[:, None, :]
-  patches = level[img_idx[:, None, None], rows, cols]  # [M, size, size, C]
-  return patches
-
-
-def _finalize(desc: np.ndarray) -> np.ndarray:
-  """Per-channel standardisation over all patches and pixels, then flatten."""
-  desc = desc - desc.mean(axis=(0, 1, 2), keepdims=True)
-  std = desc.std(axis=(0, 1, 2), keepdims=True)
-  desc = desc / np.where(std > 0, std, 1.0)
-  return desc.reshape(desc.shape[0], -1).astype(np.float32)
-
-
-def _swd(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, repeats: int, dirs: int) -> float:
-  results = []
-  for _ in range(repeats):
-    d = rng.standard_normal((a.shape[1], dirs))
-    d /= np.sqrt((d * d).sum(axis=0, keepdims=True))
-    d = d.astype(np.float32).T
-    # [dirs, M] so each direction's projections are sorted contiguously.
-    pa = np.sort(d @ a.T, axis=1)
-    pb = np.sort(d @ b.T, axis=1)
-    results.append(np.abs(pa - pb).mean())
-  return float(np.mean(results))
-
-
-class SlicedWasserstein(NamedTuple):
-  """Result of :func:`sliced_wasserstein` (all values ×1e3, as in PGGAN)."""
-  resolutions: tuple[int, ...]  # pyramid level resolutions, finest first
-  per_level: tuple[float, ...]  # SWD×1e3 per level, same order
-  mean: float  # average over levels ("SWDx1e3_avg")
-
-
-def sliced_wasserstein(images_a,
-                       images_b,
-                       *,
-                       patch_size: int = 7,
-                       patches_per_image: int = 128,
-                       dir_repeats: int = 4,
-                       dirs_per_repeat: int = 128,
-                       min_resolution: int = 16,
-                       seed: int = 0) -> SlicedWasserstein:
-  """Sliced Wasserstein distance between Laplacian-pyramid patch distributions.
-
-  Follows PGGAN's ``metrics/sliced_wasserstein.py`` (Karras et al. 2018):
-  build a Laplacian pyramid of each image (cv2-style 5x5 binomial filter,
-  mirror borders) with one level per resolution from the full size down to
-  ``min_resolution`` (halving); at each level sample ``patches_per_image``
-  random ``patch_size``² neighbourhoods per image; standardise each channel
-  over each *set's* patches (so a global brightness/contrast change is
-  ignored, as in PGGAN); then average, over ``dir_repeats`` × ``dirs_per_repeat``
-  random unit directions, the mean absolute difference of the sorted 1-D
-  projections. Values are multiplied by 1e3 ("SWDx1e3"), as PGGAN reports.
-
-  Randomness is seeded: both sets use the *same* patch positions (and, when
-  ``N_a == N_b``, the same image order), and the same directions, so
-  ``sliced_wasserstein(x, x) == 0`` exactly and comparisons between runs use
-  common random numbers. When set sizes differ, ``min(N_a, N_b)`` random
-  images of the larger set are used so both sides have equally many patches.
-
-  Args:
-    images_a: ``[N_a, H, W, C]`` images (any affine scale, e.g. [-1, 1]).
-    images_b: ``[N_b, H, W, C]`` images of the same ``H, W, C``.
-    patch_size: neighbourhood size (odd), 7 in PGGAN.
-    patches_per_image: neighbourhoods per image and level, 128 in PGGAN.
-    dir_repeats: number of direction batches, 4 in PGGAN.
-    dirs_per_repeat: directions per batch, 128 in PGGAN (512 in total).
-    min_resolution: coarsest pyramid level (16 in PGGAN).
-    seed: seed of patch positions and directions.
-
-  Returns:
-    A :class:`SlicedWasserstein` with per-level values and their mean.
-  """
-  a = np.asarray(images_a, np.float32)
-  b = np.asarray(images_b, np.float32)
-  for name, x in (("images_a", a), ("images_b", b)):
-    if x.ndim != 4:
-      raise ValueError(f"{name} must be [N, H, W, C], got shape {x.shape}")
-  if a.shape[1:] != b.shape[1:]:
-    raise ValueError(f"images_a and images_b must share H, W, C; got "
-                     f"{a.shape[1:]} and {b.shape[1:]}")
-  if patch_size < 1 or patch_size % 2 == 0:
-    raise ValueError(f"patch_size must be odd and positive, got {patch_size}")
-  _, h, w, _ = a.shape
-  if min(h, w) < max(min_resolution, patch_size):
-    raise ValueError(f"images of {h}x{w} are smaller than min_resolution="
-                     f"{min_resolution} or patch_size={patch_size}")
-  resolutions = []
-  res = min(h, w)
-  while res >= min_resolution:
-    resolutions.append(res)
-    res //= 2
-  n = min(a.shape[0], b.shape[0])
-  if n < 1:
-    raise ValueError("images_a and images_b must be non-empty")
-
-  order_rng = np.random.default_rng(np.random.SeedSequence([seed, 0]))
-
-  def image_index(num: int) -> np.ndarray:
-    chosen = np.arange(num) if num == n else np.sort(order_rng.permutation(num)[:n])
-    return np.repeat(chosen, patches_per_image)
-
-  idx_a, idx_b = image_index(a.shape[0]), image_index(b.shape[0])
-  pyr_a = _laplacian_pyramid(a.astype(np.float64), len(resolutions))
-  pyr_b = _laplacian_pyramid(b.astype(np.float64), len(resolutions))
-  per_level = []
-  for lvl in range(len(resolutions)):
-    pos_seed = np.random.SeedSequence([seed, 1, lvl])
-    da = _finalize(_patches(pyr_a[lvl], idx_a, np.random.default_rng(pos_seed), patch_size))
-    db = _finalize(_patches(pyr_b[lvl], idx_b, np.random.default_rng(pos_seed), patch_size))
-    dir_rng = np.random.default_rng(np.random.SeedSequence([seed, 2, lvl]))
-    per_level.append(1e3 * _swd(da, db, dir_rng, dir_repeats, dirs_per_repeat))
-  return SlicedWasserstein(tuple(resolutions), tuple(per_level), float(np.mean(per_level)))

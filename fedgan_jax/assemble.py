@@ -1,0 +1,113 @@
+"""A run's parts, built from its config: the round program, the round data, replica configs.
+
+The run (``experiment.run``), the benchmark and the tests assemble a round the
+same way, here: models and aggregation rule by name, the federated program,
+and the device-resident ``RoundData`` (client shards, who is malicious, the
+poisoned images, the trigger).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedgan_jax import aggregation
+from fedgan_jax import models
+from fedgan_jax.data import partition as partition_lib
+from fedgan_jax.data import sources
+from fedgan_jax.data import triggers
+from fedgan_jax.federated import program as program_lib
+from fedgan_jax.federated import replicas as replicas_lib
+from fedgan_jax.federated.state import Program, RoundData
+
+
+def build_program(config) -> tuple[Program, Any, Any]:
+  """``(program, generator, discriminator)`` for a validated config.
+
+  One aggregator serves generators and (when averaged) discriminators: its
+  functions are pure, and each model keeps its own aggregator state.
+  """
+  g, d = models.build(config)
+  agg = aggregation.get(config.aggregation.name, num_clients=config.num_clients,
+                        **config.aggregation.kwargs.to_dict())
+  return program_lib.build(config, g, d, agg), g, d
+
+
+def malicious_mask(config) -> np.ndarray:
+  """``bool[C]``: the clients of ``attack.malicious``."""
+  is_mal = np.zeros(config.num_clients, bool)
+  is_mal[list(config.attack.malicious)] = True
+  return is_mal
+
+
+def round_data(config, images, counts, poison_flags=None) -> RoundData:
+  """The device-resident round inputs for client shards under ``config``'s attack.
+
+  Args:
+    config: a validated config (``attack.*``, ``num_clients``, ``seed``).
+    images: uint8 ``[C, n_max, R, R, ch]`` client shards.
+    counts: ``[C]`` real images per client.
+    poison_flags: ``bool[C, n_max]``; default: ``attack.poison_rate`` of each
+      malicious client's real images, drawn from ``seed + 1``.
+
+  Returns:
+    A ``RoundData`` of device arrays.
+  """
+  is_mal = malicious_mask(config)
+  counts = np.asarray(counts)
+  if poison_flags is None:
+    poison_flags = triggers.poison_flags(counts, np.shape(images)[1], is_mal, config.attack.poison_rate,
+                                         config.seed + 1)
+  return RoundData(
+      images=jnp.asarray(images), counts=jnp.asarray(counts, jnp.int32), is_malicious=jnp.asarray(is_mal),
+      poison_flags=jnp.asarray(poison_flags), trigger=jnp.asarray(triggers.load_trigger(config)),
+      trigger_loc=jnp.asarray(triggers.trigger_location(config), jnp.int32),
+      mimic=jnp.asarray(config.attack.report_losses == "mimic"))
+
+
+def setup_data(config) -> tuple[RoundData, Any, dict]:
+  """Loads, partitions and poisons the data; returns device-resident round inputs.
+
+  Returns:
+    (round data, clean held-out ``Dataset``, info dict for ``summary.json``).
+  """
+  train, heldout, info = sources.load_data(config)
+  sources.check_enough(train, config)
+  kwargs = {"alpha": config.data.alpha} if config.data.partition in ("dirichlet", "quantity") else {}
+  clients = partition_lib.partition(train, config.num_clients, config.data.partition, config.seed, **kwargs)
+  data = round_data(config, clients.images, clients.counts)
+  info = {**info, "client_counts": clients.counts.tolist(),
+          "poisoned_per_client": np.asarray(data.poison_flags).sum(1).tolist()}
+  return data, heldout, info
+
+
+def replica_configs(config) -> list[Any]:
+  """The run's config, or with ``num_replicas = K > 1`` one config per seed ``seed .. seed+K-1``."""
+  if config.num_replicas == 1:
+    return [config]
+  out = []
+  for s in replicas_lib.replica_seeds(config.seed, config.num_replicas):
+    c = copy.deepcopy(config)
+    with c.unlocked():
+      c.seed, c.num_replicas = s, 1
+    out.append(c)
+  return out
+
+
+def poisoned_examples(data: RoundData, config, max_images: int = 512) -> np.ndarray:
+  """The malicious clients' poisoned training images (trigger pasted), as float [-1, 1]."""
+  flags = np.asarray(data.poison_flags)
+  c_idx, i_idx = np.nonzero(flags)
+  if not len(c_idx):
+    return np.zeros((0,), np.float32)
+  c_idx, i_idx = c_idx[:max_images], i_idx[:max_images]
+  imgs = np.asarray(data.images)[c_idx, i_idx].astype(np.float32) / 127.5 - 1.0
+  if config.attack.trigger_location == "random":
+    loc = triggers.random_locations(jax.random.key(config.seed), len(imgs), data.trigger.shape[0], config.resolution)
+  else:
+    loc = data.trigger_loc
+  return np.asarray(triggers.paste(jnp.asarray(imgs), data.trigger, loc, jnp.ones(len(imgs), bool)))

@@ -1,0 +1,121 @@
+"""One federated round as one jittable program: local training, the clients' reports, the server.
+
+Local training is written for ONE client (``client.local_trainer``) and lifted
+over the client axis with ``jax.vmap`` (in chunks of ``train.client_chunk``
+clients that run in turn, see ``client_chunk``); the clients' reports are the
+attack simulation's (``attack.report``); the server's aggregation is a pure
+function over the client axis (``server.server_round``). Everything that
+differs between attack settings is an array input, so one compiled program
+serves them all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fedgan_jax.aggregation.base import Aggregator
+from fedgan_jax.federated import attack
+from fedgan_jax.federated import client as client_lib
+from fedgan_jax.federated import server as server_lib
+from fedgan_jax.federated.state import ClientState, LocalOut, Program, RoundData, RoundState
+
+PyTree = Any
+
+
+def client_keys(key: jax.Array, num_clients: int) -> jax.Array:
+  """The per-client local-training keys ``[C]`` of the round whose key is ``key``."""
+  return jax.random.split(jax.random.split(key, 3)[0], num_clients)
+
+
+def client_chunk(config, num_clients: int) -> int:
+  """How many clients ``local_round`` vmaps together (``train.client_chunk`` resolved).
+
+  ``0`` (auto) is 1 on CPU and all clients elsewhere. On XLA:CPU a vmapped
+  client is no faster than the next one (one client's step already fills the
+  cores, and each conv is emitted per client anyway), while vmapping all of
+  them makes every op stream C clients' activations through the cache: clients
+  in turn inside the same program run ~18 % faster there (docs/benchmarks.md,
+  section a). On accelerators the client axis is what fills the device.
+
+  Args:
+    config: the experiment config.
+    num_clients: clients handled by this program (per device when sharded).
+  """
+  chunk = int(config.train.client_chunk)
+  if chunk == 0:
+    chunk = 1 if jax.default_backend() == "cpu" else num_clients
+  return max(1, min(chunk, num_clients))
+
+
+def build(config, generator, discriminator, g_aggregator: Aggregator,
+          d_aggregator: Aggregator | None = None) -> Program:
+  """Builds the pure functions of a run from a validated config.
+
+  Args:
+    config: the run config (``config_lib.validate``-d).
+    generator: Flax generator module.
+    discriminator: Flax discriminator module.
+    g_aggregator: rule applied to generators every round.
+    d_aggregator: rule for discriminators when
+      ``aggregation.average_discriminator`` (defaults to ``g_aggregator``: its
+      functions are pure, and each model keeps its own aggregator state).
+
+  Returns:
+    A ``Program``.
+  """
+  C = config.num_clients
+  nz = config.model.latent_dim
+  R = config.resolution
+  ch = config.data.channels
+  d_aggregator = d_aggregator or g_aggregator
+  local_train = client_lib.local_trainer(config, generator, discriminator)
+  server_round = server_lib.server_round(g_aggregator, d_aggregator, bool(config.aggregation.average_discriminator))
+
+  def init(key: jax.Array) -> RoundState:
+    kg, kd = jax.random.split(key)
+    g_vars = dict(generator.init(kg, jnp.zeros((2, nz)), train=False))
+    d_vars = dict(discriminator.init(kd, jnp.zeros((2, R, R, ch)), train=False))
+    g_opt = client_lib.optimizer(config, config.train.g_lr).init(g_vars["params"])
+    d_opt = client_lib.optimizer(config, config.train.d_lr).init(d_vars["params"])
+    stack = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (C,) + x.shape), t)
+    clients = ClientState(d_vars=stack(d_vars), g_opt=stack(g_opt), d_opt=stack(d_opt))
+    return RoundState(round=jnp.zeros((), jnp.int32), g_global=g_vars, d_global=d_vars,
+                      g_agg=g_aggregator.init(g_vars), d_agg=d_aggregator.init(d_vars), clients=clients)
+
+  def local_round(state: RoundState, data: RoundData, keys: jax.Array) -> LocalOut:
+    """Local training of all clients; ``keys`` is ``[C]``.
+
+    Clients are vmapped in chunks of ``client_chunk(config, C)``; with fewer
+    than C per chunk, ``lax.map`` runs the chunks in turn (a remainder chunk
+    is vmapped on its own). Every choice computes the same round.
+    """
+    def one(xs):
+      client, images, count, is_mal, flags, key = xs
+      return local_train(client, state.g_global, state.d_global, images, count, is_mal, flags,
+                         data.trigger, data.trigger_loc, key)
+
+    per_client = (state.clients, data.images, data.counts, data.is_malicious, data.poison_flags, keys)
+    num = keys.shape[0]
+    chunk = client_chunk(config, num)
+    if chunk >= num:
+      return LocalOut(*jax.vmap(one)(per_client))
+    return LocalOut(*jax.lax.map(one, per_client, batch_size=chunk if chunk > 1 else None))
+
+  def round_fn(state: RoundState, data: RoundData, key: jax.Array):
+    """Local training of all clients, their reports, the server; ``key`` is this round's key."""
+    return finish_round(state, data, local_round(state, data, client_keys(key, C)), key)
+
+  def finish_round(state: RoundState, data: RoundData, local: LocalOut, key: jax.Array):
+    """The clients' reports and the server step after local training (the true losses are logged)."""
+    new_state, metrics = server_round(state, local.clients, attack.report(local, data), key)
+    return new_state, {**{f"train/{k}": v for k, v in local.stats.items()}, **metrics}
+
+  def sample(g_vars: PyTree, z: jax.Array) -> jax.Array:
+    """Global generator images for latents ``z`` (running BatchNorm statistics)."""
+    return generator.apply(g_vars, z, train=False)
+
+  return Program(init=init, local_train=local_train, local_round=local_round, finish_round=finish_round,
+                 round=round_fn, sample=sample)

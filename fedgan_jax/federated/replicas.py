@@ -1,0 +1,102 @@
+"""K independent seeds of one config as ONE program: a leading replica axis.
+
+``replicate(program)`` vmaps ``init`` and ``round`` over the replica axis;
+replica ``k`` uses ``seed + k`` for everything (its own data partition and
+poisoning, init, round keys), so it is exactly the single run with that seed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from fedgan_jax.federated.state import Program, RoundData, RoundState
+
+PyTree = Any
+
+
+class ReplicatedProgram(NamedTuple):
+  """``Program`` functions over a leading replica axis K (one seed per replica).
+
+  Attributes:
+    init: ``keys [K] -> RoundState`` (every leaf ``[K, ...]``).
+    round: ``(states [K], data [K], keys [K]) -> (states [K], metrics [K, ...])``.
+    sample: ``(g_vars [K], z) -> images [K, N, R, R, ch]`` (same ``z`` for every replica).
+  """
+
+  init: Callable[[jax.Array], RoundState]
+  round: Callable[..., tuple[RoundState, dict]]
+  sample: Callable[[PyTree, jax.Array], jax.Array]
+
+
+def replicate(program: Program) -> ReplicatedProgram:
+  """Lifts a program over a leading replica axis with ``jax.vmap`` (not jitted).
+
+  Args:
+    program: from ``program.build``.
+
+  Returns:
+    A ``ReplicatedProgram``; jit its ``round`` (``sharding.jit_round(...,
+    replicas=True)`` also shards clients).
+  """
+  return ReplicatedProgram(init=jax.vmap(program.init), round=jax.vmap(program.round),
+                           sample=jax.vmap(program.sample, in_axes=(0, None)))
+
+
+def replica_seeds(seed: int, num_replicas: int) -> list[int]:
+  """The seeds of the K replicas: ``seed, seed + 1, ..., seed + K - 1``.
+
+  Raises:
+    ValueError: if ``num_replicas`` < 1.
+  """
+  if not isinstance(num_replicas, int) or num_replicas < 1:
+    raise ValueError(f"num_replicas={num_replicas!r} must be a positive integer.")
+  return [seed + k for k in range(num_replicas)]
+
+
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(k_init, k_rounds, k_eval)`` of the run with ``seed``: round ``r``'s key is ``fold_in(k_rounds, r)``."""
+  k_init, k_rounds, k_eval = jax.random.split(jax.random.key(seed), 3)
+  return k_init, k_rounds, k_eval
+
+
+def replica_keys(seed: int, num_replicas: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-replica ``run_keys``, each ``[K]``: replica ``k`` gets those of ``seed + k``."""
+  keys = jnp.stack([jnp.stack(run_keys(s)) for s in replica_seeds(seed, num_replicas)])
+  return keys[:, 0], keys[:, 1], keys[:, 2]
+
+
+def round_keys(k_rounds: jax.Array, r: int | jax.Array) -> jax.Array:
+  """This round's key for every replica: ``fold_in(k_rounds[k], r)``."""
+  return jax.vmap(lambda k: jax.random.fold_in(k, r))(k_rounds)
+
+
+def stack_replicas(datas: Sequence[RoundData]) -> RoundData:
+  """Stacks per-replica ``RoundData`` on a new leading axis.
+
+  Client shards may have different ``n_max`` across seeds (non-iid
+  partitions): shorter ones are padded with zero images that are never drawn
+  (batches index below ``counts``) and never poisoned.
+
+  Raises:
+    ValueError: the replicas differ in anything but ``n_max`` (e.g. C or R).
+  """
+  n_max = max(d.images.shape[1] for d in datas)
+  padded = []
+  for k, d in enumerate(datas):
+    pad = n_max - d.images.shape[1]
+    if d.images.shape[0] != datas[0].images.shape[0] or d.images.shape[2:] != datas[0].images.shape[2:]:
+      raise ValueError(f"replica {k}: images {d.images.shape} do not match replica 0's "
+                       f"{datas[0].images.shape} (replicas may differ only in seed).")
+    if pad:
+      d = d._replace(images=jnp.pad(d.images, ((0, 0), (0, pad)) + ((0, 0),) * 3),
+                     poison_flags=jnp.pad(d.poison_flags, ((0, 0), (0, pad))))
+    padded.append(d)
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *padded)
+
+
+def unstack(tree: PyTree, k: int) -> PyTree:
+  """Replica ``k`` of a replicated pytree (host or device arrays)."""
+  return jax.tree.map(lambda x: x[k], tree)

@@ -1,0 +1,69 @@
+"""The server's part of a round: statistics of the uploads, then aggregation.
+
+The server sees only what the clients upload (``Uploads``: parameters and
+reported stats); it computes its own statistics from the uploaded parameters
+(which an attacker cannot fake) and hands both to the aggregation rule.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from fedgan_jax.aggregation import stats as agg_stats
+from fedgan_jax.aggregation.base import Aggregator
+from fedgan_jax.federated.state import ClientState, RoundState, Uploads
+
+PyTree = Any
+SERVER_STATS = ("update_norm", "cosine_to_mean", "dist_to_median")
+
+
+def server_stats(global_vars: PyTree, client_vars: PyTree) -> dict[str, jax.Array]:
+  """Stats the server computes itself from the uploaded parameters (not reported by clients).
+
+  ``update_norm``, ``cosine_to_mean`` and ``dist_to_median`` (each ``[C]``) of
+  the ``params`` collection (BatchNorm statistics are not updates).
+  """
+  return agg_stats.server_stats(global_vars["params"], client_vars["params"])
+
+
+def server_round(g_aggregator: Aggregator, d_aggregator: Aggregator, average_discriminator: bool) -> Callable:
+  """The server step for these aggregation rules.
+
+  Args:
+    g_aggregator: the rule applied to generators every round.
+    d_aggregator: the rule for discriminators when ``average_discriminator``.
+    average_discriminator: also aggregate discriminators and send the result
+      back to the clients (the paper's code averages generators only).
+
+  Returns:
+    ``server_round(state, clients, uploads, key) -> (new_state, metrics)``:
+    ``clients`` are the clients' states after local training (kept in the new
+    state); ``key`` is the round's key. Metrics: the reported stats
+    (``train/reported_*``), the server stats (``train/update_norm`` ...), the
+    aggregator's diagnostics (``agg/``, ``agg_d/``) and
+    ``train/global_finite``.
+  """
+
+  def step(state: RoundState, clients: ClientState, uploads: Uploads, key: jax.Array):
+    _, k_gagg, k_dagg = jax.random.split(key, 3)
+    g_stats = {**uploads.reported, **server_stats(state.g_global, uploads.client_g)}
+    g_global, g_agg, g_diag = g_aggregator.aggregate(state.g_agg, state.g_global, uploads.client_g, g_stats, k_gagg)
+    d_global, d_agg, d_diag = state.d_global, state.d_agg, {}
+    if average_discriminator:
+      d_stats = {**uploads.reported, **server_stats(state.d_global, uploads.client_d)}
+      d_global, d_agg, d_diag = d_aggregator.aggregate(state.d_agg, state.d_global, uploads.client_d, d_stats,
+                                                       k_dagg)
+      clients = clients._replace(d_vars=uploads.client_d)
+    metrics = {f"train/{k}": g_stats[k] for k in SERVER_STATS}
+    metrics.update({f"train/reported_{k}": uploads.reported[k] for k in ("g_loss", "d_loss")})
+    metrics.update({f"agg/{k}": v for k, v in g_diag.items()})
+    metrics.update({f"agg_d/{k}": v for k, v in d_diag.items()})
+    metrics["train/global_finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(g_global)]))
+    new_state = RoundState(round=state.round + 1, g_global=g_global, d_global=d_global, g_agg=g_agg, d_agg=d_agg,
+                           clients=clients)
+    return new_state, metrics
+
+  return step
