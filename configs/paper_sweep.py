@@ -27,20 +27,24 @@ Defenses (the paper's settings):
 * ``both``: the two together.
 """
 
-from launch.sweep import product
 from fedgan_jax import config_lib
+from launch.sweep import product
 
 NUM_ROUNDS = 60
 
-_GP = {"train.loss": "wgan", "train.regularizers.gradient_penalty": 10.0,
-       "model.d_norm": "instance", "train.optimizer": "rmsprop"}
+_GP = {
+  "train.loss": "wgan",
+  "train.regularizers.gradient_penalty": 10.0,
+  "model.d_norm": "instance",
+  "train.optimizer": "rmsprop",
+}
 _DETECT = {"aggregation.name": "detect", "aggregation.kwargs.warmup_rounds": 10}
 
 DEFENSES = [
-    {"_defense": "none"},
-    {"_defense": "detect", **_DETECT},
-    {"_defense": "gp", **_GP},
-    {"_defense": "both", **_DETECT, **_GP},
+  {"_defense": "none"},
+  {"_defense": "detect", **_DETECT},
+  {"_defense": "gp", **_GP},
+  {"_defense": "both", **_DETECT, **_GP},
 ]
 
 
@@ -56,8 +60,8 @@ def get_config():
 
 def get_sweep():
   return product(
-      {"attack.malicious": [(), (0,)]},
-      DEFENSES,
-      {"attack.trigger_size": [4, 8]},
-      {"seed": [0, 1, 2]},
+    {"attack.malicious": [(), (0,)]},
+    DEFENSES,
+    {"attack.trigger_size": [4, 8]},
+    {"seed": [0, 1, 2]},
   )

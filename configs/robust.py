@@ -13,16 +13,18 @@ loss and update statistics that blocks repeat offenders).
 from fedgan_jax import config_lib
 
 RULES = {
-    "median": ("median", {}),
-    "trimmed_mean": ("trimmed_mean", {"beta": 0.25}),
-    # Krum needs C > 2f + 2: at the paper's C = 4 only f = 0 (pick the most central client).
-    "krum": ("krum", {"f": 0}),
-    "multi_krum": ("multi_krum", {"f": 0, "m": 2}),
-    "geometric_median": ("geometric_median", {}),
-    "norm_clip": ("norm_clip", {"max_norm": 0.5}),
-    "detect_zscore": ("detect", {"detector": "robust_zscore", "features": ("g_loss",), "warmup_rounds": 10}),
-    "feddetect": ("detect", {"detector": "isolation_forest", "features": ("g_loss", "update_norm"),
-                             "warmup_rounds": 10, "block_after": 3}),
+  "median": ("median", {}),
+  "trimmed_mean": ("trimmed_mean", {"beta": 0.25}),
+  # Krum needs C > 2f + 2: at the paper's C = 4 only f = 0 (pick the most central client).
+  "krum": ("krum", {"f": 0}),
+  "multi_krum": ("multi_krum", {"f": 0, "m": 2}),
+  "geometric_median": ("geometric_median", {}),
+  "norm_clip": ("norm_clip", {"max_norm": 0.5}),
+  "detect_zscore": ("detect", {"detector": "robust_zscore", "features": ("g_loss",), "warmup_rounds": 10}),
+  "feddetect": (
+    "detect",
+    {"detector": "isolation_forest", "features": ("g_loss", "update_norm"), "warmup_rounds": 10, "block_after": 3},
+  ),
 }
 
 

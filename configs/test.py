@@ -1,6 +1,6 @@
 """A tiny run that compiles and trains in seconds on a CPU (tests, smoke checks).
 
-    python -m fedgan_jax.main --config configs/test.py --workdir /tmp/fedgan_test
+python -m fedgan_jax.main --config configs/test.py --workdir /tmp/fedgan_test
 """
 
 from fedgan_jax import config_lib

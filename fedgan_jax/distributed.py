@@ -8,14 +8,16 @@ outputs. Launch commands are in docs/benchmarks.md.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 
 # Explicit launch: the same three variables on every host (process id differs).
-_EXPLICIT = (("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS"),
-             ("JAX_NUM_PROCESSES", "NUM_PROCESSES"),
-             ("JAX_PROCESS_ID", "PROCESS_ID"))
+_EXPLICIT = (
+  ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS"),
+  ("JAX_NUM_PROCESSES", "NUM_PROCESSES"),
+  ("JAX_PROCESS_ID", "PROCESS_ID"),
+)
 
 
 def _env(names: Sequence[str]) -> str | None:
@@ -76,8 +78,9 @@ def maybe_initialize_distributed() -> bool:
     addr, num, pid = (_env(n) for n in _EXPLICIT)
     if num is None or pid is None:
       raise ValueError(
-          f"JAX_COORDINATOR_ADDRESS={addr!r} is set, so JAX_NUM_PROCESSES and JAX_PROCESS_ID "
-          f"(or NUM_PROCESSES / PROCESS_ID) must be set too; got {num!r} and {pid!r}.")
+        f"JAX_COORDINATOR_ADDRESS={addr!r} is set, so JAX_NUM_PROCESSES and JAX_PROCESS_ID "
+        f"(or NUM_PROCESSES / PROCESS_ID) must be set too; got {num!r} and {pid!r}."
+      )
     try:
       num_i, pid_i = int(num), int(pid)
     except ValueError as e:

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +30,7 @@ import numpy as np
 from absl import logging
 
 from fedgan_jax.io import images as image_io
-from fedgan_jax.metrics import extractors
-from fedgan_jax.metrics import fidelity
-from fedgan_jax.metrics import swd
+from fedgan_jax.metrics import extractors, fidelity, swd
 from fedgan_jax.metrics import trigger as trigger_metrics
 
 
@@ -51,9 +50,18 @@ class Evaluator:
     write: save files (False on non-primary processes of a multi-host run).
   """
 
-  def __init__(self, config, sample_fn: Callable, heldout, trigger: np.ndarray,
-               trigger_loc: tuple[int, int], key: jax.Array, workdir: str,
-               poisoned: np.ndarray | None = None, write: bool = True):
+  def __init__(
+    self,
+    config,
+    sample_fn: Callable,
+    heldout,
+    trigger: np.ndarray,
+    trigger_loc: tuple[int, int],
+    key: jax.Array,
+    workdir: str,
+    poisoned: np.ndarray | None = None,
+    write: bool = True,
+  ):
     self.config = config
     self.write = write
     self.workdir = workdir
@@ -61,7 +69,7 @@ class Evaluator:
     self.trigger, self.loc = trigger, trigger_loc
     nz = config.model.latent_dim
     k_grid, k_eval = jax.random.split(key)
-    self.z_grid = jax.random.normal(k_grid, (config.eval.grid_size ** 2, nz))
+    self.z_grid = jax.random.normal(k_grid, (config.eval.grid_size**2, nz))
     self.z_eval = jax.random.normal(k_eval, (config.eval.num_samples, nz))
     self._sample = jax.jit(sample_fn)
     self.real = heldout.images.astype(np.float32) / 127.5 - 1.0
@@ -72,10 +80,14 @@ class Evaluator:
     if len(self.real):
       self.threshold = trigger_metrics.calibrate_threshold(self.real, trigger, trigger_loc, max_fpr=0.01)
       corr, strength = trigger_metrics.trigger_scores(self.real, trigger, trigger_loc)
-      self.calibration = {"threshold": float(self.threshold), "max_fpr": 0.01,
-                          "clean_real_rate": float(np.mean(corr > self.threshold)),
-                          "clean_real_strength": float(np.median(strength)),
-                          "num_clean_real": int(len(self.real)), "location": list(trigger_loc)}
+      self.calibration = {
+        "threshold": float(self.threshold),
+        "max_fpr": 0.01,
+        "clean_real_rate": float(np.mean(corr > self.threshold)),
+        "clean_real_strength": float(np.median(strength)),
+        "num_clean_real": int(len(self.real)),
+        "location": list(trigger_loc),
+      }
       if self.random_loc:
         self.threshold_any = trigger_metrics.calibrate_threshold(self.real, trigger, "any", max_fpr=0.01)
         self.calibration["threshold_any"] = float(self.threshold_any)
@@ -90,19 +102,20 @@ class Evaluator:
     self.swd_ref = None
     self.swd_backend = "numpy" if jax.default_backend() == "cpu" else "jax"
     if config.eval.swd and len(self.real):
-      self.swd_ref = swd.swd_reference(self.real, num_other=config.eval.num_samples,
-                                            backend=self.swd_backend)
+      self.swd_ref = swd.swd_reference(self.real, num_other=config.eval.num_samples, backend=self.swd_backend)
     self.extractor = None
     self._real_feats = None
     if config.eval.extractor != "none" and len(self.real):
       # Built now so a missing weights file fails before training, not at the end.
       self.extractor = extractors.get_extractor(
-          config.eval.extractor, inception_weights=config.eval.inception_weights,
-          effnet_weights=config.eval.effnet_weights)
+        config.eval.extractor,
+        inception_weights=config.eval.inception_weights,
+        effnet_weights=config.eval.effnet_weights,
+      )
 
   def device_samples(self, g_vars, z: jax.Array, batch: int = 256) -> jax.Array:
     """Generated images for latents ``z``, left on the device."""
-    parts = [self._sample(g_vars, z[i:i + batch]) for i in range(0, len(z), batch)]
+    parts = [self._sample(g_vars, z[i : i + batch]) for i in range(0, len(z), batch)]
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
   def samples(self, g_vars, z: jax.Array, batch: int = 256) -> np.ndarray:
@@ -113,8 +126,11 @@ class Evaluator:
     grid_imgs = image_io.to_uint8(self.samples(g_vars, self.z_grid))
     self.last_grid = image_io.grid(grid_imgs, self.config.eval.grid_size)
     if self.write:
-      image_io.save_png(os.path.join(self.sample_dir, f"round_{round_:06d}.png"), self.last_grid,
-                        scale=max(1, 128 // self.config.resolution))
+      image_io.save_png(
+        os.path.join(self.sample_dir, f"round_{round_:06d}.png"),
+        self.last_grid,
+        scale=max(1, 128 // self.config.resolution),
+      )
     fake_dev = self.device_samples(g_vars, self.z_eval)
     fake = np.asarray(fake_dev)
     finite = np.isfinite(fake).all(axis=(1, 2, 3))
@@ -148,9 +164,12 @@ class Evaluator:
       self._real_feats = self.extractor.fn(self.real)
     f = self.extractor.fn(fake)
     precision, recall = fidelity.precision_recall(self._real_feats, f)
-    return {f"eval/fid@{name}": float(fidelity.frechet_distance(f, self._real_feats)),
-            f"eval/kid@{name}": float(fidelity.kid(f, self._real_feats)[0]),
-            f"eval/precision@{name}": float(precision), f"eval/recall@{name}": float(recall)}
+    return {
+      f"eval/fid@{name}": float(fidelity.frechet_distance(f, self._real_feats)),
+      f"eval/kid@{name}": float(fidelity.kid(f, self._real_feats)[0]),
+      f"eval/precision@{name}": float(precision),
+      f"eval/recall@{name}": float(recall),
+    }
 
   def finish(self) -> None:
     """Writes ``trigger_calibration.json``."""

@@ -18,17 +18,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from fedgan_jax import assemble
-from fedgan_jax import config_lib
-from fedgan_jax import distributed
-from fedgan_jax import evaluation
-from fedgan_jax import report
+from fedgan_jax import assemble, config_lib, distributed, evaluation, report
 from fedgan_jax.federated import replicas as replicas_lib
 from fedgan_jax.federated import sharding
 from fedgan_jax.io import checkpoint as ckpt_lib
-from fedgan_jax.io import rundir
-from fedgan_jax.io import tensorboard
-from fedgan_jax.io import writers
+from fedgan_jax.io import rundir, tensorboard, writers
 from fedgan_jax.metrics import detection
 
 
@@ -72,8 +66,9 @@ def run(config, workdir: str) -> dict[str, Any]:
   primary = distributed.is_primary()  # Multi-host: only process 0 writes outputs (all checkpoint).
   K = config.num_replicas
   replicated = K > 1
-  members = [(c, os.path.join(workdir, f"seed_{c.seed}") if replicated else workdir)
-             for c in assemble.replica_configs(config)]
+  members = [
+    (c, os.path.join(workdir, f"seed_{c.seed}") if replicated else workdir) for c in assemble.replica_configs(config)
+  ]
   for c, d in members:
     os.makedirs(os.path.join(d, "samples"), exist_ok=True)
     if primary:
@@ -111,12 +106,28 @@ def run(config, workdir: str) -> dict[str, Any]:
     dk = view(data, k)
     metrics_file = writers.JsonlWriter(os.path.join(d, "metrics.jsonl"), active=primary)
     metrics_file.truncate_after(start)
-    evaluator = evaluation.Evaluator(c, program.sample, heldouts[k], np.asarray(dk.trigger),
-                                     tuple(np.asarray(dk.trigger_loc).tolist()), k_eval[k], d,
-                                     poisoned=assemble.poisoned_examples(dk, c), write=primary)
-    replicas.append(ReplicaOutputs(c, d, metrics_file, evaluator,
-                             tensorboard.TensorBoardWriter(os.path.join(d, "tb"), active=primary),
-                             np.asarray(dk.is_malicious), infos[k]))
+    evaluator = evaluation.Evaluator(
+      c,
+      program.sample,
+      heldouts[k],
+      np.asarray(dk.trigger),
+      tuple(np.asarray(dk.trigger_loc).tolist()),
+      k_eval[k],
+      d,
+      poisoned=assemble.poisoned_examples(dk, c),
+      write=primary,
+    )
+    replicas.append(
+      ReplicaOutputs(
+        c,
+        d,
+        metrics_file,
+        evaluator,
+        tensorboard.TensorBoardWriter(os.path.join(d, "tb"), active=primary),
+        np.asarray(dk.is_malicious),
+        infos[k],
+      )
+    )
   # Clients sharded over the devices when they divide evenly (local training under shard_map);
   # after the host-side copies above, which need addressable arrays.
   mesh = sharding.auto_client_mesh(config.num_clients)
@@ -140,10 +151,11 @@ def run(config, workdir: str) -> dict[str, Any]:
         if not record["train/global_finite"] or not np.isfinite(m["train/g_loss"]).any():
           pending.clear()
           raise FloatingPointError(
-              f"round {r}{f' (seed {rep.config.seed})' if replicated else ''}: training diverged "
-              f"(global generator finite: {record['train/global_finite']}, client G losses: "
-              f"{np.asarray(m['train/g_loss']).tolist()}); see {rep.metrics.path}. "
-              "Try a lower train.g_lr / train.d_lr, or a robust aggregation.name.")
+            f"round {r}{f' (seed {rep.config.seed})' if replicated else ''}: training diverged "
+            f"(global generator finite: {record['train/global_finite']}, client G losses: "
+            f"{np.asarray(m['train/g_loss']).tolist()}); see {rep.metrics.path}. "
+            "Try a lower train.g_lr / train.d_lr, or a robust aggregation.name."
+          )
     pending.clear()
 
   for r in range(start + 1, config.num_rounds + 1):
@@ -201,19 +213,20 @@ def _summary(config, records, info, is_mal, wall, t_compile, start) -> dict[str,
   final = {}
   for rec in records:  # The last value of every metric (eval metrics only exist on eval rounds).
     final.update({k: v for k, v in rec.items() if not k.startswith("z/")})
-  first_flag = detection.first_flagged_round([rec["agg/flagged"] for rec in records], is_mal,
-                                             [rec["round"] for rec in records])
+  first_flag = detection.first_flagged_round(
+    [rec["agg/flagged"] for rec in records], is_mal, [rec["round"] for rec in records]
+  )
   n = max(len(records), 1)
   return {
-      "final": final,
-      "rounds": records[-1]["round"] if records else 0,
-      "resumed_from": start,
-      "malicious": list(config.attack.malicious),
-      "first_flag_round": first_flag,
-      "detect_tpr_mean": detection.mean_rate(r["eval/detect_tpr"] for r in records),
-      "detect_fpr_mean": detection.mean_rate(r["eval/detect_fpr"] for r in records),
-      "data": info,
-      "wall_sec": wall,
-      "first_round_sec": t_compile,
-      "num_records": n,
+    "final": final,
+    "rounds": records[-1]["round"] if records else 0,
+    "resumed_from": start,
+    "malicious": list(config.attack.malicious),
+    "first_flag_round": first_flag,
+    "detect_tpr_mean": detection.mean_rate(r["eval/detect_tpr"] for r in records),
+    "detect_fpr_mean": detection.mean_rate(r["eval/detect_fpr"] for r in records),
+    "data": info,
+    "wall_sec": wall,
+    "first_round_sec": t_compile,
+    "num_records": n,
   }

@@ -29,7 +29,8 @@ program (``tests/test_flops.py``).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.extend  # noqa: F401  (jax.extend.core: Jaxpr types)
@@ -40,21 +41,95 @@ try:  # Dead-code elimination, as XLA does before it counts (e.g. the primal con
 except ImportError:  # pragma: no cover - a JAX without it counts dead code too.
   _dce_jaxpr = None
 
-_TRANSCENDENTAL = frozenset({
-    "exp", "exp2", "expm1", "log", "log1p", "tanh", "logistic", "sin", "cos", "tan", "asin", "acos",
-    "atan", "atan2", "sinh", "cosh", "asinh", "acosh", "atanh", "sqrt", "rsqrt", "cbrt", "pow", "erf",
-    "erfc", "erf_inv", "lgamma", "digamma",
-})
-_ELEMENTWISE = frozenset({
-    "add", "add_any", "sub", "mul", "div", "rem", "neg", "abs", "sign", "max", "min", "floor", "ceil",
-    "round", "nextafter", "integer_pow", "square", "reciprocal", "select_n", "clamp", "eq", "ne", "lt",
-    "le", "gt", "ge", "and", "or", "not", "xor", "shift_left", "shift_right_logical",
-    "shift_right_arithmetic", "is_finite", "population_count", "clz",
-})
-_REDUCTIONS = frozenset({
-    "reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "argmax",
-    "argmin", "cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp",
-})
+_TRANSCENDENTAL = frozenset(
+  {
+    "exp",
+    "exp2",
+    "expm1",
+    "log",
+    "log1p",
+    "tanh",
+    "logistic",
+    "sin",
+    "cos",
+    "tan",
+    "asin",
+    "acos",
+    "atan",
+    "atan2",
+    "sinh",
+    "cosh",
+    "asinh",
+    "acosh",
+    "atanh",
+    "sqrt",
+    "rsqrt",
+    "cbrt",
+    "pow",
+    "erf",
+    "erfc",
+    "erf_inv",
+    "lgamma",
+    "digamma",
+  }
+)
+_ELEMENTWISE = frozenset(
+  {
+    "add",
+    "add_any",
+    "sub",
+    "mul",
+    "div",
+    "rem",
+    "neg",
+    "abs",
+    "sign",
+    "max",
+    "min",
+    "floor",
+    "ceil",
+    "round",
+    "nextafter",
+    "integer_pow",
+    "square",
+    "reciprocal",
+    "select_n",
+    "clamp",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "and",
+    "or",
+    "not",
+    "xor",
+    "shift_left",
+    "shift_right_logical",
+    "shift_right_arithmetic",
+    "is_finite",
+    "population_count",
+    "clz",
+  }
+)
+_REDUCTIONS = frozenset(
+  {
+    "reduce_sum",
+    "reduce_max",
+    "reduce_min",
+    "reduce_prod",
+    "reduce_and",
+    "reduce_or",
+    "argmax",
+    "argmin",
+    "cumsum",
+    "cumprod",
+    "cummax",
+    "cummin",
+    "cumlogsumexp",
+  }
+)
 
 
 class FlopCount(NamedTuple):
@@ -79,10 +154,10 @@ class FlopCount(NamedTuple):
     """``conv + dot + elementwise``: what ``achieved_tflops`` divides."""
     return self.conv + self.dot + self.elementwise
 
-  def __add__(self, other: "FlopCount") -> "FlopCount":  # type: ignore[override]
+  def __add__(self, other: FlopCount) -> FlopCount:  # type: ignore[override]
     return FlopCount(*(a + b for a, b in zip(self, other)))
 
-  def scale(self, n: float) -> "FlopCount":
+  def scale(self, n: float) -> FlopCount:
     """Every FLOP kind times ``n`` (loop counters unchanged)."""
     return FlopCount(self.conv * n, self.dot * n, self.elementwise * n, self.transcendental * n, self.unknown_loops)
 
@@ -94,8 +169,7 @@ def _size(aval) -> int:
   return int(math.prod(getattr(aval, "shape", ())))
 
 
-def _valid_positions(in_size: int, out_size: int, k: int, stride: int, pad_lo: int, lhs_dil: int,
-                     rhs_dil: int) -> int:
+def _valid_positions(in_size: int, out_size: int, k: int, stride: int, pad_lo: int, lhs_dil: int, rhs_dil: int) -> int:
   """(output, kernel-tap) pairs along one spatial axis that read a real (not padded/dilated) input."""
   o = np.arange(out_size)[:, None]
   t = np.arange(k)[None, :]
@@ -118,8 +192,15 @@ def conv_flops(lhs_shape, rhs_shape, out_shape, params: dict[str, Any]) -> float
   rhs_dil = params.get("rhs_dilation") or (1,) * n_sp
   pairs = 1
   for a in range(n_sp):
-    pairs *= _valid_positions(lhs_shape[lhs_spec[2 + a]], out_shape[out_spec[2 + a]], rhs_shape[rhs_spec[2 + a]],
-                              strides[a], padding[a][0], lhs_dil[a], rhs_dil[a])
+    pairs *= _valid_positions(
+      lhs_shape[lhs_spec[2 + a]],
+      out_shape[out_spec[2 + a]],
+      rhs_shape[rhs_spec[2 + a]],
+      strides[a],
+      padding[a][0],
+      lhs_dil[a],
+      rhs_dil[a],
+    )
   return 2.0 * batch * in_features * out_features * pairs
 
 
@@ -131,7 +212,7 @@ def dot_flops(lhs_shape, out_shape, params: dict[str, Any]) -> float:
 
 def _sub_jaxprs(params: dict[str, Any]):
   for v in params.values():
-    for item in (v if isinstance(v, (tuple, list)) else (v,)):
+    for item in v if isinstance(v, (tuple, list)) else (v,):
       if isinstance(item, jax.extend.core.ClosedJaxpr):
         yield item.jaxpr
       elif isinstance(item, jax.extend.core.Jaxpr):
@@ -146,8 +227,9 @@ def count_jaxpr(jaxpr) -> FlopCount:
     name = eqn.primitive.name
     params = eqn.params
     if name == "conv_general_dilated":
-      total += FlopCount(conv=conv_flops(eqn.invars[0].aval.shape, eqn.invars[1].aval.shape,
-                                         eqn.outvars[0].aval.shape, params))
+      total += FlopCount(
+        conv=conv_flops(eqn.invars[0].aval.shape, eqn.invars[1].aval.shape, eqn.outvars[0].aval.shape, params)
+      )
     elif name == "dot_general":
       total += FlopCount(dot=dot_flops(eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape, params))
     elif name in _ELEMENTWISE:

@@ -12,14 +12,10 @@ import os
 import sys
 
 import jax
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fedgan_jax import config_lib
-from fedgan_jax import distributed
-from fedgan_jax import experiment
+from fedgan_jax import config_lib, distributed, experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumes if it holds checkpoints).")
@@ -38,7 +34,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict]:
   rest, kwargs = [], {}
   for arg in argv:
     if arg.startswith(_KWARGS_PREFIX):
-      key, sep, value = arg[len(_KWARGS_PREFIX):].partition("=")
+      key, sep, value = arg[len(_KWARGS_PREFIX) :].partition("=")
       if not sep or not key.isidentifier():
         raise ValueError(f"{arg!r}: expected {_KWARGS_PREFIX}<name>=<value>.")
       kwargs[key] = config_lib.parse_value(value)
@@ -51,7 +47,7 @@ def check_override_names(argv: list[str]) -> None:
   """Fails clearly on ``--config.<unknown>=...`` (ml_collections raises a bare AttributeError)."""
   for arg in argv:
     if arg.startswith("--config.") and "=" in arg:
-      config_lib.check_field(arg[len("--config."):].split("=", 1)[0])
+      config_lib.check_field(arg[len("--config.") :].split("=", 1)[0])
 
 
 def _enable_compilation_cache() -> None:

@@ -47,7 +47,8 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 BENCH = [sys.executable, "-m", "fedgan_jax.bench"]
 MAIN = [sys.executable, "-m", "fedgan_jax.main"]
@@ -72,10 +73,10 @@ class Step(NamedTuple):
 
   name: str
   group: str
-  kind: str            # 'bench' | 'peer' | 'main'
+  kind: str  # 'bench' | 'peer' | 'main'
   argv: tuple[str, ...]
   limit: int
-  skip: str = ""       # Non-empty: why the step is not run.
+  skip: str = ""  # Non-empty: why the step is not run.
 
 
 def _say(msg: str) -> None:
@@ -84,8 +85,11 @@ def _say(msg: str) -> None:
 
 def find_peer(path: str | None) -> str | None:
   """The PyTorch peer script: ``path``, ``$FEDGAN_PEER``, or ``[../]shared/peers/torch_fedgan_seq.py``."""
-  candidates = [path] if path else [os.environ.get("FEDGAN_PEER", ""), "shared/peers/torch_fedgan_seq.py",
-                                    "../shared/peers/torch_fedgan_seq.py"]
+  candidates = (
+    [path]
+    if path
+    else [os.environ.get("FEDGAN_PEER", ""), "shared/peers/torch_fedgan_seq.py", "../shared/peers/torch_fedgan_seq.py"]
+  )
   for c in candidates:
     if c and os.path.isfile(c):
       return os.path.abspath(c)
@@ -94,8 +98,10 @@ def find_peer(path: str | None) -> str | None:
 
 def probe_platform() -> dict[str, Any]:
   """The JAX backend and devices, read in a subprocess (this process never holds the device)."""
-  code = ("import jax, json; d = jax.devices(); print(json.dumps({'platform': d[0].platform, "
-          "'device_kind': d[0].device_kind, 'count': len(d), 'jax': jax.__version__}))")
+  code = (
+    "import jax, json; d = jax.devices(); print(json.dumps({'platform': d[0].platform, "
+    "'device_kind': d[0].device_kind, 'count': len(d), 'jax': jax.__version__}))"
+  )
   try:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -115,28 +121,71 @@ def plan(tiny: bool, platform: str, peer: str | None, out_dir: str) -> list[Step
 
   def bench(clients, res, precision, impl, mode):
     return tuple(BENCH) + (
-        "--clients", str(clients), "--resolution", str(res), "--batch", str(size["batch"]),
-        "--local-steps", str(size["steps"]), "--width", str(size["width"]), "--latent-dim", str(size["latent"]),
-        "--rounds", str(size["rounds"]), "--warmup", str(size["warmup"]), "--precision", precision,
-        "--conv-impl", impl, "--mode", mode)
+      "--clients",
+      str(clients),
+      "--resolution",
+      str(res),
+      "--batch",
+      str(size["batch"]),
+      "--local-steps",
+      str(size["steps"]),
+      "--width",
+      str(size["width"]),
+      "--latent-dim",
+      str(size["latent"]),
+      "--rounds",
+      str(size["rounds"]),
+      "--warmup",
+      str(size["warmup"]),
+      "--precision",
+      precision,
+      "--conv-impl",
+      impl,
+      "--mode",
+      mode,
+    )
 
   torch_ok = importlib.util.find_spec("torch") is not None
-  peer_skip = ("no peer script (--peer PATH or $FEDGAN_PEER)" if peer is None
-               else "" if torch_ok else "torch is not installed")
+  peer_skip = (
+    "no peer script (--peer PATH or $FEDGAN_PEER)" if peer is None else "" if torch_ok else "torch is not installed"
+  )
 
   def peer_cmd(clients, res):
     device = "cuda" if platform == "gpu" else "cpu"
-    return (sys.executable, peer or "<peer>", "--res", str(res), "--clients", str(clients), "--batch",
-            str(size["batch"]), "--local-steps", str(size["steps"]), "--ngf", str(size["width"]), "--ndf",
-            str(size["width"]), "--nz", str(size["latent"]), "--rounds", str(size["rounds"]), "--warmup",
-            str(size["warmup"]), "--device", device)
+    return (
+      sys.executable,
+      peer or "<peer>",
+      "--res",
+      str(res),
+      "--clients",
+      str(clients),
+      "--batch",
+      str(size["batch"]),
+      "--local-steps",
+      str(size["steps"]),
+      "--ngf",
+      str(size["width"]),
+      "--ndf",
+      str(size["width"]),
+      "--nz",
+      str(size["latent"]),
+      "--rounds",
+      str(size["rounds"]),
+      "--warmup",
+      str(size["warmup"]),
+      "--device",
+      device,
+    )
 
   g1 = f"C = {c_main}, {size['res']} px, B = {size['batch']}, L = {size['steps']}"
   steps = []
   for precision in ("f32", "bf16"):
     for impl in impls:
-      steps.append(Step(f"c{c_main}_{impl}_{precision}", g1, "bench",
-                        bench(c_main, size["res"], precision, impl, "both"), lim(110)))
+      steps.append(
+        Step(
+          f"c{c_main}_{impl}_{precision}", g1, "bench", bench(c_main, size["res"], precision, impl, "both"), lim(110)
+        )
+      )
     if precision == "f32":
       steps.append(Step(f"c{c_main}_peer_f32", g1, "peer", peer_cmd(c_main, size["res"]), lim(60), peer_skip))
   g2 = f"C = {c_big}, {r_big} px, B = {size['batch']}, bf16"
@@ -147,8 +196,9 @@ def plan(tiny: bool, platform: str, peer: str | None, out_dir: str) -> list[Step
     steps.append(Step(f"scale_c{c}", g3, "bench", bench(c, size["res"], "bf16", "auto", "vmap"), lim(70)))
   workdir = os.path.join(out_dir, "main_default")
   config = "configs/test.py" if tiny else "configs/default.py"
-  steps.append(Step("main_default", "the main job", "main",
-                    tuple(MAIN) + ("--config", config, "--workdir", workdir), lim(120)))
+  steps.append(
+    Step("main_default", "the main job", "main", tuple(MAIN) + ("--config", config, "--workdir", workdir), lim(120))
+  )
   return steps
 
 
@@ -178,22 +228,38 @@ def run_step(step: Step, timeout: float, env: dict[str, str]) -> dict[str, Any]:
   except subprocess.TimeoutExpired as e:
     err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
     out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-    return {"status": "timeout", "seconds": round(time.perf_counter() - t0, 1), "result": None,
-            "detail": f"killed after {timeout:.0f} s; last output:\n{_tail(err or out)}"}
+    return {
+      "status": "timeout",
+      "seconds": round(time.perf_counter() - t0, 1),
+      "result": None,
+      "detail": f"killed after {timeout:.0f} s; last output:\n{_tail(err or out)}",
+    }
   seconds = round(time.perf_counter() - t0, 1)
   if proc.returncode != 0:
-    return {"status": "error", "seconds": seconds, "result": None,
-            "detail": f"exit code {proc.returncode}:\n{_tail(proc.stderr or proc.stdout, 12)}"}
+    return {
+      "status": "error",
+      "seconds": seconds,
+      "result": None,
+      "detail": f"exit code {proc.returncode}:\n{_tail(proc.stderr or proc.stdout, 12)}",
+    }
   if step.kind == "main":
     with open(os.path.join(workdir, "summary.json")) as f:
       summary = json.load(f)
-    result = {"wall_sec_process": seconds, "wall_sec": summary.get("wall_sec"),
-              "first_round_sec": summary.get("first_round_sec"), "rounds": summary.get("rounds")}
+    result = {
+      "wall_sec_process": seconds,
+      "wall_sec": summary.get("wall_sec"),
+      "first_round_sec": summary.get("first_round_sec"),
+      "rounds": summary.get("rounds"),
+    }
   else:
     result = _last_json(proc.stdout)
     if result is None:
-      return {"status": "error", "seconds": seconds, "result": None,
-              "detail": f"no JSON line on stdout:\n{_tail(proc.stdout)}"}
+      return {
+        "status": "error",
+        "seconds": seconds,
+        "result": None,
+        "detail": f"no JSON line on stdout:\n{_tail(proc.stdout)}",
+      }
   return {"status": "ok", "seconds": seconds, "result": result, "detail": ""}
 
 
@@ -210,14 +276,22 @@ def run_all(steps: Sequence[Step], out_dir: str, budget: float) -> list[dict[str
     if step.skip:
       rec = {**head, "status": "skipped", "seconds": 0.0, "result": None, "detail": step.skip}
     elif remaining < _MIN_START_SEC:
-      rec = {**head, "status": "skipped", "seconds": 0.0, "result": None,
-             "detail": f"time budget spent ({budget:.0f} s)"}
+      rec = {
+        **head,
+        "status": "skipped",
+        "seconds": 0.0,
+        "result": None,
+        "detail": f"time budget spent ({budget:.0f} s)",
+      }
     else:
       timeout = min(step.limit, remaining)
       _say(f"step {i}/{len(steps)} {step.name} (limit {timeout:.0f} s): {rec_cmd(step)}")
       rec = {**head, **run_step(step, timeout, env)}
-    _say(f"step {i}/{len(steps)} {step.name}: {rec['status']} in {rec['seconds']} s"
-         + (f" ({rec['detail'].splitlines()[0]})" if rec["detail"] else "") + _headline(rec))
+    _say(
+      f"step {i}/{len(steps)} {step.name}: {rec['status']} in {rec['seconds']} s"
+      + (f" ({rec['detail'].splitlines()[0]})" if rec["detail"] else "")
+      + _headline(rec)
+    )
     records.append(rec)
     with open(path, "a") as f:
       f.write(json.dumps(rec) + "\n")
@@ -256,17 +330,22 @@ def _pct(x: float | None) -> str:
 
 def _ops(r: dict[str, Any]) -> str:
   h = r.get("hlo_ops") or {}
-  return "/".join(str(h.get(k, "-")) for k in ("convolution", "grouped_convolution", "lhs_dilated_convolution",
-                                                "dot_general"))
+  return "/".join(
+    str(h.get(k, "-")) for k in ("convolution", "grouped_convolution", "lhs_dilated_convolution", "dot_general")
+  )
 
 
 def report(records: Sequence[dict[str, Any]], info: dict[str, Any], budget: float, tiny: bool) -> str:
   """The markdown report of a check: one table per group, then the targets."""
   by_name = {r["step"]: r for r in records}
-  lines = [f"# Device check ({'tiny, ' if tiny else ''}{time.strftime('%Y-%m-%d')})", "",
-           f"Device: {info.get('device_kind')} x{info.get('count')} ({info.get('platform')}), "
-           f"jax {info.get('jax')}; budget {budget:.0f} s, used {sum(r['seconds'] for r in records):.0f} s.",
-           "`python -m launch.device_check` wrote this; each row's command is in device_check.jsonl.", ""]
+  lines = [
+    f"# Device check ({'tiny, ' if tiny else ''}{time.strftime('%Y-%m-%d')})",
+    "",
+    f"Device: {info.get('device_kind')} x{info.get('count')} ({info.get('platform')}), "
+    f"jax {info.get('jax')}; budget {budget:.0f} s, used {sum(r['seconds'] for r in records):.0f} s.",
+    "`python -m launch.device_check` wrote this; each row's command is in device_check.jsonl.",
+    "",
+  ]
   groups: dict[str, list[dict[str, Any]]] = {}
   for r in records:
     groups.setdefault(r["group"], []).append(r)
@@ -277,30 +356,40 @@ def report(records: Sequence[dict[str, Any]], info: dict[str, Any], budget: floa
   for group, recs in groups.items():
     lines += [f"## {group}", ""]
     if recs[0]["group"] == "the main job":
-      lines += ["| step | status | wall s (process) | first round s (incl. compile) | rounds |", "| --- | --- | --- | --- | --- |"]
+      lines += [
+        "| step | status | wall s (process) | first round s (incl. compile) | rounds |",
+        "| --- | --- | --- | --- | --- |",
+      ]
       for r in recs:
         x = r["result"] or {}
-        lines.append(f"| {r['step']} | {r['status']} | {_fmt(x.get('wall_sec_process'))} | "
-                     f"{_fmt(x.get('first_round_sec'))} | {_fmt(x.get('rounds'))} |")
+        lines.append(
+          f"| {r['step']} | {r['status']} | {_fmt(x.get('wall_sec_process'))} | "
+          f"{_fmt(x.get('first_round_sec'))} | {_fmt(x.get('rounds'))} |"
+        )
     else:
-      lines += ["| step | status | lowering | precision | vmap s/round | loop s/round | vmap / loop | "
-                "peer / vmap | TFLOP/s | of peak | compile s | convs / grouped / lhs-dilated / dots |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+      lines += [
+        "| step | status | lowering | precision | vmap s/round | loop s/round | vmap / loop | "
+        "peer / vmap | TFLOP/s | of peak | compile s | convs / grouped / lhs-dilated / dots |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+      ]
       for r in recs:
         x = r["result"] or {}
         if r["step"].endswith("_peer_f32"):
-          lines.append(f"| {r['step']} | {r['status']} | PyTorch | f32 | - | {_fmt(x.get('sec_per_round'))} "
-                       f"(sequential) | - | 1 | - | - | - | - |")
+          lines.append(
+            f"| {r['step']} | {r['status']} | PyTorch | f32 | - | {_fmt(x.get('sec_per_round'))} "
+            f"(sequential) | - | 1 | - | - | - | - |"
+          )
           continue
         loop = x.get("loop") or {}
         peer = peer_spr.get(group)
         vs_peer = peer / x["sec_per_round"] if peer and x.get("sec_per_round") else None
         compile_s = _fmt(x.get("compile_sec")) + (f" / {_fmt(loop.get('compile_sec'))}" if loop else "")
         lines.append(
-            f"| {r['step']} | {r['status']} | {x.get('conv_impl_resolved', '-')} | {x.get('precision', '-')} | "
-            f"{_fmt(x.get('sec_per_round'), 4)} | {_fmt(loop.get('sec_per_round'), 4)} | "
-            f"{_fmt(x.get('vmap_speedup'))} | {_fmt(vs_peer)} | {_fmt(x.get('achieved_tflops'))} | "
-            f"{_pct(x.get('fraction_of_peak'))} | {compile_s} | {_ops(x) if x else '-'} |")
+          f"| {r['step']} | {r['status']} | {x.get('conv_impl_resolved', '-')} | {x.get('precision', '-')} | "
+          f"{_fmt(x.get('sec_per_round'), 4)} | {_fmt(loop.get('sec_per_round'), 4)} | "
+          f"{_fmt(x.get('vmap_speedup'))} | {_fmt(vs_peer)} | {_fmt(x.get('achieved_tflops'))} | "
+          f"{_pct(x.get('fraction_of_peak'))} | {compile_s} | {_ops(x) if x else '-'} |"
+        )
     lines.append("")
   lines += ["## Targets", ""] + _targets(by_name, TINY if tiny else FULL)
   bad = [r for r in records if r["status"] in ("error", "timeout")]
@@ -313,6 +402,7 @@ def report(records: Sequence[dict[str, Any]], info: dict[str, Any], budget: floa
 
 def _targets(by_name: dict[str, dict[str, Any]], sizes: Sizes) -> list[str]:
   """The issue's targets, each with its measured value and met / NOT met / not measured."""
+
   def res(name):
     r = by_name.get(name)
     return r["result"] if r and r["status"] == "ok" else None
@@ -328,44 +418,68 @@ def _targets(by_name: dict[str, dict[str, Any]], sizes: Sizes) -> list[str]:
     runs = [r for r in (res(f"c{c}_{i}_{precision}") for i in ("gemm", "xla", "fast_cpu")) if r]
     best = min(runs, key=lambda x: x["sec_per_round"], default=None)
     sp = best["vmap_speedup"] if best else None
-    line(f"C = {c}, {precision}: the fastest vmapped round >= 3x our loop in the same precision",
-         None if sp is None else f"{sp:.2f}x ({best['conv_impl_resolved']})", sp is not None and sp >= 3)
+    line(
+      f"C = {c}, {precision}: the fastest vmapped round >= 3x our loop in the same precision",
+      None if sp is None else f"{sp:.2f}x ({best['conv_impl_resolved']})",
+      sp is not None and sp >= 3,
+    )
     if precision == "f32":
       peer = res(f"c{c}_peer_f32")
       ratio = peer["sec_per_round"] / best["sec_per_round"] if best and peer else None
-      line(f"C = {c}, f32: the vmapped round >= 20x the PyTorch peer", None if ratio is None else f"{ratio:.1f}x",
-           ratio is not None and ratio >= 20)
+      line(
+        f"C = {c}, f32: the vmapped round >= 20x the PyTorch peer",
+        None if ratio is None else f"{ratio:.1f}x",
+        ratio is not None and ratio >= 20,
+      )
     else:
       f = best.get("fraction_of_peak") if best else None
-      line(f"C = {c}, bf16: >= 25 % of the dense bf16 peak", None if f is None else _pct(f),
-           f is not None and f >= 0.25)
+      line(
+        f"C = {c}, bf16: >= 25 % of the dense bf16 peak", None if f is None else _pct(f), f is not None and f >= 0.25
+      )
   big, peer = res(f"r{sizes.r_big}_auto_bf16"), res(f"r{sizes.r_big}_peer_f32")
   tag = f"{sizes.r_big} px, C = {sizes.c_big}"
-  line(f"{tag}, bf16: compiles in < 60 s", None if big is None else f"{big['compile_sec']:.0f} s",
-       big is not None and big["compile_sec"] < 60)
+  line(
+    f"{tag}, bf16: compiles in < 60 s",
+    None if big is None else f"{big['compile_sec']:.0f} s",
+    big is not None and big["compile_sec"] < 60,
+  )
   f = big.get("fraction_of_peak") if big else None
   line(f"{tag}, bf16: >= 30 % of the dense bf16 peak", None if f is None else _pct(f), f is not None and f >= 0.3)
   ratio = peer["sec_per_round"] / big["sec_per_round"] if big and peer else None
-  line(f"{tag}: >= 4x the PyTorch peer (f32)", None if ratio is None else f"{ratio:.1f}x",
-       ratio is not None and ratio >= 4)
+  line(
+    f"{tag}: >= 4x the PyTorch peer (f32)", None if ratio is None else f"{ratio:.1f}x", ratio is not None and ratio >= 4
+  )
   pts = [(n, r["client_steps_per_sec"]) for n, r in ((n, res(f"scale_c{n}")) for n in sizes.c_scale) if r]
   grows = len(pts) > 1 and all(b[1] > a[1] for a, b in zip(pts, pts[1:]))
   line("throughput (client steps/s) grows with C", ", ".join(f"C={n}: {v:.0f}" for n, v in pts) or None, grows)
   main = res("main_default")
-  line("the default main job <= 30 s wall", None if main is None else f"{main['wall_sec_process']:.0f} s",
-       main is not None and main["wall_sec_process"] <= 30)
+  line(
+    "the default main job <= 30 s wall",
+    None if main is None else f"{main['wall_sec_process']:.0f} s",
+    main is not None and main["wall_sec_process"] <= 30,
+  )
   return out
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m launch.device_check", description=__doc__.split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = argparse.ArgumentParser(
+    prog="python -m launch.device_check",
+    description=__doc__.split("\n")[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
   p.add_argument("--out", required=True, help="output folder (created): device_check.jsonl and device_check.md")
   p.add_argument("--tiny", action="store_true", help="every step shrunk to seconds on a CPU (CI)")
-  p.add_argument("--budget", type=float, default=450.0,
-                 help="seconds for all steps together; a step never starts with under 10 s left")
-  p.add_argument("--peer", default=None,
-                 help="the PyTorch peer script (default: $FEDGAN_PEER, else [../]shared/peers/torch_fedgan_seq.py)")
+  p.add_argument(
+    "--budget",
+    type=float,
+    default=450.0,
+    help="seconds for all steps together; a step never starts with under 10 s left",
+  )
+  p.add_argument(
+    "--peer",
+    default=None,
+    help="the PyTorch peer script (default: $FEDGAN_PEER, else [../]shared/peers/torch_fedgan_seq.py)",
+  )
   p.add_argument("--only", default="", help="comma-separated step names to run (default: all)")
   args = p.parse_args(argv)
   if args.budget <= 0:
@@ -396,8 +510,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   md = report(records, info, args.budget, args.tiny)
   with open(os.path.join(out_dir, "device_check.md"), "w") as f:
     f.write(md)
-  _say(f"wrote {os.path.join(out_dir, 'device_check.jsonl')} and device_check.md "
-       f"({sum(r['status'] == 'ok' for r in records)} of {len(records)} steps ok)")
+  _say(
+    f"wrote {os.path.join(out_dir, 'device_check.jsonl')} and device_check.md "
+    f"({sum(r['status'] == 'ok' for r in records)} of {len(records)} steps ok)"
+  )
   return 0
 
 

@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def _lines(path: str) -> list[str]:
@@ -42,7 +42,7 @@ def _run(tree: str, args: Sequence[str], workdir: str) -> None:
 
 def first_difference(a: list[str], b: list[str]) -> str | None:
   """Where two metrics files (as ``_lines``) first differ, or None if they are identical."""
-  for i, (x, y) in enumerate(zip(a, b)):
+  for x, y in zip(a, b):
     if x != y:
       rx, ry = json.loads(x), json.loads(y)
       keys = sorted(k for k in set(rx) | set(ry) if rx.get(k) != ry.get(k))
@@ -57,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--rev", required=True, help="git revision to compare against (e.g. HEAD~1, a commit)")
   p.add_argument("--config", default="configs/test.py", help="config file (and :arg)")
   args, overrides = p.parse_known_args(argv)
-  root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True).stdout.strip()
+  git = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True)
+  root = git.stdout.strip()
   run_args = ["--config", args.config, *overrides]
   with tempfile.TemporaryDirectory() as tmp:
     tree = os.path.join(tmp, "tree")

@@ -48,12 +48,12 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 
-from fedgan_jax import config_lib
-from fedgan_jax import experiment
+from fedgan_jax import config_lib, experiment
 from fedgan_jax.io.rundir import read_summary
 from fedgan_jax.report import table
 
@@ -178,8 +178,10 @@ def check_names(points: Sequence[Point]) -> list[str]:
   seen: dict[str, int] = {}
   for i, n in enumerate(names):
     if n in seen:
-      raise ValueError(f"sweep points {seen[n]} and {i} both map to the directory name {n!r}; "
-                       f"give the alternatives distinct '_label' values.")
+      raise ValueError(
+        f"sweep points {seen[n]} and {i} both map to the directory name {n!r}; "
+        f"give the alternatives distinct '_label' values."
+      )
     seen[n] = i
   return names
 
@@ -238,8 +240,7 @@ def is_finished(run_dir: str, num_rounds: int) -> bool:
 
 def point_settings(point: Point) -> dict[str, Any]:
   """A point's overrides and labels as table cells: labels lose their ``_``, lists read as in names (``0-1``)."""
-  return {k.lstrip("_"): _fmt_value(v) if isinstance(v, (tuple, list)) else v
-          for k, v in point.items() if k != _HIDE}
+  return {k.lstrip("_"): _fmt_value(v) if isinstance(v, (tuple, list)) else v for k, v in point.items() if k != _HIDE}
 
 
 def result_row(name: str, point: Point, summary: dict | None, run_dir: str | None = None) -> dict[str, Any]:
@@ -311,9 +312,16 @@ def group_name(point: Point, seeds: Sequence[int]) -> str:
   return f"{base}__seeds-{span}"
 
 
-def run_sweep(config_path: str, workdir: str, parallel: int = 1, dry_run: bool = False,
-              use_subprocess: bool = False, batch_seeds: bool = False, python: str = sys.executable,
-              out=sys.stdout) -> list[dict[str, Any]]:
+def run_sweep(
+  config_path: str,
+  workdir: str,
+  parallel: int = 1,
+  dry_run: bool = False,
+  use_subprocess: bool = False,
+  batch_seeds: bool = False,
+  python: str = sys.executable,
+  out=sys.stdout,
+) -> list[dict[str, Any]]:
   """Expands, runs (skipping finished points) and summarizes a sweep.
 
   Args:
@@ -372,8 +380,12 @@ def run_sweep(config_path: str, workdir: str, parallel: int = 1, dry_run: bool =
   os.makedirs(workdir, exist_ok=True)
   todo = [i for i, (c, d) in enumerate(zip(configs, dirs)) if not is_finished(d, c.num_rounds)]
   todo_groups = [k for k, g in enumerate(groups) if any(i in todo for i in g)]
-  print(f"sweep: {len(points)} points, {len(points) - len(todo)} finished, {len(todo)} to run"
-        + (f" in {len(todo_groups)} replica groups" if batch_seeds else ""), file=out, flush=True)
+  print(
+    f"sweep: {len(points)} points, {len(points) - len(todo)} finished, {len(todo)} to run"
+    + (f" in {len(todo_groups)} replica groups" if batch_seeds else ""),
+    file=out,
+    flush=True,
+  )
   cache = os.path.join(workdir, ".jax_cache")
   failures: list[str] = []
   if parallel == 1 and not use_subprocess:

@@ -14,8 +14,10 @@ import jax
 import numpy as np
 import pytest
 
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("FEDGAN_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "fedgan_jax_test_cache")))
+jax.config.update(
+  "jax_compilation_cache_dir",
+  os.environ.get("FEDGAN_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "fedgan_jax_test_cache")),
+)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
@@ -24,8 +26,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(**overrides):
   """configs/test.py with ``section.field=value`` overrides."""
-  from fedgan_jax import config_lib
   import importlib.util
+
+  from fedgan_jax import config_lib
+
   spec = importlib.util.spec_from_file_location("cfg_test", os.path.join(ROOT, "configs", "test.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
@@ -39,6 +43,7 @@ def tiny_config(**overrides):
 def tiny_program():
   """(config, program, jitted round, RoundData) for 3 clients, client 0 malicious."""
   from fedgan_jax import assemble
+
   config = tiny_config(num_clients=3)
   program, _, _ = assemble.build_program(config)
   C, n, R = 3, 16, config.resolution

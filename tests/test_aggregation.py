@@ -23,26 +23,30 @@ C = 7  # Krum with f=1 needs C > 4; odd and even C are both covered below.
 # Sensible kwargs for EVERY registered rule; test_every_rule_has_contract_kwargs
 # fails when a rule is registered without being added here.
 RULE_KWARGS = {
-    "mean": {},
-    "median": {},
-    "trimmed_mean": {"beta": 0.2},
-    "krum": {"f": 1},
-    "multi_krum": {"f": 1},
-    "geometric_median": {},
-    "norm_clip": {"max_norm": 1.0},  # Honest updates here have norm ~0.4.
-    "chain": {"stages": (("clip", {"max_norm": 1.0}), ("detect", {"detector": "robust_zscore"}),
-                         ("decay", {"warmup_rounds": 0, "decay": 0.5}),
-                         ("trimmed_mean", {"beta": 0.2}))},
-    "detect": {"warmup_rounds": 0, "num_trees": 50, "inner": "median"},
+  "mean": {},
+  "median": {},
+  "trimmed_mean": {"beta": 0.2},
+  "krum": {"f": 1},
+  "multi_krum": {"f": 1},
+  "geometric_median": {},
+  "norm_clip": {"max_norm": 1.0},  # Honest updates here have norm ~0.4.
+  "chain": {
+    "stages": (
+      ("clip", {"max_norm": 1.0}),
+      ("detect", {"detector": "robust_zscore"}),
+      ("decay", {"warmup_rounds": 0, "decay": 0.5}),
+      ("trimmed_mean", {"beta": 0.2}),
+    )
+  },
+  "detect": {"warmup_rounds": 0, "num_trees": 50, "inner": "median"},
 }
-ROBUST = ["median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "norm_clip", "chain",
-          "detect"]
+ROBUST = ["median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "norm_clip", "chain", "detect"]
 
 
 def make_global(rng, dtype=np.float32):
   return {
-      "params": {"w": rng.normal(size=(3, 4)).astype(dtype), "b": rng.normal(size=(5,)).astype(dtype)},
-      "batch_stats": {"mean": rng.normal(size=(2,)).astype(dtype)},
+    "params": {"w": rng.normal(size=(3, 4)).astype(dtype), "b": rng.normal(size=(5,)).astype(dtype)},
+    "batch_stats": {"mean": rng.normal(size=(2,)).astype(dtype)},
   }
 
 
@@ -52,9 +56,9 @@ def make_clients(rng, g, c=C, scale=0.1):
 
 def make_stats(rng, c=C):
   return {
-      "num_examples": rng.integers(5, 20, size=c).astype(np.float32),
-      "g_loss": rng.normal(1.0, 0.1, size=c).astype(np.float32),
-      "d_loss": rng.normal(0.7, 0.1, size=c).astype(np.float32),
+    "num_examples": rng.integers(5, 20, size=c).astype(np.float32),
+    "g_loss": rng.normal(1.0, 0.1, size=c).astype(np.float32),
+    "d_loss": rng.normal(0.7, 0.1, size=c).astype(np.float32),
   }
 
 
@@ -74,11 +78,10 @@ def flat(tree):
 
 
 def flat_clients(tree):
-  return np.concatenate([np.asarray(x, np.float64).reshape(x.shape[0], -1)
-                         for x in jax.tree.leaves(tree)], axis=1)
+  return np.concatenate([np.asarray(x, np.float64).reshape(x.shape[0], -1) for x in jax.tree.leaves(tree)], axis=1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled(name):
   """(Aggregator, jitted aggregate) per rule; jit caches by shape, so reuse is free."""
   agg = aggregation.get(name, num_clients=C, **RULE_KWARGS[name])
@@ -133,8 +136,7 @@ def test_permutation_invariance(name):
   stats_p = {k: v[perm] for k, v in stats.items()}
   (out_p, _, diag_p), _ = run(name, g, cp_p, stats_p, key=3)  # Same key.
   np.testing.assert_allclose(flat(out_p), flat(out), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(diag_p["weights"]), np.asarray(diag["weights"])[perm],
-                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(diag_p["weights"]), np.asarray(diag["weights"])[perm], atol=1e-5)
   np.testing.assert_array_equal(np.asarray(diag_p["flagged"]), np.asarray(diag["flagged"])[perm])
 
 
@@ -159,8 +161,7 @@ def test_mean_matches_numpy_average():
   (out, _, diag), _ = run("mean", g, cp, stats)
   expect = np.average(flat_clients(cp), axis=0, weights=stats["num_examples"])
   np.testing.assert_allclose(flat(out), expect, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(diag["weights"], stats["num_examples"] / stats["num_examples"].sum(),
-                             rtol=1e-6)
+  np.testing.assert_allclose(diag["weights"], stats["num_examples"] / stats["num_examples"].sum(), rtol=1e-6)
 
 
 @pytest.mark.parametrize("c", [6, 7])
@@ -364,7 +365,9 @@ def test_get_unknown_name_lists_valid_rules():
     assert name in str(e.value)
 
 
-@pytest.mark.parametrize("name,kwargs,match", [
+@pytest.mark.parametrize(
+  "name,kwargs,match",
+  [
     ("trimmed_mean", {"beta": 0.6}, r"aggregation.kwargs.beta=0.6: must be in \[0, 0.5\)"),
     ("krum", {"f": 2, "num_clients": 6}, r"aggregation.kwargs.f=2: Krum needs num_clients > 2f \+ 2"),
     ("multi_krum", {"m": 0}, r"aggregation.kwargs.m=0"),
@@ -372,7 +375,8 @@ def test_get_unknown_name_lists_valid_rules():
     ("norm_clip", {"max_norm": -1.0}, r"aggregation.kwargs.max_norm=-1.0"),
     ("median", {"bogus": 1}, r"bad aggregation.kwargs"),
     ("detect", {}, r"aggregation.kwargs.num_clients: required"),
-])
+  ],
+)
 def test_get_bad_kwargs_name_the_field(name, kwargs, match):
   with pytest.raises(ValueError, match=match):
     aggregation.get(name, **kwargs)
@@ -383,7 +387,8 @@ def test_get_drops_num_clients_for_factories_without_it():
 
 
 def test_module_factory_lookup(tmp_path, monkeypatch):
-  (tmp_path / "my_rules_for_test.py").write_text(textwrap.dedent("""
+  (tmp_path / "my_rules_for_test.py").write_text(
+    textwrap.dedent("""
       from fedgan_jax import aggregation
 
       def halfway(alpha=0.5):
@@ -393,7 +398,8 @@ def test_module_factory_lookup(tmp_path, monkeypatch):
           new = {k: (1 - alpha) * g[k] + alpha * new[k] for k in new}
           return new, state, diag
         return aggregation.Aggregator(inner.init, aggregate)
-      """))
+      """)
+  )
   monkeypatch.syspath_prepend(str(tmp_path))
   agg = aggregation.get("my_rules_for_test:halfway", alpha=0.25, num_clients=3)
   g = {"w": jnp.zeros(2)}
@@ -433,6 +439,7 @@ def test_server_stats_match_numpy():
 @pytest.mark.parametrize("C", [1, 2, 3, 4, 5, 7, 8, 16, 31, 33])
 def test_sort_clients_equals_numpy_sort(C):
   from fedgan_jax.aggregation.base import sort_clients
+
   x = np.random.default_rng(C).normal(size=(C, 5, 3)).astype(np.float32)
   x[0, 0, 0] = np.inf  # Invalid clients are +inf before sorting.
   np.testing.assert_array_equal(np.asarray(jax.jit(sort_clients)(jnp.asarray(x))), np.sort(x, axis=0))

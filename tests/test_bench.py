@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from fedgan_jax import bench
-from fedgan_jax import config_lib
-from fedgan_jax import flops
+from fedgan_jax import bench, config_lib, flops
 from fedgan_jax.federated.state import RoundData
 
 
@@ -30,12 +28,27 @@ def test_parse_args_defaults_and_errors(capsys):
 
 
 def test_help_documents_every_option():
-  proc = subprocess.run([sys.executable, "-m", "fedgan_jax.bench", "--help"], capture_output=True, text=True,
-                        cwd=ROOT, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-m", "fedgan_jax.bench", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120
+  )
   assert proc.returncode == 0
-  for option in ("--clients", "--resolution", "--batch", "--local-steps", "--rounds", "--warmup", "--mode",
-                 "--precision", "--conv-impl", "--width", "--latent-dim", "--unroll", "--client-chunk",
-                 "--avg-disc", "--no-shard"):
+  for option in (
+    "--clients",
+    "--resolution",
+    "--batch",
+    "--local-steps",
+    "--rounds",
+    "--warmup",
+    "--mode",
+    "--precision",
+    "--conv-impl",
+    "--width",
+    "--latent-dim",
+    "--unroll",
+    "--client-chunk",
+    "--avg-disc",
+    "--no-shard",
+  ):
     block = proc.stdout.split("options:", 1)[1].split("\n  " + option, 1)[1].split("\n  --", 1)[0]
     assert "(default:" in block, (option, block)
 
@@ -62,8 +75,12 @@ def test_random_data_is_device_resident_round_data():
 
 def test_result_counts_images_through_d():
   c = bench.make_config(clients=4, batch=8, local_steps=5)
-  timing = {"compile_sec": 1.0, "round_times": [2.0, 1.0, 3.0], "flops": flops.FlopCount(conv=3e12, elementwise=1e12),
-            "hlo_ops": {"convolution": 0}}
+  timing = {
+    "compile_sec": 1.0,
+    "round_times": [2.0, 1.0, 3.0],
+    "flops": flops.FlopCount(conv=3e12, elementwise=1e12),
+    "hlo_ops": {"convolution": 0},
+  }
   r = bench._result("vmap", c, timing, 3)
   assert r["sec_per_round"] == 2.0
   assert r["client_steps_per_sec"] == 10.0
@@ -71,8 +88,20 @@ def test_result_counts_images_through_d():
   assert r["real_images_per_sec"] == 4 * 5 * 8 / 2.0
   assert r["achieved_tflops"] == 2.0 and r["flops_per_round"] == 4e12
   assert r["flops_breakdown"]["conv"] == 3e12 and r["hlo_ops"] == {"convolution": 0}
-  for key in ("mode", "clients", "resolution", "batch", "local_steps", "precision", "conv_impl", "device",
-              "compile_sec", "flops_per_round", "jax", "date"):
+  for key in (
+    "mode",
+    "clients",
+    "resolution",
+    "batch",
+    "local_steps",
+    "precision",
+    "conv_impl",
+    "device",
+    "compile_sec",
+    "flops_per_round",
+    "jax",
+    "date",
+  ):
     assert key in r
   assert r["device"]["count"] >= 1 and r["device"]["kind"]
 
@@ -82,10 +111,34 @@ def test_bench_both_modes_end_to_end():
   """A tiny vmap + loop benchmark in the gemm lowering: progress on stderr, exactly one JSON
   line on stdout, with the ratio, the counted FLOPs and the lowered program's op counts."""
   proc = subprocess.run(
-      [sys.executable, "-m", "fedgan_jax.bench", "--clients", "2", "--batch", "4", "--local-steps", "1",
-       "--rounds", "2", "--warmup", "1", "--width", "8", "--latent-dim", "8", "--mode", "both",
-       "--conv-impl", "gemm"],
-      capture_output=True, text=True, cwd=ROOT, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "fedgan_jax.bench",
+      "--clients",
+      "2",
+      "--batch",
+      "4",
+      "--local-steps",
+      "1",
+      "--rounds",
+      "2",
+      "--warmup",
+      "1",
+      "--width",
+      "8",
+      "--latent-dim",
+      "8",
+      "--mode",
+      "both",
+      "--conv-impl",
+      "gemm",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.strip().splitlines()
   assert len(lines) == 1
@@ -99,8 +152,13 @@ def test_bench_both_modes_end_to_end():
   for ops in (out["hlo_ops"], out["loop"]["hlo_ops"]):
     assert ops["convolution"] == ops["grouped_convolution"] == ops["lhs_dilated_convolution"] == 0
     assert ops["dot_general"] > 0
-  for says in ("vmap: compiling the round", "vmap: compiled in", "loop: compiled in", "vmap: round 2 of 2:",
-               "loop: round 1 of 2:"):
+  for says in (
+    "vmap: compiling the round",
+    "vmap: compiled in",
+    "loop: compiled in",
+    "vmap: round 2 of 2:",
+    "loop: round 1 of 2:",
+  ):
     assert says in proc.stderr, says
 
 

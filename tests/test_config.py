@@ -23,7 +23,9 @@ def test_default_is_valid():
   config_lib.validate(config_lib.base_config())
 
 
-@pytest.mark.parametrize("overrides,match", [
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
     ({"num_clients": 0}, r"config.num_clients=0 .*positive integer"),
     ({"train.batch_size": -2}, r"train.batch_size=-2"),
     ({"resolution": 48}, r"resolution=48 .*\[32, 64, 128, 256\]"),
@@ -39,7 +41,8 @@ def test_default_is_valid():
     ({"train.regularizers.gradient_penalty": 10.0}, r"model.d_norm='batch'.*gradient penalty"),
     ({"train.g_lr": 0.0}, r"train.g_lr=0.0"),
     ({"train.client_chunk": -1}, r"train.client_chunk=-1 .*integer >= 0"),
-])
+  ],
+)
 def test_bad_values(overrides, match):
   _bad(match, **overrides)
 
@@ -54,6 +57,7 @@ def test_unknown_field_is_named():
 
 def test_unknown_aggregator_lists_valid_names():
   from fedgan_jax import aggregation
+
   with pytest.raises(ValueError, match=r"aggregation.name='nope'.*mean"):
     aggregation.get("nope")
 

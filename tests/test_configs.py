@@ -27,7 +27,7 @@ def _all_configs():
       continue
     params = inspect.signature(mod.get_config).parameters
     choices = getattr(mod, "SETTINGS", None) or sorted(getattr(mod, "RULES", {})) or [None]
-    for arg in (choices if params else [None]):
+    for arg in choices if params else [None]:
       yield pytest.param(path, arg, id=f"{os.path.basename(path)}:{arg}" if arg else os.path.basename(path))
 
 

@@ -13,8 +13,9 @@ from fedgan_jax import assemble
 
 @pytest.mark.slow
 def test_detector_flags_the_attacker_more_than_any_honest_client():
-  config = tiny_config(**{"num_clients": 4, "attack.trigger_size": 12, "data.num_images": 256,
-                          "aggregation.name": "detect"})
+  config = tiny_config(
+    **{"num_clients": 4, "attack.trigger_size": 12, "data.num_images": 256, "aggregation.name": "detect"}
+  )
   config.aggregation.kwargs.update({"features": ("g_loss",), "warmup_rounds": 1})
   data, _, _ = assemble.setup_data(config)
   program, _, _ = assemble.build_program(config)

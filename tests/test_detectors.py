@@ -154,12 +154,12 @@ C = 4
 G_LOSS_OUTLIER = np.array([1.0, 1.2, 0.9, 5.0], np.float32)
 
 
-@functools.lru_cache(maxsize=None)
-def decay_rule(detector="robust_zscore", warmup_rounds=1, decay=0.5, block_after=None,
-               threshold=None):
+@functools.cache
+def decay_rule(detector="robust_zscore", warmup_rounds=1, decay=0.5, block_after=None, threshold=None):
   kw = {} if threshold is None else {"threshold": threshold}
-  agg = aggregation.get("detect", detector=detector, warmup_rounds=warmup_rounds, decay=decay,
-                        block_after=block_after, num_clients=C, **kw)
+  agg = aggregation.get(
+    "detect", detector=detector, warmup_rounds=warmup_rounds, decay=decay, block_after=block_after, num_clients=C, **kw
+  )
   return agg, jax.jit(agg.aggregate)
 
 
@@ -173,8 +173,7 @@ def run_rounds(rule, g_losses, num_examples=None):
   for r, loss in enumerate(g_losses):
     stats = {"num_examples": n, "g_loss": np.asarray(loss, np.float32)}
     new, state, diag = fn(state, g, cp, stats, jax.random.key(r))
-    np.testing.assert_allclose(new["w"], np.asarray(diag["weights"]) @ np.asarray(cp["w"]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(new["w"], np.asarray(diag["weights"]) @ np.asarray(cp["w"]), rtol=1e-5)
     out.append(jax.tree.map(np.asarray, diag))
   return out
 
@@ -221,8 +220,7 @@ def test_no_decay_when_half_or_more_flagged():
 
 def test_block_after_blocks_for_good():
   honest = np.array([1.0, 1.2, 0.9, 1.1], np.float32)
-  diags = run_rounds(decay_rule(block_after=2), [G_LOSS_OUTLIER, G_LOSS_OUTLIER, G_LOSS_OUTLIER,
-                                                 honest])
+  diags = run_rounds(decay_rule(block_after=2), [G_LOSS_OUTLIER, G_LOSS_OUTLIER, G_LOSS_OUTLIER, honest])
   np.testing.assert_allclose(diags[1]["weights"], np.array([1, 1, 1, 0.5]) / 3.5, rtol=1e-6)
   for d in diags[2:]:  # Flagged twice by round 2; still blocked when it looks honest.
     np.testing.assert_allclose(d["weights"], [1 / 3, 1 / 3, 1 / 3, 0], rtol=1e-6)
@@ -243,9 +241,11 @@ def test_detect_errors_name_the_field():
   agg = aggregation.get("detect", features=("nope",), num_clients=4)
   g, cp = {"w": jnp.zeros(2)}, {"w": jnp.zeros((4, 2))}
   with pytest.raises(ValueError, match=r"\['nope'\] not in client_stats.*g_loss"):
-    jax.eval_shape(agg.aggregate, agg.init(g), g, cp,
-                   {"num_examples": jnp.ones(4), "g_loss": jnp.ones(4)}, jax.random.key(0))
+    jax.eval_shape(
+      agg.aggregate, agg.init(g), g, cp, {"num_examples": jnp.ones(4), "g_loss": jnp.ones(4)}, jax.random.key(0)
+    )
   agg = aggregation.get("detect", num_clients=3)
   with pytest.raises(ValueError, match="num_clients=3 does not match"):
-    jax.eval_shape(agg.aggregate, agg.init(g), g, cp,
-                   {"num_examples": jnp.ones(4), "g_loss": jnp.ones(4)}, jax.random.key(0))
+    jax.eval_shape(
+      agg.aggregate, agg.init(g), g, cp, {"num_examples": jnp.ones(4), "g_loss": jnp.ones(4)}, jax.random.key(0)
+    )

@@ -17,8 +17,15 @@ def test_plan_full_gpu_and_peer_skips(tmp_path):
   steps = device_check.plan(False, "gpu", None, str(tmp_path))
   names = [s.name for s in steps]
   assert names[:3] == ["c64_gemm_f32", "c64_xla_f32", "c64_peer_f32"]  # Most important first.
-  assert {"c64_gemm_bf16", "c64_xla_bf16", "r256_auto_bf16", "r256_peer_f32", "scale_c4", "scale_c256",
-          "main_default"} <= set(names)
+  assert {
+    "c64_gemm_bf16",
+    "c64_xla_bf16",
+    "r256_auto_bf16",
+    "r256_peer_f32",
+    "scale_c4",
+    "scale_c256",
+    "main_default",
+  } <= set(names)
   assert "c64_fast_cpu_f32" not in names  # The CPU lowering is not run on accelerators.
   assert all(s.skip for s in steps if s.kind == "peer")  # No peer script given.
   big = next(s for s in steps if s.name == "r256_auto_bf16")
@@ -29,10 +36,12 @@ def test_plan_full_gpu_and_peer_skips(tmp_path):
 
 
 def test_budget_skips_steps_that_would_start_too_late(tmp_path):
-  steps = [device_check.Step("a", "g", "bench", (sys.executable, "-c", "print('{\"sec_per_round\": 1.0}')"), 30),
-           device_check.Step("b", "g", "bench", (sys.executable, "-c", "import time; time.sleep(30)"), 2),
-           device_check.Step("c", "g", "bench", (sys.executable, "-c", "raise SystemExit(3)"), 30),
-           device_check.Step("d", "g", "peer", ("x",), 30, skip="torch is not installed")]
+  steps = [
+    device_check.Step("a", "g", "bench", (sys.executable, "-c", "print('{\"sec_per_round\": 1.0}')"), 30),
+    device_check.Step("b", "g", "bench", (sys.executable, "-c", "import time; time.sleep(30)"), 2),
+    device_check.Step("c", "g", "bench", (sys.executable, "-c", "raise SystemExit(3)"), 30),
+    device_check.Step("d", "g", "peer", ("x",), 30, skip="torch is not installed"),
+  ]
   recs = device_check.run_all(steps, str(tmp_path), budget=60)
   assert [r["status"] for r in recs] == ["ok", "timeout", "error", "skipped"]
   assert recs[0]["result"] == {"sec_per_round": 1.0} and "exit code 3" in recs[2]["detail"]
@@ -45,8 +54,13 @@ def test_budget_skips_steps_that_would_start_too_late(tmp_path):
 @pytest.mark.slow
 def test_tiny_device_check_writes_both_files(tmp_path):
   out = tmp_path / "dc"
-  proc = subprocess.run([sys.executable, "-m", "launch.device_check", "--tiny", "--out", str(out)],
-                        capture_output=True, text=True, cwd=ROOT, timeout=900)
+  proc = subprocess.run(
+    [sys.executable, "-m", "launch.device_check", "--tiny", "--out", str(out)],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "step 1/" in proc.stdout and "wrote" in proc.stdout
   recs = [json.loads(line) for line in (out / "device_check.jsonl").read_text().splitlines()]

@@ -34,8 +34,17 @@ def _with_features(**overrides):
 
 def test_run_writes_every_output(full_run):
   workdir, summary = full_run
-  for name in ("config.json", "metrics.jsonl", "summary.json", "samples", "checkpoints",
-               "trigger_calibration.json", "tb", "report/report.html", "report/losses.png"):
+  for name in (
+    "config.json",
+    "metrics.jsonl",
+    "summary.json",
+    "samples",
+    "checkpoints",
+    "trigger_calibration.json",
+    "tb",
+    "report/report.html",
+    "report/losses.png",
+  ):
     assert os.path.exists(os.path.join(workdir, name)), name
   records = rundir.read_records(os.path.join(workdir, "metrics.jsonl"))
   assert [r["round"] for r in records] == [1, 2]
@@ -60,7 +69,7 @@ def test_run_writes_every_output(full_run):
 def test_interrupted_and_resumed_run_equals_uninterrupted(full_run, tmp_path):
   workdir, _ = full_run
   resumed = str(tmp_path / "resumed")
-  experiment.run(_with_features(num_rounds=1), resumed)       # "Interrupted" after round 1.
+  experiment.run(_with_features(num_rounds=1), resumed)  # "Interrupted" after round 1.
   summary = experiment.run(_with_features(num_rounds=2), resumed)  # Same command, more rounds: resumes.
   assert summary["resumed_from"] == 1
   a = _strip_timing(rundir.read_records(os.path.join(workdir, "metrics.jsonl")))
@@ -72,17 +81,21 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(full_run, tmp_path):
 
 
 def _cli(*args, cwd=ROOT):
-  return subprocess.run([sys.executable, "-m", "fedgan_jax.main", *args], cwd=cwd,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "fedgan_jax.main", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+  )
 
 
-@pytest.mark.parametrize("override,match", [
+@pytest.mark.parametrize(
+  "override,match",
+  [
     ("--config.num_clients=0", "config.num_clients=0"),
     ("--config.nonsense=1", "config.nonsense is not a known field"),
     ("--config.attack.malicious=(3,)", "attack.malicious=(3,)"),
     ("--config.aggregation.name=nope", "aggregation.name='nope'"),
     ("--config.attack.trigger_size=64", "does not fit"),
-])
+  ],
+)
 def test_cli_bad_input_is_one_clear_line(tmp_path, override, match):
   p = _cli("--config", "configs/test.py", "--workdir", str(tmp_path / "w"), override)
   assert p.returncode == 2, p.stderr[-2000:]
@@ -108,9 +121,14 @@ def test_two_round_run_on_a_folder_source(tmp_path):
   _write_pngs(str(data_dir), 128)
   with open(tmp_path / "labels.csv", "w") as f:
     f.write("image_name,target\n" + "".join(f"ISIC_{i:07d},{i % 2}\n" for i in range(128)))
-  config = tiny_config(**{"data.source": "folder", "data.path": str(data_dir),
-                          "data.labels_csv": str(tmp_path / "labels.csv"),
-                          "data.cache_dir": str(tmp_path / "cache")})
+  config = tiny_config(
+    **{
+      "data.source": "folder",
+      "data.path": str(data_dir),
+      "data.labels_csv": str(tmp_path / "labels.csv"),
+      "data.cache_dir": str(tmp_path / "cache"),
+    }
+  )
   summary = experiment.run(config, str(tmp_path / "run"))
   assert summary["rounds"] == 2
   assert summary["data"]["num_train"] == 64 and summary["data"]["num_heldout"] == 64
@@ -122,10 +140,15 @@ def test_two_round_run_on_a_folder_source(tmp_path):
 def test_two_round_run_on_an_npz_source(tmp_path):
   rng = np.random.default_rng(1)
   path = tmp_path / "pneumoniamnist.npz"
-  np.savez(path, train_images=rng.integers(0, 256, (64, 28, 28), dtype=np.uint8),
-           train_labels=rng.integers(0, 2, (64, 1)),
-           val_images=rng.integers(0, 256, (8, 28, 28), dtype=np.uint8), val_labels=np.zeros((8, 1), int),
-           test_images=rng.integers(0, 256, (64, 28, 28), dtype=np.uint8), test_labels=np.zeros((64, 1), int))
+  np.savez(
+    path,
+    train_images=rng.integers(0, 256, (64, 28, 28), dtype=np.uint8),
+    train_labels=rng.integers(0, 2, (64, 1)),
+    val_images=rng.integers(0, 256, (8, 28, 28), dtype=np.uint8),
+    val_labels=np.zeros((8, 1), int),
+    test_images=rng.integers(0, 256, (64, 28, 28), dtype=np.uint8),
+    test_labels=np.zeros((64, 1), int),
+  )
   config = tiny_config(**{"data.source": "npz", "data.path": str(path), "data.channels": 1})
   summary = experiment.run(config, str(tmp_path / "run"))
   assert summary["rounds"] == 2 and summary["data"]["num_train"] == 64

@@ -9,9 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import tiny_config
-from fedgan_jax import assemble
-from fedgan_jax import bench
-from fedgan_jax import flops
+from fedgan_jax import assemble, bench, flops
 from fedgan_jax.models import layers
 
 
@@ -31,10 +29,10 @@ def test_conv_rules_equal_xla_cost_analysis_exactly(hw, k, stride, pad):
   conv = lambda a, b: layers._conv(a, b, stride, pad)
   y = jnp.ones(conv(x, w).shape)
   cases = [
-      (conv, (x, w)),
-      (lambda yy, b: jax.vjp(lambda a: conv(a, b), x)[1](yy)[0], (y, w)),
-      (lambda a, b: jax.grad(lambda bb: jnp.sum(conv(a, bb) * y))(b), (x, w)),
-      (jax.vmap(conv), (jnp.stack([x] * 3), jnp.stack([w] * 3))),
+    (conv, (x, w)),
+    (lambda yy, b: jax.vjp(lambda a: conv(a, b), x)[1](yy)[0], (y, w)),
+    (lambda a, b: jax.grad(lambda bb: jnp.sum(conv(a, bb) * y))(b), (x, w)),
+    (jax.vmap(conv), (jnp.stack([x] * 3), jnp.stack([w] * 3))),
   ]
   for fn, args in cases:
     got = flops.count(fn, *args)
@@ -61,8 +59,10 @@ def test_loops_are_followed():
   assert scanned.dot == 5 * one.dot and scanned.total == 5 * one.total
   mapped = flops.count(lambda hs: jax.lax.map(lambda h: body(h, None)[0], hs), jnp.ones((4, 2, 8)))
   assert mapped.dot == 4 * one.dot
-  looped = flops.count(lambda h: jax.lax.while_loop(lambda c: c[1] < 3, lambda c: (body(c[0], None)[0], c[1] + 1),
-                                                    (h, 0))[0], jnp.ones((2, 8)))
+  looped = flops.count(
+    lambda h: jax.lax.while_loop(lambda c: c[1] < 3, lambda c: (body(c[0], None)[0], c[1] + 1), (h, 0))[0],
+    jnp.ones((2, 8)),
+  )
   assert looped.unknown_loops == 1 and looped.dot == one.dot  # Trip count unknown: the body once.
 
 

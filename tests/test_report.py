@@ -19,12 +19,32 @@ from PIL import Image
 from fedgan_jax import config_lib, report
 from fedgan_jax.io import images as image_io
 
-RUN_IMAGES = ["fidelity.png", "trigger.png", "weights.png", "losses.png", "detection.png",
-              "samples_strip.png", "samples.gif"]
+RUN_IMAGES = [
+  "fidelity.png",
+  "trigger.png",
+  "weights.png",
+  "losses.png",
+  "detection.png",
+  "samples_strip.png",
+  "samples.gif",
+]
 
 
-def make_run(path, *, num_clients=4, num_rounds=6, malicious=(0,), eval_every=2, extractor="effnet_lite0",
-             with_eval=True, flag_from=3, seed=0, nulls=False, config_overrides=None, num_samples=None):
+def make_run(
+  path,
+  *,
+  num_clients=4,
+  num_rounds=6,
+  malicious=(0,),
+  eval_every=2,
+  extractor="effnet_lite0",
+  with_eval=True,
+  flag_from=3,
+  seed=0,
+  nulls=False,
+  config_overrides=None,
+  num_samples=None,
+):
   """Writes a realistic run directory; returns its summary dict."""
   rng = np.random.default_rng(seed)
   os.makedirs(os.path.join(path, "samples"), exist_ok=True)
@@ -50,20 +70,23 @@ def make_run(path, *, num_clients=4, num_rounds=6, malicious=(0,), eval_every=2,
     d = rng.uniform(1.1, 1.4, num_clients) - 0.3 * is_mal
     flagged = is_mal & (r >= flag_from) if flag_from else np.zeros(num_clients, bool)
     times += flagged
-    w = 0.9 ** times
+    w = 0.9**times
     w = w / w.sum()
     rec = {
-        "round": r,
-        "train/g_loss": g.tolist(), "train/d_loss": d.tolist(),
-        "train/g_loss_last": (g + 0.01).tolist(), "train/d_loss_last": (d - 0.01).tolist(),
-        "train/update_norm": rng.uniform(0.02, 0.05, num_clients).tolist(),
-        "agg/weights": w.tolist(), "agg/flagged": flagged.tolist(),
-        "agg/nonfinite": [False] * num_clients,
-        "agg/scores": (0.45 + 0.2 * is_mal + rng.uniform(0, 0.05, num_clients)).tolist(),
-        "agg/times_flagged": times.tolist(),
-        "eval/detect_tpr": (float(flagged[is_mal].mean()) if is_mal.any() else None),
-        "eval/detect_fpr": (float(flagged[~is_mal].mean()) if (~is_mal).any() else None),
-        "z/wall_sec": 1.5 * r,
+      "round": r,
+      "train/g_loss": g.tolist(),
+      "train/d_loss": d.tolist(),
+      "train/g_loss_last": (g + 0.01).tolist(),
+      "train/d_loss_last": (d - 0.01).tolist(),
+      "train/update_norm": rng.uniform(0.02, 0.05, num_clients).tolist(),
+      "agg/weights": w.tolist(),
+      "agg/flagged": flagged.tolist(),
+      "agg/nonfinite": [False] * num_clients,
+      "agg/scores": (0.45 + 0.2 * is_mal + rng.uniform(0, 0.05, num_clients)).tolist(),
+      "agg/times_flagged": times.tolist(),
+      "eval/detect_tpr": (float(flagged[is_mal].mean()) if is_mal.any() else None),
+      "eval/detect_fpr": (float(flagged[~is_mal].mean()) if (~is_mal).any() else None),
+      "z/wall_sec": 1.5 * r,
     }
     if nulls:
       rec["train/g_loss"][-1] = None
@@ -91,9 +114,16 @@ def make_run(path, *, num_clients=4, num_rounds=6, malicious=(0,), eval_every=2,
     final.update({k: v for k, v in rec.items() if not k.startswith("z/")})
   first_flag = {str(c): (flag_from if flag_from and flag_from <= num_rounds else None) for c in malicious}
   tprs = [x["eval/detect_tpr"] for x in records if x["eval/detect_tpr"] is not None]
-  summary = {"final": final, "rounds": num_rounds, "malicious": list(malicious), "first_flag_round": first_flag,
-             "detect_tpr_mean": float(np.mean(tprs)) if tprs else None, "detect_fpr_mean": 0.0,
-             "data": {"source": "synthetic", "resolution": 32}, "wall_sec": 1.5 * num_rounds}
+  summary = {
+    "final": final,
+    "rounds": num_rounds,
+    "malicious": list(malicious),
+    "first_flag_round": first_flag,
+    "detect_tpr_mean": float(np.mean(tprs)) if tprs else None,
+    "detect_fpr_mean": 0.0,
+    "data": {"source": "synthetic", "resolution": 32},
+    "wall_sec": 1.5 * num_rounds,
+  }
   with open(os.path.join(path, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   with open(os.path.join(path, "trigger_calibration.json"), "w") as f:
@@ -113,8 +143,9 @@ def _check_png(path, min_side=100):
 def test_cli_run_report_renders_everything(tmp_path):
   run = tmp_path / "run"
   summary = make_run(str(run))
-  proc = subprocess.run([sys.executable, "-m", "fedgan_jax.report", "--workdir", str(run)],
-                        capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-m", "fedgan_jax.report", "--workdir", str(run)], capture_output=True, text=True, timeout=120
+  )
   assert proc.returncode == 0, proc.stderr
   out_dir = run / "report"
   for name in RUN_IMAGES:
@@ -132,8 +163,13 @@ def test_cli_run_report_renders_everything(tmp_path):
   for name in RUN_IMAGES:
     assert f"src='{name}'" in page, name
   final = summary["final"]
-  for key in ("eval/trigger_rate", "eval/trigger_strength", "eval/swd", "eval/fid@effnet_lite0",
-              "eval/kid@effnet_lite0"):
+  for key in (
+    "eval/trigger_rate",
+    "eval/trigger_strength",
+    "eval/swd",
+    "eval/fid@effnet_lite0",
+    "eval/kid@effnet_lite0",
+  ):
     assert report.format_value(final[key]) in page, key
   # Honest naming: effnet features are an FD, not "FID".
   assert "FD (effnet_lite0 features)" in page and "KD (effnet_lite0 features)" in page
@@ -149,11 +185,14 @@ def test_metric_labels_are_honest():
   assert report.metric_label("eval/swd").startswith("SWD")
 
 
-@pytest.mark.parametrize("kwargs", [
+@pytest.mark.parametrize(
+  "kwargs",
+  [
     dict(num_clients=1, num_rounds=1, malicious=(), with_eval=False, flag_from=0),  # One client, one round.
-    dict(num_clients=64, num_rounds=5, malicious=(0, 17), nulls=True),               # Many clients, nulls.
+    dict(num_clients=64, num_rounds=5, malicious=(0, 17), nulls=True),  # Many clients, nulls.
     dict(num_clients=3, num_rounds=4, malicious=(2,), flag_from=0, extractor="inception_v3", num_samples=1),
-])
+  ],
+)
 def test_run_report_is_robust(tmp_path, kwargs):
   make_run(str(tmp_path), **kwargs)
   paths = report.write_run_report(str(tmp_path))
@@ -186,8 +225,9 @@ def test_sweep_report(tmp_path):
     os.makedirs(sweep / sub)
     make_run(str(sweep / sub), seed=seed, config_overrides={"aggregation.name": agg})
   report.write_run_report(str(sweep / "mean"))  # Linked from the comparison page when present.
-  proc = subprocess.run([sys.executable, "-m", "fedgan_jax.report", "--workdir", str(sweep)],
-                        capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-m", "fedgan_jax.report", "--workdir", str(sweep)], capture_output=True, text=True, timeout=120
+  )
   assert proc.returncode == 0, proc.stderr
   out = sweep / "report"
   with open(out / "comparison.csv") as f:
@@ -195,8 +235,16 @@ def test_sweep_report(tmp_path):
   assert [r["run"] for r in rows] == ["mean", "median", os.path.join("robust", "trimmed")]
   assert [r["aggregation.name"] for r in rows] == ["mean", "median", "trimmed_mean"]
   assert "seed" not in rows[0] and "num_clients" not in rows[0]  # Only fields that differ.
-  for key in ("eval/trigger_rate", "eval/trigger_strength", "eval/swd", "eval/fid@effnet_lite0",
-              "eval/kid@effnet_lite0", "detect_tpr_mean", "detect_fpr_mean", "first_flag_round"):
+  for key in (
+    "eval/trigger_rate",
+    "eval/trigger_strength",
+    "eval/swd",
+    "eval/fid@effnet_lite0",
+    "eval/kid@effnet_lite0",
+    "detect_tpr_mean",
+    "detect_fpr_mean",
+    "first_flag_round",
+  ):
     assert key in rows[0], key
   assert all(r["first_flag_round"] == "3" for r in rows)
   summ = json.loads((sweep / "median" / "summary.json").read_text())
@@ -210,8 +258,12 @@ def test_sweep_report(tmp_path):
 
 def test_not_a_run_dir_is_a_clear_error(tmp_path):
   (tmp_path / "empty").mkdir()
-  proc = subprocess.run([sys.executable, "-m", "fedgan_jax.report", "--workdir", str(tmp_path / "empty")],
-                        capture_output=True, text=True, timeout=60)
+  proc = subprocess.run(
+    [sys.executable, "-m", "fedgan_jax.report", "--workdir", str(tmp_path / "empty")],
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert proc.returncode != 0
   assert "metrics.jsonl" in proc.stderr and "Traceback" not in proc.stderr
   with pytest.raises(report.NotARunError, match="metrics.jsonl"):
@@ -225,32 +277,49 @@ def test_not_a_run_dir_is_a_clear_error(tmp_path):
 def test_tensorboard_round_trip(tmp_path):
   pytest.importorskip("tensorboard")
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
   from fedgan_jax.io.tensorboard import TensorBoardWriter
 
   img = np.random.default_rng(0).integers(0, 256, (18, 26, 3), dtype=np.uint8)
   with TensorBoardWriter(str(tmp_path / "tb")) as tb:
     assert tb.enabled
-    tb.scalars(1, {"round": 1, "train/g_loss": [0.5, 1.25], "eval/swd": 12.5, "eval/detect_tpr": None,
-                   "agg/flagged": [True, False], "eval/fid@x": float("nan")})
+    tb.scalars(
+      1,
+      {
+        "round": 1,
+        "train/g_loss": [0.5, 1.25],
+        "eval/swd": 12.5,
+        "eval/detect_tpr": None,
+        "agg/flagged": [True, False],
+        "eval/fid@x": float("nan"),
+      },
+    )
     tb.scalars(2, {"train/g_loss": np.array([0.75, 1.5], np.float32), "eval/swd": np.float64(10.0)})
     tb.image(2, "samples", img)
     tb.flush()
   acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "images": 0})
   acc.Reload()
   tags = acc.Tags()
-  assert set(tags["scalars"]) == {"train/g_loss/client_0", "train/g_loss/client_1", "eval/swd",
-                                  "agg/flagged/client_0", "agg/flagged/client_1"}
+  assert set(tags["scalars"]) == {
+    "train/g_loss/client_0",
+    "train/g_loss/client_1",
+    "eval/swd",
+    "agg/flagged/client_0",
+    "agg/flagged/client_1",
+  }
   assert [(e.step, e.value) for e in acc.Scalars("train/g_loss/client_1")] == [(1, 1.25), (2, 1.5)]
   assert [(e.step, e.value) for e in acc.Scalars("eval/swd")] == [(1, 12.5), (2, 10.0)]
   assert [e.value for e in acc.Scalars("agg/flagged/client_0")] == [1.0]
   (ev,) = acc.Images("samples")
   assert (ev.step, ev.width, ev.height) == (2, 26, 18)
   import io
+
   np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(ev.encoded_image_string))), img)
 
 
 def test_tensorboard_missing_is_a_noop(tmp_path, monkeypatch):
   from fedgan_jax.io import tensorboard as tb_mod
+
   for name in [m for m in sys.modules if m == "tensorboard" or m.startswith("tensorboard.")]:
     monkeypatch.delitem(sys.modules, name)
   monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard...` raises ImportError.
@@ -272,6 +341,7 @@ def test_one_sweep_table_for_results_and_comparison(tmp_path):
   """launch.sweep's results.csv rows and the report's comparison.csv come from one row builder."""
   from fedgan_jax.report import table
   from launch import sweep as sweep_lib
+
   run = tmp_path / "sw" / "a"
   os.makedirs(run)
   summary = make_run(str(run), malicious=(0, 2), flag_from=3)

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedgan_jax.aggregation.base import masked_median
 from fedgan_jax import assemble
+from fedgan_jax.aggregation.base import masked_median
 from fedgan_jax.federated import program as program_lib
 from fedgan_jax.federated import server as server_lib
 
@@ -31,9 +31,20 @@ def test_vmapped_round_equals_clients_one_after_another(tiny_program):
   outs = []
   for c in range(config.num_clients):
     client_c = jax.tree.map(lambda x: x[c], state.clients)
-    outs.append(local(client_c, state.g_global, state.d_global, data.images[c], data.counts[c],
-                      data.is_malicious[c], data.poison_flags[c], data.trigger, data.trigger_loc,
-                      client_keys[c]))
+    outs.append(
+      local(
+        client_c,
+        state.g_global,
+        state.d_global,
+        data.images[c],
+        data.counts[c],
+        data.is_malicious[c],
+        data.poison_flags[c],
+        data.trigger,
+        data.trigger_loc,
+        client_keys[c],
+      )
+    )
   stack = lambda i: jax.tree.map(lambda *xs: jnp.stack(xs), *[o[i] for o in outs])
   clients, client_g, stats = stack(0), stack(1), stack(3)
   counts = np.asarray(data.counts, np.float64)
@@ -53,6 +64,7 @@ def test_client_chunks_compute_the_same_local_round(tiny_program, chunk):
   """Chunks of 2 (a vmapped pair, then a remainder of 1) and all 3 clients vmapped at
   once equal clients in turn (``client_chunk`` 1, the tiny program's on CPU)."""
   from conftest import tiny_config
+
   config, program, _, data, _ = tiny_program
   state = program.init(jax.random.key(5))
   keys = program_lib.client_keys(jax.random.key(6), config.num_clients)
@@ -66,6 +78,7 @@ def test_client_chunks_compute_the_same_local_round(tiny_program, chunk):
 
 def test_client_chunk_auto_and_bounds():
   from conftest import tiny_config
+
   auto = tiny_config(num_clients=3)
   expected = 1 if jax.default_backend() == "cpu" else 3
   assert program_lib.client_chunk(auto, 3) == expected
@@ -76,10 +89,10 @@ def test_round_compiles_once_for_every_attack_setting(tiny_program):
   config, program, round_jit, data, traces = tiny_program
   state = program.init(jax.random.key(1))
   settings = [
-      data,
-      data._replace(is_malicious=jnp.asarray([False, True, True])),
-      data._replace(is_malicious=jnp.zeros(3, bool), trigger=-data.trigger),
-      data._replace(poison_flags=jnp.zeros_like(data.poison_flags)),
+    data,
+    data._replace(is_malicious=jnp.asarray([False, True, True])),
+    data._replace(is_malicious=jnp.zeros(3, bool), trigger=-data.trigger),
+    data._replace(poison_flags=jnp.zeros_like(data.poison_flags)),
   ]
   for r, d in enumerate(settings):
     state, m = round_jit(state, d, jax.random.fold_in(jax.random.key(2), r))
@@ -117,11 +130,11 @@ def test_server_stats_update_norm():
 @pytest.mark.slow
 def test_average_discriminator_averages_and_broadcasts_d():
   from conftest import tiny_config
+
   config = tiny_config(**{"aggregation.average_discriminator": True, "model.d_norm": "none"})
   program, _, _ = assemble.build_program(config)
   C, n, R = 2, 8, config.resolution
-  data = assemble.round_data(config, np.random.default_rng(0).integers(0, 256, (C, n, R, R, 3), dtype=np.uint8),
-                             [8, 4])
+  data = assemble.round_data(config, np.random.default_rng(0).integers(0, 256, (C, n, R, R, 3), dtype=np.uint8), [8, 4])
   state = program.init(jax.random.key(0))
   new, m = jax.jit(program.round)(state, data, jax.random.key(1))
   client_d = new.clients.d_vars["params"]
@@ -133,8 +146,11 @@ def test_average_discriminator_averages_and_broadcasts_d():
 
 def _gp_config(impl: str, **extra):
   from conftest import tiny_config
-  return tiny_config(num_clients=2, **{"model.conv_impl": impl, "train.regularizers.gradient_penalty": 10.0,
-                                       "model.d_norm": "instance", **extra})
+
+  return tiny_config(
+    num_clients=2,
+    **{"model.conv_impl": impl, "train.regularizers.gradient_penalty": 10.0, "model.d_norm": "instance", **extra},
+  )
 
 
 def test_lowered_gemm_round_holds_no_grouped_and_no_lhs_dilated_conv(tiny_program):
@@ -142,6 +158,7 @@ def test_lowered_gemm_round_holds_no_grouped_and_no_lhs_dilated_conv(tiny_progra
   conv_impl='gemm' is convolution-free; the stock lowering of the same round is not (grouped
   and lhs-dilated convs), which is what the check would catch."""
   from fedgan_jax import bench
+
   _, _, _, data, _ = tiny_program
   data = jax.tree.map(lambda x: x[:2] if x.ndim and x.shape[0] == 3 else x, data)
   counts = {}

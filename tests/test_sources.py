@@ -5,14 +5,14 @@ from __future__ import annotations
 import io
 import json
 import os
-from pathlib import Path
 import sys
 import types
+from pathlib import Path
 
 import ml_collections
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from fedgan_jax.data import images as images_lib
 from fedgan_jax.data import partition as partition_lib
@@ -29,11 +29,26 @@ def make_config(tmp_path: Path, **data) -> ml_collections.ConfigDict:
   cfg.seed = 0
   cfg.num_clients = 2
   cfg.train = ml_collections.ConfigDict(dict(batch_size=2))
-  cfg.data = ml_collections.ConfigDict(dict(
-      source="folder", path="", labels_csv="", channels=3, num_images=16,
-      heldout=0, skip_unreadable=False, cache_dir=str(tmp_path / "cache"),
-      tfds_name="", tfds_split="train", tfds_data_dir="", image_key="image",
-      label_key="label", partition="iid", alpha=0.5, group_column=""))
+  cfg.data = ml_collections.ConfigDict(
+    dict(
+      source="folder",
+      path="",
+      labels_csv="",
+      channels=3,
+      num_images=16,
+      heldout=0,
+      skip_unreadable=False,
+      cache_dir=str(tmp_path / "cache"),
+      tfds_name="",
+      tfds_split="train",
+      tfds_data_dir="",
+      image_key="image",
+      label_key="label",
+      partition="iid",
+      alpha=0.5,
+      group_column="",
+    )
+  )
   cfg.data.update(data)
   return cfg
 
@@ -65,7 +80,7 @@ def _striped(h: int, w: int) -> np.ndarray:
   """Red left quarter, blue right quarter, 2x2 blocks of distinct values between."""
   a = np.zeros((h, w, 3), np.uint8)
   a[:, : w // 4] = (255, 0, 0)
-  a[:, w - w // 4:] = (0, 0, 255)
+  a[:, w - w // 4 :] = (0, 0, 255)
   return a
 
 
@@ -82,11 +97,9 @@ def test_center_crop_keeps_middle_exactly():
 
 def test_center_crop_then_resize_golden():
   a = _striped(4, 8)
-  blocks = np.array([[[10, 20, 30], [40, 50, 60]], [[70, 80, 90], [100, 110, 120]]],
-                    np.uint8)
+  blocks = np.array([[[10, 20, 30], [40, 50, 60]], [[70, 80, 90], [100, 110, 120]]], np.uint8)
   a[:, 2:6] = np.repeat(np.repeat(blocks, 2, axis=0), 2, axis=1)
-  out = sources.convert_image(Image.fromarray(a), 2, 3,
-                              resample=Image.Resampling.NEAREST)
+  out = sources.convert_image(Image.fromarray(a), 2, 3, resample=Image.Resampling.NEAREST)
   np.testing.assert_array_equal(out, blocks)
   # LANCZOS (the package default) on a uniform crop: exact, no red/blue leak.
   a[:, 2:6] = (0, 200, 0)
@@ -96,16 +109,13 @@ def test_center_crop_then_resize_golden():
 
 def test_channel_conversions():
   gray = Image.fromarray(np.full((6, 6), 77, np.uint8), "L")
-  np.testing.assert_array_equal(sources.convert_image(gray, 6, 3),
-                                np.full((6, 6, 3), 77, np.uint8))
+  np.testing.assert_array_equal(sources.convert_image(gray, 6, 3), np.full((6, 6, 3), 77, np.uint8))
   for colour, luma in [((255, 0, 0), 76), ((0, 255, 0), 150), ((0, 0, 255), 29)]:
     rgb = Image.new("RGB", (6, 6), colour)
-    np.testing.assert_array_equal(sources.convert_image(rgb, 6, 1),
-                                  np.full((6, 6, 1), luma, np.uint8))
+    np.testing.assert_array_equal(sources.convert_image(rgb, 6, 1), np.full((6, 6, 1), luma, np.uint8))
   deep = Image.fromarray(np.full((6, 6), 257 * 100, np.uint16))
   assert deep.mode.startswith("I;16")
-  np.testing.assert_array_equal(sources.convert_image(deep, 6, 1),
-                                np.full((6, 6, 1), 100, np.uint8))
+  np.testing.assert_array_equal(sources.convert_image(deep, 6, 1), np.full((6, 6, 1), 100, np.uint8))
 
 
 # ----------------------------------------------------------------------------
@@ -187,17 +197,23 @@ def test_folder_csv_isic2019_one_hot(tmp_path):
 
 def test_folder_csv_isic2020_with_groups(tmp_path):
   root = tmp_path / "train"
-  header = ["image_name", "patient_id", "sex", "age_approx",
-            "anatom_site_general_challenge", "diagnosis", "benign_malignant", "target"]
+  header = [
+    "image_name",
+    "patient_id",
+    "sex",
+    "age_approx",
+    "anatom_site_general_challenge",
+    "diagnosis",
+    "benign_malignant",
+    "target",
+  ]
   sites = ["torso", "head/neck", "", "torso", "lower extremity", ""]
   rows = []
   for i, site in enumerate(sites):
     save(root / f"ISIC_{i:07d}.jpg", COLOURS[i % 2])
-    rows.append([f"ISIC_{i:07d}", f"IP_{i}", "male", 45, site, "unknown",
-                 ["benign", "malignant"][i % 2], i % 2])
+    rows.append([f"ISIC_{i:07d}", f"IP_{i}", "male", 45, site, "unknown", ["benign", "malignant"][i % 2], i % 2])
   csv = write_csv(tmp_path / "train.csv", header, rows)
-  cfg = make_config(tmp_path, path=str(root), labels_csv=str(csv),
-                    group_column="anatom_site_general_challenge")
+  cfg = make_config(tmp_path, path=str(root), labels_csv=str(csv), group_column="anatom_site_general_challenge")
   train, _, info = sources.load_data(cfg)
   assert info["label_source"] == "csv:isic2020"
   assert train.class_names == ("benign", "malignant")
@@ -208,20 +224,17 @@ def test_folder_csv_isic2020_with_groups(tmp_path):
 
 def test_folder_csv_ham10000_by_group(tmp_path):
   root = tmp_path / "HAM10000"
-  header = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization",
-            "dataset"]
+  header = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization", "dataset"]
   dx = ["nv", "mel", "bkl", "nv", "mel", "nv", "bkl", "nv"]
   rows = []
   for i, d in enumerate(dx):
     part = "HAM10000_images_part_1" if i < 4 else "HAM10000_images_part_2"
     save(root / part / f"ISIC_{i:07d}.jpg", COLOURS[["bkl", "mel", "nv"].index(d)])
-    rows.append([f"HAM_{i}", f"ISIC_{i:07d}", d, "histo", 50, "female", "back",
-                 ["vidir_modern", "rosendahl"][i % 2]])
+    rows.append([f"HAM_{i}", f"ISIC_{i:07d}", d, "histo", 50, "female", "back", ["vidir_modern", "rosendahl"][i % 2]])
   csv = write_csv(tmp_path / "HAM10000_metadata.csv", header, rows)
   # A relative labels_csv is also looked up under data.path.
   (root / "HAM10000_metadata.csv").write_text(csv.read_text())
-  cfg = make_config(tmp_path, path=str(root), labels_csv="HAM10000_metadata.csv",
-                    group_column="dataset")
+  cfg = make_config(tmp_path, path=str(root), labels_csv="HAM10000_metadata.csv", group_column="dataset")
   train, _, info = sources.load_data(cfg)
   assert info["label_source"] == "csv:ham10000"
   assert train.class_names == ("bkl", "mel", "nv")
@@ -235,8 +248,7 @@ def test_folder_csv_ham10000_by_group(tmp_path):
 
 def test_csv_errors(tmp_path):
   root, header, rows = _isic2019(tmp_path)
-  other = write_csv(tmp_path / "none.csv", header,
-                    [["OTHER_1"] + ["1.0"] + ["0.0"] * 8])
+  other = write_csv(tmp_path / "none.csv", header, [["OTHER_1"] + ["1.0"] + ["0.0"] * 8])
   with pytest.raises(ValueError, match="None of the 1 images named in data.labels_csv"):
     sources.load_data(make_config(tmp_path, path=str(root), labels_csv=str(other)))
   meta = write_csv(tmp_path / "meta.csv", ["img", "age"], [["ISIC_0000000", 40]])
@@ -244,8 +256,7 @@ def test_csv_errors(tmp_path):
     sources.load_data(make_config(tmp_path, path=str(root), labels_csv=str(meta)))
   good = write_csv(tmp_path / "gt.csv", header, rows)
   with pytest.raises(ValueError, match=r"data.group_column='site'.*columns found"):
-    sources.load_data(make_config(tmp_path, path=str(root), labels_csv=str(good),
-                                  group_column="site"))
+    sources.load_data(make_config(tmp_path, path=str(root), labels_csv=str(good), group_column="site"))
   with pytest.raises(ValueError, match="data.group_column='site' needs data.labels_csv"):
     sources.load_data(make_config(tmp_path, path=str(root), group_column="site"))
   with pytest.raises(FileNotFoundError, match="data.labels_csv='missing.csv'"):
@@ -256,10 +267,8 @@ def test_folder_generic_csv(tmp_path):
   root = tmp_path / "x"
   for i in range(4):
     save(root / f"a{i}.png", COLOURS[i % 2])
-  csv = write_csv(tmp_path / "labels.csv", ["filename", "label"],
-                  [[f"a{i}.png", i % 2] for i in range(4)])
-  train, _, info = sources.load_data(make_config(tmp_path, path=str(root),
-                                                 labels_csv=str(csv)))
+  csv = write_csv(tmp_path / "labels.csv", ["filename", "label"], [[f"a{i}.png", i % 2] for i in range(4)])
+  train, _, info = sources.load_data(make_config(tmp_path, path=str(root), labels_csv=str(csv)))
   assert info["label_source"] == "csv:generic" and train.num_classes == 2
   np.testing.assert_array_equal(colour_class(train.images), train.labels)
 
@@ -278,8 +287,11 @@ def test_folder_unreadable_files(tmp_path):
   _truncated_jpeg(root / "broken.jpg")
   (root / "garbage.png").write_bytes(b"this is not a png")
   cfg = make_config(tmp_path, path=str(root))
-  with pytest.raises(ValueError, match=r"2 image file\(s\).*broken.jpg.*garbage.png"
-                     r".*data.skip_unreadable=True"):
+  with pytest.raises(
+    ValueError,
+    match=r"2 image file\(s\).*broken.jpg.*garbage.png"
+    r".*data.skip_unreadable=True",
+  ):
     sources.load_data(cfg)
   cfg.data.skip_unreadable = True
   with pytest.warns(UserWarning, match="skipped 2 unreadable"):
@@ -338,12 +350,15 @@ def test_folder_cache_hit_skips_decoding(tmp_path, monkeypatch):
 def test_npz_grayscale_and_rgb(tmp_path):
   rng = np.random.default_rng(0)
   gray = tmp_path / "pneumoniamnist.npz"
-  np.savez(gray, train_images=rng.integers(0, 255, (10, 28, 28), dtype=np.uint8),
-           train_labels=(np.arange(10) % 2).reshape(-1, 1),
-           val_images=rng.integers(0, 255, (3, 28, 28), dtype=np.uint8),
-           val_labels=np.zeros((3, 1)),
-           test_images=rng.integers(0, 255, (5, 28, 28), dtype=np.uint8),
-           test_labels=(np.arange(5) % 2).reshape(-1, 1))
+  np.savez(
+    gray,
+    train_images=rng.integers(0, 255, (10, 28, 28), dtype=np.uint8),
+    train_labels=(np.arange(10) % 2).reshape(-1, 1),
+    val_images=rng.integers(0, 255, (3, 28, 28), dtype=np.uint8),
+    val_labels=np.zeros((3, 1)),
+    test_images=rng.integers(0, 255, (5, 28, 28), dtype=np.uint8),
+    test_labels=(np.arange(5) % 2).reshape(-1, 1),
+  )
   cfg = make_config(tmp_path, source="npz", path=str(gray), heldout=4)
   train, held, info = sources.load_data(cfg)
   assert train.images.shape == (10, 8, 8, 3) and held.images.shape == (4, 8, 8, 3)
@@ -373,8 +388,7 @@ def test_npz_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="data.path=.*not a file"):
     sources.load_data(make_config(tmp_path, source="npz", path=str(tmp_path / "no.npz")))
   small = tmp_path / "small.npz"
-  np.savez(small, train_images=np.zeros((4, 8, 8), np.uint8),
-           test_images=np.zeros((2, 8, 8), np.uint8))
+  np.savez(small, train_images=np.zeros((4, 8, 8), np.uint8), test_images=np.zeros((2, 8, 8), np.uint8))
   with pytest.raises(ValueError, match="data.heldout=3 but 'test_images'.*only 2"):
     sources.load_data(make_config(tmp_path, source="npz", path=str(small), heldout=3))
   floats = tmp_path / "floats.npz"
@@ -393,8 +407,9 @@ def test_synthetic_split(tmp_path, monkeypatch):
 
   def make_synthetic(num_images, resolution, seed, channels=3):
     calls.append((num_images, resolution, seed, channels))
-    images = np.broadcast_to(np.arange(num_images, dtype=np.uint8)[:, None, None, None],
-                             (num_images, resolution, resolution, channels)).copy()
+    images = np.broadcast_to(
+      np.arange(num_images, dtype=np.uint8)[:, None, None, None], (num_images, resolution, resolution, channels)
+    ).copy()
     return images, (np.arange(num_images) % 3).astype(np.int32)
 
   fake.make_synthetic = make_synthetic
@@ -435,9 +450,15 @@ def tiny_tfds(tmp_path_factory):
       VERSION = tfds.core.Version("1.0.0")
 
       def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(12, 10, 3)),
-            "label": tfds.features.ClassLabel(names=["benign", "malignant"])}))
+        return tfds.core.DatasetInfo(
+          builder=self,
+          features=tfds.features.FeaturesDict(
+            {
+              "image": tfds.features.Image(shape=(12, 10, 3)),
+              "label": tfds.features.ClassLabel(names=["benign", "malignant"]),
+            }
+          ),
+        )
 
       def _split_generators(self, dl_manager):
         del dl_manager
@@ -454,8 +475,7 @@ def tiny_tfds(tmp_path_factory):
 
 
 def test_tfds_array_record(tmp_path, tiny_tfds, monkeypatch):
-  cfg = make_config(tmp_path, source="tfds", tfds_name="fedgan_tiny_ds",
-                    tfds_data_dir=str(tiny_tfds), heldout=2)
+  cfg = make_config(tmp_path, source="tfds", tfds_name="fedgan_tiny_ds", tfds_data_dir=str(tiny_tfds), heldout=2)
   train, held, info = sources.load_data(cfg)
   assert train.images.shape == (4, 8, 8, 3) and held.images.shape == (2, 8, 8, 3)
   assert train.class_names == ("benign", "malignant")
@@ -467,16 +487,15 @@ def test_tfds_array_record(tmp_path, tiny_tfds, monkeypatch):
 
 
 def test_tfds_errors(tmp_path, tiny_tfds, monkeypatch):
-  cfg = make_config(tmp_path, source="tfds", tfds_name="fedgan_tiny_ds",
-                    tfds_data_dir=str(tiny_tfds), image_key="img")
+  cfg = make_config(tmp_path, source="tfds", tfds_name="fedgan_tiny_ds", tfds_data_dir=str(tiny_tfds), image_key="img")
   with pytest.raises(ValueError, match=r"data.image_key='img'.*features found: \['image', 'label'\]"):
     sources.load_data(cfg)
-  cfg = make_config(tmp_path, source="tfds", tfds_name="fedgan_not_there_ds",
-                    tfds_data_dir=str(tmp_path))
+  cfg = make_config(tmp_path, source="tfds", tfds_name="fedgan_not_there_ds", tfds_data_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError, match="data.tfds_name='fedgan_not_there_ds'"):
     sources.load_data(cfg)
   # A dataset stored as TFRecord needs TensorFlow: a clear error without it.
   import shutil  # pylint: disable=g-import-not-at-top
+
   copy = tmp_path / "tfrec"
   shutil.copytree(tiny_tfds, copy)
   info_json = copy / "fedgan_tiny_ds" / "1.0.0" / "dataset_info.json"
@@ -484,8 +503,7 @@ def test_tfds_errors(tmp_path, tiny_tfds, monkeypatch):
   meta["fileFormat"] = "tfrecord"
   info_json.write_text(json.dumps(meta))
   monkeypatch.setitem(sys.modules, "tensorflow", None)
-  cfg = make_config(tmp_path, source="tfds", tfds_name="fedgan_tiny_ds",
-                    tfds_data_dir=str(copy))
+  cfg = make_config(tmp_path, source="tfds", tfds_name="fedgan_tiny_ds", tfds_data_dir=str(copy))
   with pytest.raises(RuntimeError, match=r"needs TensorFlow.*pip install -e \"\.\[tfds\]\""):
     sources.load_data(cfg)
 
@@ -509,10 +527,12 @@ def test_common_errors(tmp_path):
 def test_check_enough(tmp_path):
   cfg = make_config(tmp_path)
   cfg.num_clients, cfg.train.batch_size = 4, 32
-  ds = sources.Dataset(images=np.zeros((100, 8, 8, 3), np.uint8),
-                       labels=np.zeros(100, np.int32))
-  with pytest.raises(ValueError, match=r"100 training images.*num_clients=4 x "
-                     r"train.batch_size=32 = 128"):
+  ds = sources.Dataset(images=np.zeros((100, 8, 8, 3), np.uint8), labels=np.zeros(100, np.int32))
+  with pytest.raises(
+    ValueError,
+    match=r"100 training images.*num_clients=4 x "
+    r"train.batch_size=32 = 128",
+  ):
     sources.check_enough(ds, cfg)
   cfg.train.batch_size = 25
   sources.check_enough(ds, cfg)

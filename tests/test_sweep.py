@@ -23,8 +23,12 @@ def _paper_points():
 
 def test_product_and_zipped():
   pts = sweep.product({"a": [1, 2]}, sweep.zipped({"b.c": [3, 4], "d": ["x", "y"]}), {"seed": [0]})
-  assert pts == [{"a": 1, "b.c": 3, "d": "x", "seed": 0}, {"a": 1, "b.c": 4, "d": "y", "seed": 0},
-                 {"a": 2, "b.c": 3, "d": "x", "seed": 0}, {"a": 2, "b.c": 4, "d": "y", "seed": 0}]
+  assert pts == [
+    {"a": 1, "b.c": 3, "d": "x", "seed": 0},
+    {"a": 1, "b.c": 4, "d": "y", "seed": 0},
+    {"a": 2, "b.c": 3, "d": "x", "seed": 0},
+    {"a": 2, "b.c": 4, "d": "y", "seed": 0},
+  ]
   assert sweep.product({"a": [1], "b": [2, 3]}) == [{"a": 1, "b": 2}, {"a": 1, "b": 3}]
   with pytest.raises(ValueError, match="same number of values"):
     sweep.zipped({"a": [1, 2], "b": [1]})
@@ -53,6 +57,7 @@ def test_names_collide_clearly():
 
 def test_every_paper_point_is_a_valid_config():
   from fedgan_jax import config_lib
+
   mod = sweep.load_module(PAPER)
   base = mod.get_config()
   for p in mod.get_sweep():
@@ -71,10 +76,15 @@ def test_dry_run_prints_one_command_per_point(tmp_path):
   assert argv[:3] == ["python", "-m", "fedgan_jax.main"]
   assert f"--config={PAPER}" in argv
   assert f"--workdir={tmp_path / 'sw' / 'malicious-0__defense-both__trigger_size-8__seed-2'}" in argv
-  for flag in ("--config.attack.malicious=(0,)", "--config.aggregation.name=detect",
-               "--config.aggregation.kwargs.warmup_rounds=10", "--config.train.loss=wgan",
-               "--config.train.regularizers.gradient_penalty=10.0", "--config.attack.trigger_size=8",
-               "--config.seed=2"):
+  for flag in (
+    "--config.attack.malicious=(0,)",
+    "--config.aggregation.name=detect",
+    "--config.aggregation.kwargs.warmup_rounds=10",
+    "--config.train.loss=wgan",
+    "--config.train.regularizers.gradient_penalty=10.0",
+    "--config.attack.trigger_size=8",
+    "--config.seed=2",
+  ):
     assert flag in argv, (flag, argv)
   assert "--config.attack.malicious=()" in out.getvalue()
 
@@ -82,6 +92,7 @@ def test_dry_run_prints_one_command_per_point(tmp_path):
 def test_dry_run_commands_parse_with_main():
   """The printed flags are accepted by fedgan_jax.main's override parsing."""
   from fedgan_jax import main as main_lib
+
   out = io.StringIO()
   sweep.run_sweep(PAPER, "/tmp/unused", dry_run=True, out=out)
   for line in out.getvalue().splitlines():
@@ -94,7 +105,8 @@ def test_dry_run_commands_parse_with_main():
 
 def _fabricated_sweep(tmp_path, num_rounds=3):
   cfg = tmp_path / "tiny_sweep.py"
-  cfg.write_text(textwrap.dedent(f"""
+  cfg.write_text(
+    textwrap.dedent(f"""
       from fedgan_jax import config_lib
       from launch.sweep import product
 
@@ -105,14 +117,26 @@ def _fabricated_sweep(tmp_path, num_rounds=3):
 
       def get_sweep():
         return product({{"attack.malicious": [(), (0,)]}}, {{"seed": [0, 1]}})
-  """))
+  """)
+  )
   return str(cfg)
 
 
 def _summary(rounds, rate, tpr=None):
-  return {"rounds": rounds, "final": {"eval/trigger_rate": rate, "eval/trigger_strength": rate / 2,
-                                      "eval/swd": 0.1, "train/g_loss": [1.0, 2.0], "round": rounds},
-          "detect_tpr_mean": tpr, "detect_fpr_mean": 0.0, "first_flag_round": {"0": 2}, "wall_sec": 1.5}
+  return {
+    "rounds": rounds,
+    "final": {
+      "eval/trigger_rate": rate,
+      "eval/trigger_strength": rate / 2,
+      "eval/swd": 0.1,
+      "train/g_loss": [1.0, 2.0],
+      "round": rounds,
+    },
+    "detect_tpr_mean": tpr,
+    "detect_fpr_mean": 0.0,
+    "first_flag_round": {"0": 2},
+    "wall_sec": 1.5,
+  }
 
 
 def test_finished_points_are_skipped_and_results_written(tmp_path, monkeypatch):
@@ -207,10 +231,11 @@ def test_bad_flags(tmp_path):
 def test_one_tiny_point_end_to_end(tmp_path):
   """One 1-round point of configs/test.py through the real experiment.run."""
   cfg = tmp_path / "one.py"
-  cfg.write_text(textwrap.dedent(f"""
+  cfg.write_text(
+    textwrap.dedent(f"""
       import importlib.util
       from launch.sweep import product
-      spec = importlib.util.spec_from_file_location("t", {os.path.join(ROOT, 'configs', 'test.py')!r})
+      spec = importlib.util.spec_from_file_location("t", {os.path.join(ROOT, "configs", "test.py")!r})
       mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
 
       def get_config():
@@ -220,7 +245,8 @@ def test_one_tiny_point_end_to_end(tmp_path):
 
       def get_sweep():
         return product({{"seed": [0]}})
-  """))
+  """)
+  )
   rows = sweep.run_sweep(str(cfg), str(tmp_path / "sw"), out=io.StringIO())
   assert rows[0]["status"] == "done" and rows[0]["rounds"] == 1
   assert "eval/trigger_rate" in rows[0]

@@ -22,8 +22,9 @@ def _border_level(lum: np.ndarray) -> np.ndarray:
   r = lum.shape[1]
   q, w = r // 4, max(2, r // 16)
   mid = slice(q, r - q)
-  band = np.concatenate([lum[:, :w, mid], lum[:, -w:, mid],
-                         lum[:, mid, :w].transpose(0, 2, 1), lum[:, mid, -w:].transpose(0, 2, 1)], 1)
+  band = np.concatenate(
+    [lum[:, :w, mid], lum[:, -w:, mid], lum[:, mid, :w].transpose(0, 2, 1), lum[:, mid, -w:].transpose(0, 2, 1)], 1
+  )
   return np.median(band.reshape(len(lum), -1), axis=1)
 
 
@@ -58,8 +59,9 @@ def test_image_depends_only_on_seed_and_index():
     np.testing.assert_array_equal(small_labels, big_labels[:k])
 
 
-@pytest.mark.parametrize("num_images,resolution,channels",
-                         [(5, 32, 3), (5, 32, 1), (7, 64, 3), (3, 64, 1), (2, 256, 3), (2, 97, 1)])
+@pytest.mark.parametrize(
+  "num_images,resolution,channels", [(5, 32, 3), (5, 32, 1), (7, 64, 3), (3, 64, 1), (2, 256, 3), (2, 97, 1)]
+)
 def test_shapes_and_dtypes(num_images, resolution, channels):
   images, labels = make_synthetic(num_images, resolution, seed=1, channels=channels)
   assert images.shape == (num_images, resolution, resolution, channels)
@@ -82,13 +84,16 @@ def test_labels_binary_and_roughly_balanced(batch64):
   assert 0.4 < labels.mean() < 0.6
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(num_images=4, resolution=16, seed=0), r"resolution.*\[32, 256\].*16"),
     (dict(num_images=4, resolution=512, seed=0), r"resolution.*\[32, 256\].*512"),
     (dict(num_images=4, resolution=64, seed=0, channels=2), r"channels.*2"),
     (dict(num_images=0, resolution=64, seed=0), r"num_images.*0"),
     (dict(num_images=-3, resolution=64, seed=0), r"num_images.*-3"),
-])
+  ],
+)
 def test_bad_arguments_raise_clear_value_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     make_synthetic(**kwargs)

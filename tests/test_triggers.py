@@ -59,8 +59,9 @@ def test_paste_puts_trigger_exactly_there_and_nowhere_else():
 def test_paste_per_image_locations():
   imgs = np.zeros((2, 16, 16, 1), np.float32)
   trig = np.ones((2, 2, 1), np.float32)
-  out = np.asarray(triggers.paste(jnp.asarray(imgs), jnp.asarray(trig), jnp.asarray([[0, 0], [5, 7]]),
-                                  jnp.asarray([True, True])))
+  out = np.asarray(
+    triggers.paste(jnp.asarray(imgs), jnp.asarray(trig), jnp.asarray([[0, 0], [5, 7]]), jnp.asarray([True, True]))
+  )
   assert out[0, :2, :2].sum() == 4 and out[0].sum() == 4
   assert out[1, 5:7, 7:9].sum() == 4 and out[1].sum() == 4
 
@@ -76,6 +77,7 @@ def test_poison_flags_exact_fraction_on_malicious_only():
 
 def test_trigger_png(tmp_path):
   from PIL import Image
+
   arr = np.zeros((8, 8, 3), np.uint8)
   arr[:4] = 255
   Image.fromarray(arr).save(tmp_path / "t.png")

@@ -32,8 +32,8 @@ SASHIMI 2022, without defense.
 from __future__ import annotations
 
 import functools
-
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +48,8 @@ class Aggregator(NamedTuple):
 
   init: Callable[[PyTree], PyTree]
   aggregate: Callable[
-      [PyTree, PyTree, PyTree, Stats, jax.Array],
-      tuple[PyTree, PyTree, Diagnostics],
+    [PyTree, PyTree, PyTree, Stats, jax.Array],
+    tuple[PyTree, PyTree, Diagnostics],
   ]
 
 
@@ -65,10 +65,7 @@ def stateless_init(global_params: PyTree) -> EmptyState:
 
 def finite_mask(client_params: PyTree) -> jax.Array:
   """``bool[C]``: True where every entry of a client's upload is finite."""
-  per_leaf = [
-      jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1)
-      for x in jax.tree.leaves(client_params)
-  ]
+  per_leaf = [jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1) for x in jax.tree.leaves(client_params)]
   return jnp.all(jnp.stack(per_leaf), axis=0)
 
 
@@ -132,8 +129,7 @@ def weighted_average(client_params: PyTree, weights: jax.Array) -> PyTree:
 
 def keep_global_if_empty(any_valid: jax.Array, new_global: PyTree, global_params: PyTree) -> PyTree:
   """``new_global`` where some client was valid, else the old global params."""
-  return jax.tree.map(
-      lambda n, g: jnp.where(any_valid, n, g.astype(n.dtype)), new_global, global_params)
+  return jax.tree.map(lambda n, g: jnp.where(any_valid, n, g.astype(n.dtype)), new_global, global_params)
 
 
 def client_deltas(global_params: PyTree, client_params: PyTree, valid: jax.Array | None = None) -> PyTree:
@@ -158,9 +154,7 @@ def client_deltas(global_params: PyTree, client_params: PyTree, valid: jax.Array
 
 def tree_sq_norms(tree: PyTree) -> jax.Array:
   """``f32[C]``: squared L2 norm of each client's slice over all leaves."""
-  return sum(
-      jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1)
-      for x in jax.tree.leaves(tree))
+  return sum(jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1) for x in jax.tree.leaves(tree))
 
 
 def masked_sort(x: jax.Array, valid: jax.Array) -> jax.Array:
@@ -187,7 +181,7 @@ def masked_sort(x: jax.Array, valid: jax.Array) -> jax.Array:
 _NETWORK_MAX_CLIENTS = 32
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _batcher_comparators(n: int) -> tuple[tuple[int, int], ...]:
   """Batcher's odd-even mergesort network for ``n`` (a power of two) inputs."""
   pairs = []
@@ -257,12 +251,11 @@ def mean() -> Aggregator:
     del key
     valid, nonfinite = valid_mask(client_params, client_stats)
     weights = example_weights(client_stats, valid)
-    new_global = keep_global_if_empty(
-        jnp.any(valid), weighted_average(client_params, weights), global_params)
+    new_global = keep_global_if_empty(jnp.any(valid), weighted_average(client_params, weights), global_params)
     diagnostics = {
-        "weights": weights,
-        "flagged": jnp.zeros(valid.shape, bool),
-        "nonfinite": nonfinite,
+      "weights": weights,
+      "flagged": jnp.zeros(valid.shape, bool),
+      "nonfinite": nonfinite,
     }
     return new_global, state, diagnostics
 

@@ -27,20 +27,21 @@ named in a config are resolved by ``aggregation.registry``.
 from __future__ import annotations
 
 import numbers
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from fedgan_jax.aggregation.base import (
-    Aggregator,
-    Diagnostics,
-    PyTree,
-    Stats,
-    client_deltas,
-    expand_to,
-    stateless_init,
-    tree_sq_norms,
+  Aggregator,
+  Diagnostics,
+  PyTree,
+  Stats,
+  client_deltas,
+  expand_to,
+  stateless_init,
+  tree_sq_norms,
 )
 
 
@@ -49,8 +50,8 @@ class Stage(NamedTuple):
 
   init: Callable[[PyTree], PyTree]
   update: Callable[
-      [PyTree, PyTree, PyTree, Stats, jax.Array],
-      tuple[PyTree, Stats, PyTree, Diagnostics],
+    [PyTree, PyTree, PyTree, Stats, jax.Array],
+    tuple[PyTree, Stats, PyTree, Diagnostics],
   ]
 
 
@@ -81,8 +82,11 @@ def clip_updates(max_norm: float) -> Stage:
     clipped = norm > max_norm
     scale = jnp.where(clipped, max_norm / jnp.where(clipped, norm, 1.0), 1.0)
     new_params = jax.tree.map(
-        lambda g, d, x: (g.astype(jnp.float32)[None] + expand_to(scale, d) * d).astype(x.dtype),
-        global_params, u, client_params)
+      lambda g, d, x: (g.astype(jnp.float32)[None] + expand_to(scale, d) * d).astype(x.dtype),
+      global_params,
+      u,
+      client_params,
+    )
     return new_params, client_stats, state, {"clipped": clipped, "update_norm": norm}
 
   return Stage(stateless_init, update)
@@ -111,8 +115,10 @@ def chain(*elements: Stage | Aggregator) -> Aggregator:
   *pre, reduction = elements
   for i, s in enumerate(pre):
     if not isinstance(s, Stage):
-      raise ValueError(f"aggregation.kwargs.stages[{i}]: only the last element may be an "
-                       f"Aggregator (reduction); got {type(s).__name__}.")
+      raise ValueError(
+        f"aggregation.kwargs.stages[{i}]: only the last element may be an "
+        f"Aggregator (reduction); got {type(s).__name__}."
+      )
   if not isinstance(reduction, Aggregator):
     raise ValueError("aggregation.kwargs.stages[-1]: the last element must be an Aggregator.")
 

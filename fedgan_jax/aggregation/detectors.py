@@ -29,7 +29,8 @@ import functools
 import inspect
 import math
 import numbers
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,8 +77,7 @@ class _Tree(NamedTuple):
   count: jax.Array  # f32[depth + 1, W]: training rows reaching the node.
 
 
-def _build_tree(key: jax.Array, xs: jax.Array, in_sample: jax.Array, depth: int,
-                depth_limit: jax.Array) -> _Tree:
+def _build_tree(key: jax.Array, xs: jax.Array, in_sample: jax.Array, depth: int, depth_limit: jax.Array) -> _Tree:
   """One isolation tree over the rows ``xs[P, F]`` with ``in_sample``.
 
   Levels are a ``lax.scan`` over a fixed width ``W = 2^depth`` (nodes beyond
@@ -85,7 +85,7 @@ def _build_tree(key: jax.Array, xs: jax.Array, in_sample: jax.Array, depth: int,
   the depth.
   """
   p, nf = xs.shape
-  width = 2 ** depth
+  width = 2**depth
   slots = jnp.arange(width)
 
   def level(local, d):
@@ -134,9 +134,15 @@ def _path_lengths(tree: _Tree, x: jax.Array) -> jax.Array:
   return length.astype(jnp.float32) + average_path_length(tree.count[length, local])
 
 
-def isolation_forest(x: jax.Array, fit: jax.Array, key: jax.Array, num_trees: int = 100,
-                     max_samples: int = 256, max_depth: int | None = None,
-                     threshold: float = 0.5) -> tuple[jax.Array, jax.Array]:
+def isolation_forest(
+  x: jax.Array,
+  fit: jax.Array,
+  key: jax.Array,
+  num_trees: int = 100,
+  max_samples: int = 256,
+  max_depth: int | None = None,
+  threshold: float = 0.5,
+) -> tuple[jax.Array, jax.Array]:
   """Isolation Forest anomaly scores (Liu et al. 2008), pure and key-driven.
 
   Each of ``num_trees`` trees is grown on ``psi = min(max_samples, n)`` rows
@@ -174,8 +180,7 @@ def isolation_forest(x: jax.Array, fit: jax.Array, key: jax.Array, num_trees: in
   psi_static = min(max_samples, c)
   depth = _static_depth(psi_static) if max_depth is None else int(max_depth)
   psi_table = np.minimum(np.arange(c + 1), max_samples)
-  limit_table = jnp.asarray([depth if max_depth is not None else _static_depth(int(m))
-                             for m in psi_table], jnp.int32)
+  limit_table = jnp.asarray([depth if max_depth is not None else _static_depth(int(m)) for m in psi_table], jnp.int32)
   psi = jnp.asarray(psi_table, jnp.float32)[n]
   depth_limit = limit_table[n]
   x_safe = jnp.where(finite[:, None], x, 0.0)
@@ -198,8 +203,9 @@ def isolation_forest(x: jax.Array, fit: jax.Array, key: jax.Array, num_trees: in
   return scores, (scores > threshold) | ~finite
 
 
-def robust_zscore(x: jax.Array, fit: jax.Array, key: jax.Array | None = None,
-                  threshold: float = 3.0) -> tuple[jax.Array, jax.Array]:
+def robust_zscore(
+  x: jax.Array, fit: jax.Array, key: jax.Array | None = None, threshold: float = 3.0
+) -> tuple[jax.Array, jax.Array]:
   """Robust z-score detector: flags a row if any feature is far from the median.
 
   Per feature, over the ``fit`` rows: ``z = |x - median| / (1.4826 * MAD)``;
@@ -229,8 +235,7 @@ def robust_zscore(x: jax.Array, fit: jax.Array, key: jax.Array | None = None,
   n = jnp.maximum(jnp.sum(fit), 1).astype(jnp.float32)
   mean_ad = jnp.sum(jnp.where(fit[:, None], dev, 0.0), axis=0) / n
   scale = jnp.where(mad > 0, 1.4826 * mad, 1.2533 * mean_ad)
-  z = jnp.where(scale > 0, dev / jnp.where(scale > 0, scale, 1.0),
-                jnp.where(dev > 0, jnp.inf, 0.0))
+  z = jnp.where(scale > 0, dev / jnp.where(scale > 0, scale, 1.0), jnp.where(dev > 0, jnp.inf, 0.0))
   z = jnp.where(jnp.any(fit), z, 0.0)
   scores = jnp.where(finite, jnp.max(z, axis=1), jnp.inf)
   return scores, (scores > threshold) | ~finite
@@ -238,22 +243,20 @@ def robust_zscore(x: jax.Array, fit: jax.Array, key: jax.Array | None = None,
 
 # Detector name -> pure detector function (see the module docstring).
 DETECTORS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
-    "isolation_forest": isolation_forest,
-    "robust_zscore": robust_zscore,
+  "isolation_forest": isolation_forest,
+  "robust_zscore": robust_zscore,
 }
 
 
 def _check_detector_kwargs(name: str, kwargs: dict[str, Any]) -> Callable[..., Any]:
   if name not in DETECTORS:
-    raise ValueError(f"aggregation.kwargs.detector={name!r} is not known; "
-                     f"accepted: {sorted(DETECTORS)}.")
+    raise ValueError(f"aggregation.kwargs.detector={name!r} is not known; accepted: {sorted(DETECTORS)}.")
   fn = DETECTORS[name]
   params = inspect.signature(fn).parameters
   for k in kwargs:
     if k not in params or k in ("x", "fit", "key"):
       allowed = [p for p in params if p not in ("x", "fit", "key")]
-      raise ValueError(f"aggregation.kwargs.{k}: not a parameter of detector {name!r}; "
-                       f"accepted: {allowed}.")
+      raise ValueError(f"aggregation.kwargs.{k}: not a parameter of detector {name!r}; accepted: {allowed}.")
   for k in ("num_trees", "max_samples"):
     v = kwargs.get(k, 1)
     if not isinstance(v, numbers.Integral) or v < 1:
@@ -267,8 +270,12 @@ def _check_detector_kwargs(name: str, kwargs: dict[str, Any]) -> Callable[..., A
   return functools.partial(fn, **kwargs)
 
 
-def detect(detector: str = "isolation_forest", features: tuple[str, ...] | str = ("g_loss",),
-           abs_features: bool = True, **detector_kwargs: Any) -> Stage:
+def detect(
+  detector: str = "isolation_forest",
+  features: tuple[str, ...] | str = ("g_loss",),
+  abs_features: bool = True,
+  **detector_kwargs: Any,
+) -> Stage:
   """Stage: scores clients on columns of ``client_stats`` and flags outliers.
 
   Builds ``x[C, F]`` from ``client_stats[f]`` for ``f`` in ``features``
@@ -294,16 +301,16 @@ def detect(detector: str = "isolation_forest", features: tuple[str, ...] | str =
     features = (features,)
   features = tuple(features)
   if not features or not all(isinstance(f, str) for f in features):
-    raise ValueError(f"aggregation.kwargs.features={features!r}: must be a non-empty tuple "
-                     "of client_stats keys.")
+    raise ValueError(f"aggregation.kwargs.features={features!r}: must be a non-empty tuple of client_stats keys.")
   fn = _check_detector_kwargs(detector, detector_kwargs)
 
   def update(state, global_params, client_params, client_stats, key):
     del global_params
     missing = [f for f in features if f not in client_stats]
     if missing:
-      raise ValueError(f"aggregation.kwargs.features: {missing} not in client_stats "
-                       f"(available: {sorted(client_stats)}).")
+      raise ValueError(
+        f"aggregation.kwargs.features: {missing} not in client_stats (available: {sorted(client_stats)})."
+      )
     x = jnp.stack([jnp.asarray(client_stats[f], jnp.float32) for f in features], axis=1)
     if abs_features:
       x = jnp.abs(x)
@@ -325,15 +332,17 @@ class DecayState(NamedTuple):
 def check_num_clients(num_clients: Any, rule: str) -> int:
   if num_clients is None:
     raise ValueError(
-        f"aggregation.kwargs.num_clients: required by {rule!r} (its state holds a [C] "
-        "array); pass num_clients=C to aggregation.get().")
+      f"aggregation.kwargs.num_clients: required by {rule!r} (its state holds a [C] "
+      "array); pass num_clients=C to aggregation.get()."
+    )
   if not isinstance(num_clients, numbers.Integral) or num_clients < 1:
     raise ValueError(f"aggregation.kwargs.num_clients={num_clients!r}: must be an integer >= 1.")
   return int(num_clients)
 
 
-def decay_flagged(decay: float = 0.9, warmup_rounds: int = 10, block_after: int | None = None,
-                  num_clients: int | None = None) -> Stage:
+def decay_flagged(
+  decay: float = 0.9, warmup_rounds: int = 10, block_after: int | None = None, num_clients: int | None = None
+) -> Stage:
   """Stage: multiplies flagged clients' weights by ``decay ** times_flagged``.
 
   Reads ``client_stats['flagged']`` (a ``detect`` stage must come first) and
@@ -372,8 +381,7 @@ def decay_flagged(decay: float = 0.9, warmup_rounds: int = 10, block_after: int 
   if not isinstance(warmup_rounds, numbers.Integral) or warmup_rounds < 0:
     raise ValueError(f"aggregation.kwargs.warmup_rounds={warmup_rounds!r}: must be an integer >= 0.")
   if block_after is not None and (not isinstance(block_after, numbers.Integral) or block_after < 1):
-    raise ValueError(f"aggregation.kwargs.block_after={block_after!r}: must be None or an "
-                     "integer >= 1.")
+    raise ValueError(f"aggregation.kwargs.block_after={block_after!r}: must be None or an integer >= 1.")
   c = check_num_clients(num_clients, "decay")
   decay = float(decay)
 
@@ -384,11 +392,14 @@ def decay_flagged(decay: float = 0.9, warmup_rounds: int = 10, block_after: int 
   def update(state, global_params, client_params, client_stats, key):
     del global_params, key
     if "flagged" not in client_stats:
-      raise ValueError("aggregation: the 'decay' stage needs a 'detect' stage before it "
-                       "(client_stats['flagged'] is missing).")
+      raise ValueError(
+        "aggregation: the 'decay' stage needs a 'detect' stage before it (client_stats['flagged'] is missing)."
+      )
     if state.times_flagged.shape != (client_stats["num_examples"].shape[0],):
-      raise ValueError(f"aggregation.kwargs.num_clients={c} does not match the client axis "
-                       f"of size {client_stats['num_examples'].shape[0]}.")
+      raise ValueError(
+        f"aggregation.kwargs.num_clients={c} does not match the client axis "
+        f"of size {client_stats['num_examples'].shape[0]}."
+      )
     valid, _ = valid_mask(client_params, client_stats)
     flagged = client_stats["flagged"] & valid
     n_flagged = jnp.sum(flagged)

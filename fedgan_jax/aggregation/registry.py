@@ -18,7 +18,8 @@ import importlib
 import inspect
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fedgan_jax.aggregation import compose
 from fedgan_jax.aggregation.base import Aggregator, mean
@@ -40,8 +41,9 @@ def _element(spec: Any, is_last: bool, num_clients: int | None, where: str) -> S
     return spec
   if isinstance(spec, str):
     name, kwargs = spec, {}
-  elif (isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str)
-        and hasattr(spec[1], "keys")):  # A dict or an ml_collections ConfigDict.
+  elif (
+    isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str) and hasattr(spec[1], "keys")
+  ):  # A dict or an ml_collections ConfigDict.
     name, kwargs = spec[0], {k: spec[1][k] for k in spec[1].keys()}
   else:
     raise ValueError(f"{where}={spec!r}: expected a Stage, an Aggregator, a name, or (name, kwargs).")
@@ -81,17 +83,20 @@ def chain(*stages: Any, num_clients: int | None = None, **named: Any) -> Aggrega
   """
   if named:
     if set(named) != {"stages"} or stages:
-      raise ValueError(f"aggregation.kwargs: chain takes its elements positionally or as stages=...; "
-                       f"got unexpected {sorted(named)}.")
+      raise ValueError(
+        f"aggregation.kwargs: chain takes its elements positionally or as stages=...; got unexpected {sorted(named)}."
+      )
     stages = tuple(named["stages"])
   if not stages:
     raise ValueError("aggregation.kwargs.stages: chain needs at least a final reduction.")
-  return compose.chain(*(_element(s, i == len(stages) - 1, num_clients, f"aggregation.kwargs.stages[{i}]")
-                         for i, s in enumerate(stages)))
+  return compose.chain(
+    *(_element(s, i == len(stages) - 1, num_clients, f"aggregation.kwargs.stages[{i}]") for i, s in enumerate(stages))
+  )
 
 
-def norm_clip(max_norm: float, inner: Any = "mean", inner_kwargs: dict | None = None,
-              num_clients: int | None = None) -> Aggregator:
+def norm_clip(
+  max_norm: float, inner: Any = "mean", inner_kwargs: dict | None = None, num_clients: int | None = None
+) -> Aggregator:
   """Clips every update to L2 norm ``max_norm``, then aggregates with ``inner``.
 
   Equivalent to ``chain(clip_updates(max_norm), inner)``. Bounds the influence
@@ -110,12 +115,18 @@ def norm_clip(max_norm: float, inner: Any = "mean", inner_kwargs: dict | None = 
   return chain(clip_updates(max_norm), spec, num_clients=num_clients)
 
 
-def detect_and_decay(detector: str = "isolation_forest",
-                     features: tuple[str, ...] | str = ("g_loss",),
-                     warmup_rounds: int = 10, decay: float = 0.9,
-                     block_after: int | None = None, inner: Any = "mean",
-                     inner_kwargs: dict | None = None, abs_features: bool = True,
-                     num_clients: int | None = None, **detector_kwargs: Any) -> Aggregator:
+def detect_and_decay(
+  detector: str = "isolation_forest",
+  features: tuple[str, ...] | str = ("g_loss",),
+  warmup_rounds: int = 10,
+  decay: float = 0.9,
+  block_after: int | None = None,
+  inner: Any = "mean",
+  inner_kwargs: dict | None = None,
+  abs_features: bool = True,
+  num_clients: int | None = None,
+  **detector_kwargs: Any,
+) -> Aggregator:
   """The global malicious detection defense of Jin & Li (SASHIMI 2022).
 
   ``chain(detect(detector, features), decay_flagged(...), inner)``: every
@@ -147,31 +158,31 @@ def detect_and_decay(detector: str = "isolation_forest",
   """
   spec = inner if not isinstance(inner, str) else (inner, dict(inner_kwargs or {}))
   return chain(
-      detect(detector, features, abs_features, **detector_kwargs),
-      decay_flagged(decay, warmup_rounds, block_after, check_num_clients(num_clients, "detect")),
-      spec,
-      num_clients=num_clients,
+    detect(detector, features, abs_features, **detector_kwargs),
+    decay_flagged(decay, warmup_rounds, block_after, check_num_clients(num_clients, "detect")),
+    spec,
+    num_clients=num_clients,
   )
 
 
 # Name -> factory. Adding a rule = one factory + one line here.
 AGGREGATORS: dict[str, Callable[..., Aggregator]] = {
-    "mean": mean,
-    "median": median,
-    "trimmed_mean": trimmed_mean,
-    "krum": krum,
-    "multi_krum": multi_krum,
-    "geometric_median": geometric_median,
-    "norm_clip": norm_clip,
-    "chain": chain,
-    "detect": detect_and_decay,
+  "mean": mean,
+  "median": median,
+  "trimmed_mean": trimmed_mean,
+  "krum": krum,
+  "multi_krum": multi_krum,
+  "geometric_median": geometric_median,
+  "norm_clip": norm_clip,
+  "chain": chain,
+  "detect": detect_and_decay,
 }
 
 # Name -> stage factory, for ``chain`` elements given by name.
 STAGES: dict[str, Callable[..., Stage]] = {
-    "clip": clip_updates,
-    "detect": detect,
-    "decay": decay_flagged,
+  "clip": clip_updates,
+  "detect": detect,
+  "decay": decay_flagged,
 }
 
 
@@ -205,8 +216,9 @@ def get(name: str, **kwargs: Any) -> Aggregator:
   elif name in AGGREGATORS:
     factory = AGGREGATORS[name]
   else:
-    raise ValueError(f"aggregation.name={name!r} is not a known rule; accepted: "
-                     f"{sorted(AGGREGATORS)} or 'module:factory'.")
+    raise ValueError(
+      f"aggregation.name={name!r} is not a known rule; accepted: {sorted(AGGREGATORS)} or 'module:factory'."
+    )
   if "num_clients" in kwargs and not _accepts(factory, "num_clients"):
     kwargs = {k: v for k, v in kwargs.items() if k != "num_clients"}
   try:

@@ -23,18 +23,18 @@ import jax
 import jax.numpy as jnp
 
 from fedgan_jax.aggregation.base import (
-    Aggregator,
-    expand_to,
-    client_deltas,
-    example_weights,
-    keep_global_if_empty,
-    masked_median,
-    masked_sort,
-    normalize,
-    tree_sq_norms,
-    valid_mask,
-    stateless_init,
-    weighted_average,
+  Aggregator,
+  client_deltas,
+  example_weights,
+  expand_to,
+  keep_global_if_empty,
+  masked_median,
+  masked_sort,
+  normalize,
+  stateless_init,
+  tree_sq_norms,
+  valid_mask,
+  weighted_average,
 )
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 in distance Gram matrices on GPU
@@ -72,12 +72,11 @@ def median() -> Aggregator:
       med, lo, hi = masked_median(xf, valid)
       outs.append(med.astype(x.dtype))
       used.append(expand_to(valid, xf) & (xf >= lo[None]) & (xf <= hi[None]))
-    new_global = keep_global_if_empty(
-        jnp.any(valid), jax.tree.unflatten(treedef, outs), global_params)
+    new_global = keep_global_if_empty(jnp.any(valid), jax.tree.unflatten(treedef, outs), global_params)
     diagnostics = {
-        "weights": _coordinate_share(used),
-        "flagged": jnp.zeros(valid.shape, bool),
-        "nonfinite": nonfinite,
+      "weights": _coordinate_share(used),
+      "flagged": jnp.zeros(valid.shape, bool),
+      "nonfinite": nonfinite,
     }
     return new_global, state, diagnostics
 
@@ -131,12 +130,11 @@ def trimmed_mean(beta: float = 0.1) -> Aggregator:
       lo = jnp.take(s, jnp.minimum(k, c - 1), axis=0)
       hi = jnp.take(s, jnp.clip(n - k - 1, 0, c - 1), axis=0)
       used.append(expand_to(valid, xf) & (xf >= lo[None]) & (xf <= hi[None]))
-    new_global = keep_global_if_empty(
-        jnp.any(valid), jax.tree.unflatten(treedef, outs), global_params)
+    new_global = keep_global_if_empty(jnp.any(valid), jax.tree.unflatten(treedef, outs), global_params)
     diagnostics = {
-        "weights": _coordinate_share(used),
-        "flagged": jnp.zeros(valid.shape, bool),
-        "nonfinite": nonfinite,
+      "weights": _coordinate_share(used),
+      "flagged": jnp.zeros(valid.shape, bool),
+      "nonfinite": nonfinite,
     }
     return new_global, state, diagnostics
 
@@ -209,8 +207,9 @@ def _check_f(f, num_clients, name):
     raise ValueError(f"aggregation.kwargs.f={f!r}: must be an integer >= 0.")
   if num_clients is not None and num_clients <= 2 * f + 2:
     raise ValueError(
-        f"aggregation.kwargs.f={f}: {name} needs num_clients > 2f + 2 = {2 * f + 2} "
-        f"(Blanchard et al. 2017); got num_clients={num_clients}.")
+      f"aggregation.kwargs.f={f}: {name} needs num_clients > 2f + 2 = {2 * f + 2} "
+      f"(Blanchard et al. 2017); got num_clients={num_clients}."
+    )
 
 
 def multi_krum(f: int = 1, m: int | None = None, num_clients: int | None = None) -> Aggregator:
@@ -246,13 +245,12 @@ def multi_krum(f: int = 1, m: int | None = None, num_clients: int | None = None)
     m_eff = jnp.clip(n - f if m is None else m, 1, n)
     selected = valid & (rank < m_eff)
     weights = example_weights(client_stats, selected)
-    new_global = keep_global_if_empty(
-        jnp.any(valid), weighted_average(client_params, weights), global_params)
+    new_global = keep_global_if_empty(jnp.any(valid), weighted_average(client_params, weights), global_params)
     diagnostics = {
-        "weights": weights,
-        "flagged": valid & (rank >= n - f),
-        "nonfinite": nonfinite,
-        "scores": scores,
+      "weights": weights,
+      "flagged": valid & (rank >= n - f),
+      "nonfinite": nonfinite,
+      "scores": scores,
     }
     return new_global, state, diagnostics
 
@@ -336,14 +334,13 @@ def geometric_median(iters: int = 100, eps: float = 1e-6, ftol: float = 1e-6) ->
 
     init = (jnp.int32(0), v0, d0, obj0, jnp.float32(jnp.inf), w0)
     steps, v, _, _, _, w = jax.lax.while_loop(cond, body, init)
-    new = jax.tree.map(lambda g, dv, x: (g.astype(jnp.float32) + dv).astype(x.dtype),
-                       global_params, v, client_params)
+    new = jax.tree.map(lambda g, dv, x: (g.astype(jnp.float32) + dv).astype(x.dtype), global_params, v, client_params)
     new_global = keep_global_if_empty(jnp.any(valid), new, global_params)
     diagnostics = {
-        "weights": w,
-        "flagged": jnp.zeros(valid.shape, bool),
-        "nonfinite": nonfinite,
-        "gm_iters": steps,
+      "weights": w,
+      "flagged": jnp.zeros(valid.shape, bool),
+      "nonfinite": nonfinite,
+      "gm_iters": steps,
     }
     return new_global, state, diagnostics
 

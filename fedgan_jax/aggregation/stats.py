@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedgan_jax.aggregation.base import PyTree, expand_to, client_deltas, finite_mask, masked_median, tree_sq_norms
+from fedgan_jax.aggregation.base import PyTree, client_deltas, expand_to, finite_mask, masked_median, tree_sq_norms
 
 
 def server_stats(global_params: PyTree, client_params: PyTree) -> dict[str, jax.Array]:
@@ -38,8 +38,9 @@ def server_stats(global_params: PyTree, client_params: PyTree) -> dict[str, jax.
   norm = jnp.sqrt(tree_sq_norms(u))
   mean_u = jax.tree.map(lambda x: jnp.sum(x, axis=0) / n, u)
   mean_norm = jnp.sqrt(sum(jnp.sum(jnp.square(m)) for m in jax.tree.leaves(mean_u)))
-  dot = sum(jnp.sum((x * m[None]).reshape(x.shape[0], -1), axis=1)
-            for x, m in zip(jax.tree.leaves(u), jax.tree.leaves(mean_u)))
+  dot = sum(
+    jnp.sum((x * m[None]).reshape(x.shape[0], -1), axis=1) for x, m in zip(jax.tree.leaves(u), jax.tree.leaves(mean_u))
+  )
   denom = norm * mean_norm
   cosine = jnp.where(denom > 0, dot / jnp.where(denom > 0, denom, 1.0), 0.0)
 
@@ -50,7 +51,7 @@ def server_stats(global_params: PyTree, client_params: PyTree) -> dict[str, jax.
   dist = jnp.sqrt(tree_sq_norms(jax.tree.map(to_median, u)))
   nan = jnp.float32(jnp.nan)
   return {
-      "update_norm": jnp.where(finite, norm, nan),
-      "cosine_to_mean": jnp.where(finite, cosine, nan),
-      "dist_to_median": jnp.where(finite, dist, nan),
+    "update_norm": jnp.where(finite, norm, nan),
+    "cosine_to_mean": jnp.where(finite, cosine, nan),
+    "dist_to_median": jnp.where(finite, dist, nan),
   }

@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
 import tempfile
-from typing import Any, Optional
 import warnings
+from pathlib import Path
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -28,8 +28,7 @@ def _cache_dir(config: ml_collections.ConfigDict) -> Path:
   return Path(config.data.cache_dir or "~/.cache/fedgan_jax").expanduser()
 
 
-def cache_file(config: ml_collections.ConfigDict, prefix: str,
-               key_obj: Any) -> Path:
+def cache_file(config: ml_collections.ConfigDict, prefix: str, key_obj: Any) -> Path:
   """Cache path keyed by a SHA-256 of a JSON description of the inputs.
 
   Args:
@@ -42,11 +41,10 @@ def cache_file(config: ml_collections.ConfigDict, prefix: str,
   """
   blob = json.dumps([_CACHE_VERSION, key_obj], sort_keys=True).encode()
   digest = hashlib.sha256(blob).hexdigest()[:24]
-  return _cache_dir(config) / (
-      f"{prefix}_{config.resolution}px_{config.data.channels}ch_{digest}.npz")
+  return _cache_dir(config) / (f"{prefix}_{config.resolution}px_{config.data.channels}ch_{digest}.npz")
 
 
-def load_cache(path: Path) -> Optional[dict[str, Any]]:
+def load_cache(path: Path) -> dict[str, Any] | None:
   """Reads a cache file written by ``save_cache``.
 
   Args:
@@ -64,12 +62,13 @@ def load_cache(path: Path) -> Optional[dict[str, Any]]:
     out["meta"] = json.loads(str(out["meta"]))
     return out
   except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-    warnings.warn(f"Ignoring unreadable cache file {path} ({e}); rebuilding it.")
+    warnings.warn(f"Ignoring unreadable cache file {path} ({e}); rebuilding it.", stacklevel=2)
     return None
 
 
-def save_cache(path: Path, images: np.ndarray, labels: np.ndarray,
-               groups: Optional[np.ndarray], meta: dict[str, Any]) -> None:
+def save_cache(
+  path: Path, images: np.ndarray, labels: np.ndarray, groups: np.ndarray | None, meta: dict[str, Any]
+) -> None:
   """Writes the decoded set atomically as a compressed ``.npz``.
 
   Args:

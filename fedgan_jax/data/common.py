@@ -7,14 +7,15 @@ A loader is ``config -> (full, heldout_or_None, info)`` (``LoaderResult``);
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from fedgan_jax.data.types import Dataset
 
 Info = dict[str, Any]
-LoaderResult = tuple[Dataset, Optional[Dataset], Info]
+LoaderResult = tuple[Dataset, Dataset | None, Info]
 
 MAX_LISTED = 10  # names quoted in error messages
 MAX_INFO_NAMES = 100  # names kept in info
@@ -32,9 +33,7 @@ def take(ds: Dataset, idx: np.ndarray) -> Dataset:
   Returns:
     ``ds`` with images, labels and groups (if any) indexed by ``idx``.
   """
-  return ds._replace(
-      images=ds.images[idx], labels=ds.labels[idx],
-      groups=None if ds.groups is None else ds.groups[idx])
+  return ds._replace(images=ds.images[idx], labels=ds.labels[idx], groups=None if ds.groups is None else ds.groups[idx])
 
 
 def split_heldout(ds: Dataset, num_heldout: int, seed: int) -> tuple[Dataset, Dataset]:
@@ -54,8 +53,9 @@ def split_heldout(ds: Dataset, num_heldout: int, seed: int) -> tuple[Dataset, Da
   n = len(ds.images)
   if num_heldout < 0 or num_heldout >= n:
     raise ValueError(
-        f"data.heldout={num_heldout} must be >= 0 and leave at least one "
-        f"training image, but the source has only {n} images.")
+      f"data.heldout={num_heldout} must be >= 0 and leave at least one "
+      f"training image, but the source has only {n} images."
+    )
   perm = np.random.default_rng((seed, _HELDOUT_STREAM)).permutation(n)
   held, train = np.sort(perm[:num_heldout]), np.sort(perm[num_heldout:])
   return take(ds, train), take(ds, held)
@@ -71,5 +71,4 @@ def names_excerpt(names: Sequence[str]) -> str:
     e.g. ``'a, b, ... (3 more)'``.
   """
   shown = ", ".join(names[:MAX_LISTED])
-  return shown + (f", ... ({len(names) - MAX_LISTED} more)"
-                  if len(names) > MAX_LISTED else "")
+  return shown + (f", ... ({len(names) - MAX_LISTED} more)" if len(names) > MAX_LISTED else "")

@@ -27,8 +27,7 @@ from PIL import Image
 # File types the folder source decodes (matched case-insensitively).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # What a truncated, corrupt or non-image file raises while decoding.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError,
-                 Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -46,8 +45,9 @@ def _to_8bit(img: Image.Image) -> Image.Image:
   return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
 
 
-def convert_image(img: Image.Image, resolution: int, channels: int,
-                  resample: int = Image.Resampling.LANCZOS) -> np.ndarray:
+def convert_image(
+  img: Image.Image, resolution: int, channels: int, resample: int = Image.Resampling.LANCZOS
+) -> np.ndarray:
   """Center-crops, resizes and converts one image (see the module docstring).
 
   Args:
@@ -108,8 +108,7 @@ def array_to_image(arr: np.ndarray) -> Image.Image:
   return Image.fromarray(np.ascontiguousarray(arr))
 
 
-def convert_array_images(images: np.ndarray, resolution: int,
-                         channels: int) -> np.ndarray:
+def convert_array_images(images: np.ndarray, resolution: int, channels: int) -> np.ndarray:
   """Converts a stack of uint8 images to ``[N, R, R, channels]``.
 
   Arrays already at the target size are returned without a per-image pass

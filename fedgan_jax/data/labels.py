@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -20,14 +20,11 @@ from fedgan_jax.data.common import names_excerpt
 from fedgan_jax.data.images import IMAGE_EXTENSIONS
 
 # Folder names read as the first level of a `<split>/<class>/<file>` layout.
-SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "test",
-               "testing", "dev")
+SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "test", "testing", "dev")
 
 # CSV layouts, detected from the header (first match wins).
-ISIC2019_CLASSES = ("MEL", "NV", "BCC", "AK", "AKIEC", "BKL", "DF", "VASC",
-                    "SCC", "UNK")
-_GENERIC_ID_COLUMNS = ("image", "filename", "file", "image_id", "image_name",
-                       "path")
+ISIC2019_CLASSES = ("MEL", "NV", "BCC", "AK", "AKIEC", "BKL", "DF", "VASC", "SCC", "UNK")
+_GENERIC_ID_COLUMNS = ("image", "filename", "file", "image_id", "image_name", "path")
 _GENERIC_LABEL_COLUMNS = ("label", "class", "target", "dx")
 
 
@@ -46,7 +43,7 @@ def strip_image_ext(name: str) -> str:
   return base
 
 
-def resolve_csv(config: ml_collections.ConfigDict, root: Path) -> Optional[Path]:
+def resolve_csv(config: ml_collections.ConfigDict, root: Path) -> Path | None:
   """Finds ``data.labels_csv``: as given, else relative to ``data.path``.
 
   Args:
@@ -66,11 +63,12 @@ def resolve_csv(config: ml_collections.ConfigDict, root: Path) -> Optional[Path]
     if cand.is_file():
       return cand.resolve()
   raise FileNotFoundError(
-      f"data.labels_csv={config.data.labels_csv!r} does not exist (looked at "
-      f"{given.resolve()} and {root / given}). Accepted: a CSV of one of the "
-      "layouts isic2019 (image + one-hot MEL,NV,...), isic2020 (image_name, "
-      "target), ham10000 (image_id, dx) or generic (image|filename, label), or "
-      "'' for no CSV.")
+    f"data.labels_csv={config.data.labels_csv!r} does not exist (looked at "
+    f"{given.resolve()} and {root / given}). Accepted: a CSV of one of the "
+    "layouts isic2019 (image + one-hot MEL,NV,...), isic2020 (image_name, "
+    "target), ham10000 (image_id, dx) or generic (image|filename, label), or "
+    "'' for no CSV."
+  )
 
 
 def label_ids(values: list[str]) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -145,14 +143,16 @@ def read_labels_csv(csv_path: Path, group_column: str = "") -> dict[str, Any]:
       mat = np.array([[float(v or 0) for v in column(c)] for c in onehot]).T
     except ValueError as e:
       raise ValueError(
-          f"data.labels_csv={str(csv_path)!r} looks like the ISIC 2019 one-hot "
-          f"layout (columns {onehot}) but has a non-numeric cell: {e}") from None
+        f"data.labels_csv={str(csv_path)!r} looks like the ISIC 2019 one-hot "
+        f"layout (columns {onehot}) but has a non-numeric cell: {e}"
+      ) from None
     bad = np.flatnonzero(mat.max(axis=1) <= 0)
     if bad.size:
       raise ValueError(
-          f"data.labels_csv={str(csv_path)!r}: {bad.size} rows have no class "
-          f"set in the one-hot columns {onehot}, e.g. "
-          f"{names_excerpt([ids[i] for i in bad])}.")
+        f"data.labels_csv={str(csv_path)!r}: {bad.size} rows have no class "
+        f"set in the one-hot columns {onehot}, e.g. "
+        f"{names_excerpt([ids[i] for i in bad])}."
+      )
     labels = mat.argmax(axis=1).astype(np.int32)
     class_names = tuple(onehot)
   elif "image_name" in col and "target" in col:
@@ -167,21 +167,22 @@ def read_labels_csv(csv_path: Path, group_column: str = "") -> dict[str, Any]:
     label_col = next((c for c in _GENERIC_LABEL_COLUMNS if c in col), None)
     if id_col is None or label_col is None:
       raise ValueError(
-          f"data.labels_csv={str(csv_path)!r} has columns {header}, which match "
-          "no known layout. Accepted: isic2019 (image + one-hot MEL,NV,BCC,...),"
-          " isic2020 (image_name, target), ham10000 (image_id, dx), generic "
-          f"(one of {list(_GENERIC_ID_COLUMNS)} + one of "
-          f"{list(_GENERIC_LABEL_COLUMNS)}).")
+        f"data.labels_csv={str(csv_path)!r} has columns {header}, which match "
+        "no known layout. Accepted: isic2019 (image + one-hot MEL,NV,BCC,...),"
+        " isic2020 (image_name, target), ham10000 (image_id, dx), generic "
+        f"(one of {list(_GENERIC_ID_COLUMNS)} + one of "
+        f"{list(_GENERIC_LABEL_COLUMNS)})."
+      )
     layout, ids = "generic", column(id_col)
     labels, class_names = label_ids(column(label_col))
   ids = [strip_image_ext(i) for i in ids]
-  out: dict[str, Any] = dict(layout=layout, ids=ids, labels=labels,
-                             class_names=class_names)
+  out: dict[str, Any] = dict(layout=layout, ids=ids, labels=labels, class_names=class_names)
   if group_column:
     if group_column not in col:
       raise ValueError(
-          f"data.group_column={group_column!r} is not a column of "
-          f"data.labels_csv={str(csv_path)!r}; columns found: {header}.")
+        f"data.group_column={group_column!r} is not a column of "
+        f"data.labels_csv={str(csv_path)!r}; columns found: {header}."
+      )
     values = [v or "(missing)" for v in column(group_column)]
     names = tuple(sorted(set(values)))
     lut = {n: i for i, n in enumerate(names)}
@@ -190,7 +191,7 @@ def read_labels_csv(csv_path: Path, group_column: str = "") -> dict[str, Any]:
   return out
 
 
-def folder_labels(files: list[str]) -> Optional[tuple[np.ndarray, tuple[str, ...]]]:
+def folder_labels(files: list[str]) -> tuple[np.ndarray, tuple[str, ...]] | None:
   """Labels from a ``<split>/<class>/<file>`` layout, or None if not one.
 
   Read as that layout only when every image is exactly two folders deep and

@@ -27,7 +27,7 @@ client smaller than the batch is sampled with repetition.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -49,8 +49,9 @@ def stack_clients(ds: Dataset, assignment: list[np.ndarray]) -> ClientData:
   counts = np.array([len(a) for a in assignment], np.int32)
   if np.any(counts == 0):
     empty = [i for i, c in enumerate(counts) if c == 0]
-    raise ValueError(f"data.partition left clients {empty} with no images; "
-                     "use more data, fewer clients, or a less skewed partition.")
+    raise ValueError(
+      f"data.partition left clients {empty} with no images; use more data, fewer clients, or a less skewed partition."
+    )
   n_max = int(counts.max())
   padded = np.stack([np.concatenate([a, np.full(n_max - len(a), a[0])]) for a in assignment])
   return ClientData(images=ds.images[padded], labels=ds.labels[padded].astype(np.int32), counts=counts)
@@ -62,9 +63,9 @@ def iid(num_images: int, num_clients: int, rng: np.random.Generator) -> list[np.
   return [np.sort(p) for p in np.array_split(perm, num_clients)]
 
 
-def dirichlet(labels: np.ndarray, num_clients: int, alpha: float,
-              rng: np.random.Generator, min_size: int = 1,
-              max_tries: int = 1000) -> Assignment:
+def dirichlet(
+  labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator, min_size: int = 1, max_tries: int = 1000
+) -> Assignment:
   """Label-skew partition: per-class client shares drawn from ``Dir(alpha)``.
 
   Args:
@@ -81,8 +82,7 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float,
   labels = np.asarray(labels)
   n = len(labels)
   if n < num_clients * min_size:
-    raise ValueError(f"{n} images cannot give num_clients={num_clients} clients "
-                     f"min_size={min_size} images each.")
+    raise ValueError(f"{n} images cannot give num_clients={num_clients} clients min_size={min_size} images each.")
   classes = np.unique(labels)
   by_class = [np.flatnonzero(labels == k) for k in classes]
   for _ in range(max_tries):
@@ -100,14 +100,16 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float,
     if sizes.min() >= min_size:
       return [np.sort(np.concatenate(p)) for p in parts]
   raise ValueError(
-      f"data.partition='dirichlet' with data.alpha={alpha} could not give each "
-      f"of num_clients={num_clients} clients >= {min_size} images in "
-      f"{max_tries} draws ({n} images, {len(classes)} classes); raise "
-      "data.alpha, use fewer clients, or more data.")
+    f"data.partition='dirichlet' with data.alpha={alpha} could not give each "
+    f"of num_clients={num_clients} clients >= {min_size} images in "
+    f"{max_tries} draws ({n} images, {len(classes)} classes); raise "
+    "data.alpha, use fewer clients, or more data."
+  )
 
 
-def quantity(num_images: int, num_clients: int, alpha: float,
-             rng: np.random.Generator, min_size: int = 1) -> Assignment:
+def quantity(
+  num_images: int, num_clients: int, alpha: float, rng: np.random.Generator, min_size: int = 1
+) -> Assignment:
   """Quantity-skew partition: sizes ``∝ Dir(alpha)``, each ``>= min_size``.
 
   Args:
@@ -122,14 +124,15 @@ def quantity(num_images: int, num_clients: int, alpha: float,
   """
   spare = num_images - num_clients * min_size
   if spare < 0:
-    raise ValueError(f"{num_images} images cannot give num_clients={num_clients} "
-                     f"clients min_size={min_size} images each.")
+    raise ValueError(
+      f"{num_images} images cannot give num_clients={num_clients} clients min_size={min_size} images each."
+    )
   p = rng.dirichlet(np.full(num_clients, alpha))
   exact = p * spare
   extra = np.floor(exact).astype(np.int64)
   # Largest-remainder rounding so the sizes sum to N exactly.
   order = np.argsort(-(exact - extra), kind="stable")
-  extra[order[:spare - int(extra.sum())]] += 1
+  extra[order[: spare - int(extra.sum())]] += 1
   sizes = min_size + extra
   perm = rng.permutation(num_images)
   return [np.sort(a) for a in np.split(perm, np.cumsum(sizes)[:-1])]
@@ -148,22 +151,20 @@ def by_group(groups: np.ndarray, num_clients: int) -> Assignment:
   values = np.unique(groups)
   if len(values) != num_clients:
     raise ValueError(
-        f"data.partition='by_group' needs one client per group, but "
-        f"data.group_column has {len(values)} groups (ids {values.tolist()}) "
-        f"and num_clients={num_clients}.")
+      f"data.partition='by_group' needs one client per group, but "
+      f"data.group_column has {len(values)} groups (ids {values.tolist()}) "
+      f"and num_clients={num_clients}."
+    )
   return [np.flatnonzero(groups == g) for g in values]
 
 
-def _check_assignment(assignment: Assignment, num_images: int, num_clients: int,
-                      method: str) -> None:
+def _check_assignment(assignment: Assignment, num_images: int, num_clients: int, method: str) -> None:
   """Every image exactly once, exactly ``num_clients`` parts."""
   if len(assignment) != num_clients:
-    raise ValueError(f"data.partition={method!r} gave {len(assignment)} clients, "
-                     f"expected num_clients={num_clients}.")
+    raise ValueError(f"data.partition={method!r} gave {len(assignment)} clients, expected num_clients={num_clients}.")
   flat = np.sort(np.concatenate(assignment)) if assignment else np.zeros(0, np.int64)
   if flat.shape != (num_images,) or np.any(flat != np.arange(num_images)):
-    raise ValueError(f"data.partition={method!r} did not assign every one of the "
-                     f"{num_images} images exactly once.")
+    raise ValueError(f"data.partition={method!r} did not assign every one of the {num_images} images exactly once.")
 
 
 def partition(ds: Dataset, num_clients: int, method: str = "iid", seed: int = 0, **kwargs) -> ClientData:
@@ -192,8 +193,7 @@ def partition(ds: Dataset, num_clients: int, method: str = "iid", seed: int = 0,
   return stack_clients(ds, assignment)
 
 
-def partition_indices(ds: Dataset, num_clients: int, method: str = "iid",
-                      seed: int = 0, **kwargs) -> Assignment:
+def partition_indices(ds: Dataset, num_clients: int, method: str = "iid", seed: int = 0, **kwargs) -> Assignment:
   """Like ``partition`` but returns the per-client index arrays (unstacked)."""
   if method not in PARTITIONS:
     raise ValueError(f"data.partition={method!r} is not known; accepted: {sorted(PARTITIONS)}.")
@@ -213,18 +213,22 @@ def _iid(ds: Dataset, num_clients: int, rng: np.random.Generator, **unused) -> l
   return iid(len(ds.images), num_clients, rng)
 
 
-def _dirichlet(ds: Dataset, num_clients: int, rng: np.random.Generator,
-               alpha: float | None = None, min_size: int = 1, **unused) -> Assignment:
+def _dirichlet(
+  ds: Dataset, num_clients: int, rng: np.random.Generator, alpha: float | None = None, min_size: int = 1, **unused
+) -> Assignment:
   del unused
   if len(np.unique(ds.labels)) < 2:
-    raise ValueError("data.partition='dirichlet' skews labels, but this dataset has "
-                     "a single class; use data.partition='quantity' (size skew) "
-                     "or give labels (data.labels_csv).")
+    raise ValueError(
+      "data.partition='dirichlet' skews labels, but this dataset has "
+      "a single class; use data.partition='quantity' (size skew) "
+      "or give labels (data.labels_csv)."
+    )
   return dirichlet(ds.labels, num_clients, _alpha(alpha, "dirichlet"), rng, min_size)
 
 
-def _quantity(ds: Dataset, num_clients: int, rng: np.random.Generator,
-              alpha: float | None = None, min_size: int = 1, **unused) -> Assignment:
+def _quantity(
+  ds: Dataset, num_clients: int, rng: np.random.Generator, alpha: float | None = None, min_size: int = 1, **unused
+) -> Assignment:
   del unused
   return quantity(len(ds.images), num_clients, _alpha(alpha, "quantity"), rng, min_size)
 
@@ -232,14 +236,16 @@ def _quantity(ds: Dataset, num_clients: int, rng: np.random.Generator,
 def _by_group(ds: Dataset, num_clients: int, rng: np.random.Generator, **unused) -> Assignment:
   del rng, unused
   if ds.groups is None:
-    raise ValueError("data.partition='by_group' needs groups: set data.group_column "
-                     "to a column of data.labels_csv (e.g. HAM10000 'dataset').")
+    raise ValueError(
+      "data.partition='by_group' needs groups: set data.group_column "
+      "to a column of data.labels_csv (e.g. HAM10000 'dataset')."
+    )
   return by_group(ds.groups, num_clients)
 
 
 PARTITIONS: dict[str, Callable[..., Assignment]] = {
-    "iid": _iid,
-    "dirichlet": _dirichlet,
-    "quantity": _quantity,
-    "by_group": _by_group,
+  "iid": _iid,
+  "dirichlet": _dirichlet,
+  "quantity": _quantity,
+  "by_group": _by_group,
 }

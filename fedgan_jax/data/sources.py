@@ -31,11 +31,11 @@ by every source that has to resize or convert: see ``fedgan_jax.data.images``.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
-from absl import logging
 import ml_collections
 import numpy as np
+from absl import logging
 
 from fedgan_jax.data.common import Info, LoaderResult, split_heldout, take
 from fedgan_jax.data.folder import load_folder
@@ -46,8 +46,15 @@ from fedgan_jax.data.tfds import load_tfds
 from fedgan_jax.data.types import Dataset
 
 __all__ = [
-    "Dataset", "Info", "LoaderResult", "SOURCES", "check_enough", "convert_image",
-    "load_data", "read_labels_csv", "split_heldout",
+  "Dataset",
+  "Info",
+  "LoaderResult",
+  "SOURCES",
+  "check_enough",
+  "convert_image",
+  "load_data",
+  "read_labels_csv",
+  "split_heldout",
 ]
 
 
@@ -76,22 +83,22 @@ def _load_synthetic(config: ml_collections.ConfigDict) -> LoaderResult:
   n, h = int(config.data.num_images), int(config.data.heldout)
   if n < 1:
     raise ValueError(f"data.num_images={n} must be >= 1 for data.source='synthetic'.")
-  images, labels = synthetic.make_synthetic(n + h, int(config.resolution),
-                                            int(config.seed), int(config.data.channels))
+  images, labels = synthetic.make_synthetic(n + h, int(config.resolution), int(config.seed), int(config.data.channels))
   images = np.asarray(images, np.uint8)
   labels = np.asarray(labels, np.int32)
-  full = Dataset(images=images, labels=labels, num_classes=int(synthetic.NUM_CLASSES),
-                 class_names=tuple(synthetic.CLASS_NAMES))
+  full = Dataset(
+    images=images, labels=labels, num_classes=int(synthetic.NUM_CLASSES), class_names=tuple(synthetic.CLASS_NAMES)
+  )
   train = take(full, np.arange(n))
   heldout = take(full, np.arange(n, n + h))
   return train, heldout, {"label_source": "synthetic"}
 
 
 SOURCES: dict[str, Callable[[ml_collections.ConfigDict], LoaderResult]] = {
-    "synthetic": _load_synthetic,
-    "folder": load_folder,
-    "npz": load_npz,
-    "tfds": load_tfds,
+  "synthetic": _load_synthetic,
+  "folder": load_folder,
+  "npz": load_npz,
+  "tfds": load_tfds,
 }
 
 
@@ -125,20 +132,22 @@ def load_data(config: ml_collections.ConfigDict) -> tuple[Dataset, Dataset, Info
     train = full
   r, ch = int(config.resolution), int(config.data.channels)
   for name, ds in (("train", train), ("heldout", heldout)):
-    assert ds.images.dtype == np.uint8 and ds.images.shape[1:] == (r, r, ch), (
-        name, ds.images.dtype, ds.images.shape)
+    assert ds.images.dtype == np.uint8 and ds.images.shape[1:] == (r, r, ch), (name, ds.images.dtype, ds.images.shape)
   if len(train.images) == 0:
     raise ValueError(f"data.source={source!r} gave no training images.")
   info = {
-      "source": source, "resolution": r, "channels": ch,
-      "num_train": int(len(train.images)), "num_heldout": int(len(heldout.images)),
-      "num_classes": int(train.num_classes),
-      "class_names": list(train.class_names) if train.class_names else None,
-      "class_counts": np.bincount(train.labels,
-                                  minlength=train.num_classes).tolist(),
-      "cache_hit": False, **info}
-  logging.info("data: %s", {k: v for k, v in info.items()
-                            if not isinstance(v, list) or len(v) <= 20})
+    "source": source,
+    "resolution": r,
+    "channels": ch,
+    "num_train": int(len(train.images)),
+    "num_heldout": int(len(heldout.images)),
+    "num_classes": int(train.num_classes),
+    "class_names": list(train.class_names) if train.class_names else None,
+    "class_counts": np.bincount(train.labels, minlength=train.num_classes).tolist(),
+    "cache_hit": False,
+    **info,
+  }
+  logging.info("data: %s", {k: v for k, v in info.items() if not isinstance(v, list) or len(v) <= 20})
   return train, heldout, info
 
 
@@ -152,7 +161,8 @@ def check_enough(ds: Dataset, config: ml_collections.ConfigDict) -> None:
   n, c, b = len(ds.images), int(config.num_clients), int(config.train.batch_size)
   if n < c * b:
     raise ValueError(
-        f"data.source={config.data.source!r} gave {n} training images, fewer than "
-        f"num_clients={c} x train.batch_size={b} = {c * b}. Use more images "
-        "(data.num_images for 'synthetic', a smaller data.heldout), fewer "
-        "clients, or a smaller batch.")
+      f"data.source={config.data.source!r} gave {n} training images, fewer than "
+      f"num_clients={c} x train.batch_size={b} = {c * b}. Use more images "
+      "(data.num_images for 'synthetic', a smaller data.heldout), fewer "
+      "clients, or a smaller batch."
+    )

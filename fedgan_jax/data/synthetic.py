@@ -71,8 +71,15 @@ _ANGLE_BINS = 1024  # r(theta) lookup table: finer than a 256 px lesion's perime
 
 # Smooth noise fields: Gaussian-interpolated random grids of a fixed size in
 # normalised coordinates (hence independent of the resolution): (name, grid).
-_FIELDS = (("skin_bright", 3), ("skin_red", 3), ("skin_mid", 12), ("fine", 28),
-           ("edge", 10), ("density", 7), ("blotch", 7))
+_FIELDS = (
+  ("skin_bright", 3),
+  ("skin_red", 3),
+  ("skin_mid", 12),
+  ("fine", 28),
+  ("edge", 10),
+  ("density", 7),
+  ("blotch", 7),
+)
 
 # Streams of the counter-based hash (any distinct constants).
 _STREAM_PARAMS, _STREAM_GRID, _STREAM_PIXEL = 1, 2, 3
@@ -88,7 +95,7 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 def _unit(h: np.ndarray) -> np.ndarray:
   """uint64 hash -> float32 uniform in [0, 1) (top 24 bits)."""
-  return (h >> _U64(40)).astype(_F32) * _F32(2.0 ** -24)
+  return (h >> _U64(40)).astype(_F32) * _F32(2.0**-24)
 
 
 class _Params:
@@ -121,7 +128,7 @@ def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (m, n)
   out = np.empty(shape, np.result_type(a, b))
   for start in range(0, n, block):
-    out[..., start:start + block] = np.matmul(a, b[..., start:start + block])
+    out[..., start : start + block] = np.matmul(a, b[..., start : start + block])
   return out
 
 
@@ -135,7 +142,7 @@ def _interp_matrix(grid: int, resolution: int) -> np.ndarray:
   nodes = -1.0 + (np.arange(grid + 4) - 1.5) * spacing
   xs = (np.arange(resolution) + 0.5) / resolution * 2.0 - 1.0
   u = np.exp(-0.5 * ((xs[:, None] - nodes[None, :]) / (0.8 * spacing)) ** 2)
-  u /= np.sqrt((u ** 2).sum(1, keepdims=True))
+  u /= np.sqrt((u**2).sum(1, keepdims=True))
   # Drop negligible far weights (some would be float32 subnormals).
   u[u < 1e-6] = 0.0
   return u.astype(_F32)
@@ -152,7 +159,7 @@ def _smooth_fields(keys: np.ndarray, resolution: int) -> dict[str, np.ndarray]:
     # Sum of three 21-bit uniforms of one hash (Irwin-Hall): mean 0, variance 1.
     mask = _U64((1 << 21) - 1)
     z = ((h & mask) + ((h >> _U64(21)) & mask) + (h >> _U64(43))).astype(_F32)
-    z = z * _F32(2.0 ** -20) - _F32(3.0 - 2.0 ** -20)
+    z = z * _F32(2.0**-20) - _F32(3.0 - 2.0**-20)
     u = _interp_matrix(grid, resolution)
     out[name] = _matmul(_matmul(u, z), np.ascontiguousarray(u.T))
   return out
@@ -172,7 +179,7 @@ def _pixel_noise(keys: np.ndarray, resolution: int) -> np.ndarray:
   x *= np.uint32(0x846CA68B)
   x ^= x >> np.uint32(16)
   v = (x >> np.uint32(8)).astype(_F32)
-  return ((v - _F32(2 ** 23)) * _F32(np.sqrt(12.0) / 2 ** 24)).reshape(-1, r, r)
+  return ((v - _F32(2**23)) * _F32(np.sqrt(12.0) / 2**24)).reshape(-1, r, r)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -218,8 +225,14 @@ def _render_chunk(keys: np.ndarray, resolution: int) -> tuple[np.ndarray, np.nda
   # White balance: brightness and a warm-cool shift (no green or purple casts).
   warm = _F32(2.0) * vec(p.next()) - one
   wb = (_F32(0.94) + _F32(0.1) * vec(p.next())) * (one + warm * _WARM)
-  palette = [skin, np.broadcast_to(_ERYTHEMA, skin.shape), light, dark,
-             np.broadcast_to(_BLACK, skin.shape), np.broadcast_to(_BLUE_GREY, skin.shape)]
+  palette = [
+    skin,
+    np.broadcast_to(_ERYTHEMA, skin.shape),
+    light,
+    dark,
+    np.broadcast_to(_BLACK, skin.shape),
+    np.broadcast_to(_BLUE_GREY, skin.shape),
+  ]
   colours = np.stack(palette, -1) * (wb * _F32(255.0))[:, :, None]  # [n, 3, J]
 
   # --- Skin: illumination, erythema, texture, grain. -------------------------
@@ -251,7 +264,7 @@ def _render_chunk(keys: np.ndarray, resolution: int) -> tuple[np.ndarray, np.nda
   amp = vec(pick(0.02, 0.05, 0.14, 0.28))
   table = np.ones((n, _ANGLE_BINS), _F32)
   for k in range(1, _NUM_HARMONICS + 1):
-    a_k = amp * vec(p.next()) / _F32(k ** 0.7)
+    a_k = amp * vec(p.next()) / _F32(k**0.7)
     phi = _F32(2 * np.pi) * vec(p.next())
     table += a_k * np.cos(_F32(k) * bins[None, :] + phi)
   theta *= _F32(_ANGLE_BINS / (2 * np.pi))
@@ -329,7 +342,7 @@ def _render_chunk(keys: np.ndarray, resolution: int) -> tuple[np.ndarray, np.nda
     vis_w = np.maximum(half_w, _F32(0.45) * pix)
     length = _F32(0.5) + _F32(1.0) * hp[6]
     along = ((x - px) ** 2 + (y - py) ** 2) * (one / (length * length))
-    alpha = np.exp(np.maximum(-(dist / vis_w) ** 2 - along * along, _F32(-80.0)))
+    alpha = np.exp(np.maximum(-((dist / vis_w) ** 2) - along * along, _F32(-80.0)))
     alpha *= _F32(0.85) * half_w / vis_w
     sub = img[sel]
     img[sel] = sub + (hair_col - sub) * alpha[:, None]
@@ -352,8 +365,7 @@ def _check_int(name: str, value: object) -> int:
   return int(value)
 
 
-def make_synthetic(num_images: int, resolution: int, seed: int,
-                   channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
+def make_synthetic(num_images: int, resolution: int, seed: int, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
   """Draws synthetic dermoscopy images with nevus / melanoma labels.
 
   Image ``i`` depends only on ``(seed, i, resolution)``: the first ``k`` images
@@ -384,8 +396,10 @@ def make_synthetic(num_images: int, resolution: int, seed: int,
   if num_images <= 0:
     raise ValueError(f"num_images must be > 0, got {num_images}.")
   if not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
-    raise ValueError(f"resolution must be in [{MIN_RESOLUTION}, {MAX_RESOLUTION}] for the "
-                     f"synthetic dermoscopy source, got {resolution}.")
+    raise ValueError(
+      f"resolution must be in [{MIN_RESOLUTION}, {MAX_RESOLUTION}] for the "
+      f"synthetic dermoscopy source, got {resolution}."
+    )
   if channels not in (1, 3):
     raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
 

@@ -7,8 +7,9 @@ datasets only) is imported when the source is used, not with this module.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -46,8 +47,7 @@ def load_tfds(config: ml_collections.ConfigDict) -> LoaderResult:
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(
-        "data.source='tfds' needs tensorflow-datasets: pip install -e .") from e
+    raise ImportError("data.source='tfds' needs tensorflow-datasets: pip install -e .") from e
   name, split = config.data.tfds_name, config.data.tfds_split
   data_dir = config.data.tfds_data_dir or None
   if not name:
@@ -56,31 +56,44 @@ def load_tfds(config: ml_collections.ConfigDict) -> LoaderResult:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     raise FileNotFoundError(
-        f"data.tfds_name={name!r} is neither a registered TFDS dataset nor "
-        f"prepared under data.tfds_data_dir={config.data.tfds_data_dir!r}.") from None
+      f"data.tfds_name={name!r} is neither a registered TFDS dataset nor "
+      f"prepared under data.tfds_data_dir={config.data.tfds_data_dir!r}."
+    ) from None
   if not builder.is_prepared():
     raise FileNotFoundError(
-        f"data.tfds_name={name!r} is not prepared under data.tfds_data_dir="
-        f"{config.data.tfds_data_dir!r} (looked in {builder.data_dir}); nothing "
-        "is downloaded at run time. Prepare it first, e.g. `tfds build "
-        f"{name} --file_format=array_record --data_dir=...`.")
+      f"data.tfds_name={name!r} is not prepared under data.tfds_data_dir="
+      f"{config.data.tfds_data_dir!r} (looked in {builder.data_dir}); nothing "
+      "is downloaded at run time. Prepare it first, e.g. `tfds build "
+      f"{name} --file_format=array_record --data_dir=...`."
+    )
   keys = _tfds_feature_keys(builder)
   if config.data.image_key not in keys:
-    raise ValueError(f"data.image_key={config.data.image_key!r} is not a feature of "
-                     f"{name!r}; features found: {keys}.")
+    raise ValueError(f"data.image_key={config.data.image_key!r} is not a feature of {name!r}; features found: {keys}.")
   label_key = config.data.label_key
   if label_key and label_key not in keys:
-    raise ValueError(f"data.label_key={label_key!r} is not a feature of {name!r}; "
-                     f"features found: {keys} (use label_key='' for no labels).")
+    raise ValueError(
+      f"data.label_key={label_key!r} is not a feature of {name!r}; "
+      f"features found: {keys} (use label_key='' for no labels)."
+    )
 
   file_format = str(getattr(builder.info.file_format, "value", builder.info.file_format))
   dir_files = sorted(
-      (p.name, p.stat().st_size, p.stat().st_mtime_ns)
-      for p in Path(str(builder.data_dir)).iterdir() if p.is_file())
-  cache_path = cache_lib.cache_file(config, "tfds", dict(
-      name=name, split=split, data_dir=str(builder.data_dir), files=dir_files,
-      image_key=config.data.image_key, label_key=label_key,
-      resolution=int(config.resolution), channels=int(config.data.channels)))
+    (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(str(builder.data_dir)).iterdir() if p.is_file()
+  )
+  cache_path = cache_lib.cache_file(
+    config,
+    "tfds",
+    dict(
+      name=name,
+      split=split,
+      data_dir=str(builder.data_dir),
+      files=dir_files,
+      image_key=config.data.image_key,
+      label_key=label_key,
+      resolution=int(config.resolution),
+      channels=int(config.data.channels),
+    ),
+  )
   cached = cache_lib.load_cache(cache_path)
   cache_hit = cached is not None
   if cached is None:
@@ -96,18 +109,27 @@ def load_tfds(config: ml_collections.ConfigDict) -> LoaderResult:
     cache_lib.save_cache(cache_path, images, labels, None, meta)
     cached = dict(images=images, labels=labels, meta=meta)
   meta = cached["meta"]
-  ds = Dataset(images=cached["images"], labels=cached["labels"].astype(np.int32),
-               num_classes=max(1, len(meta["class_names"] or ())),
-               class_names=tuple(meta["class_names"]) if meta["class_names"] else None)
-  info = dict(tfds_name=name, tfds_split=split, tfds_dir=str(builder.data_dir),
-              file_format=meta["file_format"], cache_hit=cache_hit,
-              cache_path=str(cache_path),
-              label_source="tfds" if label_key else "none")
+  ds = Dataset(
+    images=cached["images"],
+    labels=cached["labels"].astype(np.int32),
+    num_classes=max(1, len(meta["class_names"] or ())),
+    class_names=tuple(meta["class_names"]) if meta["class_names"] else None,
+  )
+  info = dict(
+    tfds_name=name,
+    tfds_split=split,
+    tfds_dir=str(builder.data_dir),
+    file_format=meta["file_format"],
+    cache_hit=cache_hit,
+    cache_path=str(cache_path),
+    label_source="tfds" if label_key else "none",
+  )
   return ds, None, info
 
 
-def _read_tfds(builder: Any, split: str, config: ml_collections.ConfigDict,
-               file_format: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_tfds(
+  builder: Any, split: str, config: ml_collections.ConfigDict, file_format: str
+) -> tuple[np.ndarray, np.ndarray]:
   """Reads every example of ``split`` as converted uint8 images and labels."""
   res, ch = int(config.resolution), int(config.data.channels)
   image_key, label_key = config.data.image_key, config.data.label_key
@@ -119,12 +141,14 @@ def _read_tfds(builder: Any, split: str, config: ml_collections.ConfigDict,
       import tensorflow  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
     except ImportError:
       raise RuntimeError(
-          f"data.tfds_name={config.data.tfds_name!r} under data.tfds_data_dir="
-          f"{config.data.tfds_data_dir!r} is stored as {file_format}, which "
-          "needs TensorFlow to read. Install it with `pip install -e \".[tfds]\"`"
-          ", or re-prepare the dataset in ArrayRecord format (`tfds build "
-          f"{config.data.tfds_name} --file_format=array_record`).") from None
+        f"data.tfds_name={config.data.tfds_name!r} under data.tfds_data_dir="
+        f"{config.data.tfds_data_dir!r} is stored as {file_format}, which "
+        'needs TensorFlow to read. Install it with `pip install -e ".[tfds]"`'
+        ", or re-prepare the dataset in ArrayRecord format (`tfds build "
+        f"{config.data.tfds_name} --file_format=array_record`)."
+      ) from None
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
     records = tfds.as_numpy(builder.as_dataset(split=split))
   images, labels = [], []
   for ex in records:

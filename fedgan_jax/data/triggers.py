@@ -53,6 +53,7 @@ def load_trigger(config) -> np.ndarray:
   if not os.path.isfile(spec):
     raise FileNotFoundError(f"config.attack.trigger={spec!r}: no such file; accepted: 'default' or a PNG path.")
   from PIL import Image
+
   try:
     with Image.open(spec) as im:
       im = im.convert("RGB" if ch == 3 else "L").resize((size, size), Image.NEAREST)
@@ -71,8 +72,7 @@ def trigger_location(config) -> tuple[int, int]:
   return r - margin - size, r - margin - size
 
 
-def poison_flags(counts: np.ndarray, n_max: int, is_malicious: np.ndarray, poison_rate: float,
-                 seed: int) -> np.ndarray:
+def poison_flags(counts: np.ndarray, n_max: int, is_malicious: np.ndarray, poison_rate: float, seed: int) -> np.ndarray:
   """Which stored images of each client carry the trigger (fixed for the run).
 
   Exactly ``round(poison_rate * counts[c])`` of malicious client ``c``'s real

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
@@ -20,9 +20,9 @@ class Dataset(NamedTuple):
 
   images: np.ndarray
   labels: np.ndarray
-  groups: Optional[np.ndarray] = None
+  groups: np.ndarray | None = None
   num_classes: int = 1
-  class_names: Optional[tuple[str, ...]] = None
+  class_names: tuple[str, ...] | None = None
 
 
 class ClientData(NamedTuple):

@@ -17,8 +17,14 @@ from fedgan_jax.data import triggers
 from fedgan_jax.federated.state import LocalOut, RoundData, Uploads
 
 
-def poison_batch(real: jax.Array, poisoned: jax.Array, trigger: jax.Array, trigger_loc: jax.Array,
-                 key: jax.Array, random_location: bool) -> jax.Array:
+def poison_batch(
+  real: jax.Array,
+  poisoned: jax.Array,
+  trigger: jax.Array,
+  trigger_loc: jax.Array,
+  key: jax.Array,
+  random_location: bool,
+) -> jax.Array:
   """A client's real batch with the trigger pasted on its poisoned images.
 
   Args:

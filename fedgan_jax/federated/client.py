@@ -8,14 +8,14 @@ by index from the client's device-resident shard.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from fedgan_jax.federated import attack
-from fedgan_jax.federated import losses
+from fedgan_jax.federated import attack, losses
 from fedgan_jax.federated.state import ClientState
 
 PyTree = Any
@@ -74,18 +74,25 @@ def local_trainer(config, generator, discriminator) -> Callable[..., tuple[Clien
   unroll = scan_unroll(config)
 
   def d_apply(d_params, d_rest, x):
-    out, new_rest = discriminator.apply({"params": d_params, **d_rest}, x, train=True,
-                                        mutable=list(d_rest.keys()))
+    out, new_rest = discriminator.apply({"params": d_params, **d_rest}, x, train=True, mutable=list(d_rest.keys()))
     return out, dict(new_rest)
 
   def g_apply(g_params, g_rest, z):
-    out, new_rest = generator.apply({"params": g_params, **g_rest}, z, train=True,
-                                    mutable=list(g_rest.keys()))
+    out, new_rest = generator.apply({"params": g_params, **g_rest}, z, train=True, mutable=list(g_rest.keys()))
     return out, dict(new_rest)
 
-  def local_train(client: ClientState, g_global: PyTree, d_global: PyTree, images: jax.Array,
-                  count: jax.Array, is_mal: jax.Array, flags: jax.Array, trigger: jax.Array,
-                  trigger_loc: jax.Array, key: jax.Array):
+  def local_train(
+    client: ClientState,
+    g_global: PyTree,
+    d_global: PyTree,
+    images: jax.Array,
+    count: jax.Array,
+    is_mal: jax.Array,
+    flags: jax.Array,
+    trigger: jax.Array,
+    trigger_loc: jax.Array,
+    key: jax.Array,
+  ):
     g_params, g_rest = split_vars(g_global)
     d_params, d_rest = split_vars(d_global if avg_d else client.d_vars)
     g_anchor, d_anchor = g_params, d_params
@@ -140,8 +147,10 @@ def local_trainer(config, generator, discriminator) -> Callable[..., tuple[Clien
     carry, (g_losses, d_losses) = jax.lax.scan(step, carry, jax.random.split(key, L), unroll=unroll)
     g_params, g_rest, d_params, d_rest, g_opt, d_opt = carry
     stats = {
-        "g_loss": jnp.mean(g_losses), "d_loss": jnp.mean(d_losses),
-        "g_loss_last": g_losses[-1], "d_loss_last": d_losses[-1],
+      "g_loss": jnp.mean(g_losses),
+      "d_loss": jnp.mean(d_losses),
+      "g_loss_last": g_losses[-1],
+      "d_loss_last": d_losses[-1],
     }
     new_client = ClientState(d_vars={"params": d_params, **d_rest}, g_opt=g_opt, d_opt=d_opt)
     return new_client, {"params": g_params, **g_rest}, {"params": d_params, **d_rest}, stats

@@ -7,7 +7,7 @@ penalty lambda = 10, a discriminator without BatchNorm and RMSprop.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +33,9 @@ def g_adversarial(kind: str, fake_logits: jax.Array) -> jax.Array:
   raise ValueError(f"train.loss={kind!r}: accepted 'bce', 'wgan', 'hinge'.")
 
 
-def gradient_penalty(d_fn: Callable[[jax.Array], jax.Array], real: jax.Array, fake: jax.Array,
-                     key: jax.Array) -> jax.Array:
+def gradient_penalty(
+  d_fn: Callable[[jax.Array], jax.Array], real: jax.Array, fake: jax.Array, key: jax.Array
+) -> jax.Array:
   """WGAN-GP: mean over the batch of (||grad_x D(x_hat)||_2 - 1)^2.
 
   ``x_hat = eps * real + (1 - eps) * fake`` with ``eps ~ U[0, 1]`` per image.

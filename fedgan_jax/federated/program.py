@@ -50,8 +50,9 @@ def client_chunk(config, num_clients: int) -> int:
   return max(1, min(chunk, num_clients))
 
 
-def build(config, generator, discriminator, g_aggregator: Aggregator,
-          d_aggregator: Aggregator | None = None) -> Program:
+def build(
+  config, generator, discriminator, g_aggregator: Aggregator, d_aggregator: Aggregator | None = None
+) -> Program:
   """Builds the pure functions of a run from a validated config.
 
   Args:
@@ -82,8 +83,14 @@ def build(config, generator, discriminator, g_aggregator: Aggregator,
     d_opt = client_lib.optimizer(config, config.train.d_lr).init(d_vars["params"])
     stack = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (C,) + x.shape), t)
     clients = ClientState(d_vars=stack(d_vars), g_opt=stack(g_opt), d_opt=stack(d_opt))
-    return RoundState(round=jnp.zeros((), jnp.int32), g_global=g_vars, d_global=d_vars,
-                      g_agg=g_aggregator.init(g_vars), d_agg=d_aggregator.init(d_vars), clients=clients)
+    return RoundState(
+      round=jnp.zeros((), jnp.int32),
+      g_global=g_vars,
+      d_global=d_vars,
+      g_agg=g_aggregator.init(g_vars),
+      d_agg=d_aggregator.init(d_vars),
+      clients=clients,
+    )
 
   def local_round(state: RoundState, data: RoundData, keys: jax.Array) -> LocalOut:
     """Local training of all clients; ``keys`` is ``[C]``.
@@ -92,10 +99,12 @@ def build(config, generator, discriminator, g_aggregator: Aggregator,
     than C per chunk, ``lax.map`` runs the chunks in turn (a remainder chunk
     is vmapped on its own). Every choice computes the same round.
     """
+
     def one(xs):
       client, images, count, is_mal, flags, key = xs
-      return local_train(client, state.g_global, state.d_global, images, count, is_mal, flags,
-                         data.trigger, data.trigger_loc, key)
+      return local_train(
+        client, state.g_global, state.d_global, images, count, is_mal, flags, data.trigger, data.trigger_loc, key
+      )
 
     per_client = (state.clients, data.images, data.counts, data.is_malicious, data.poison_flags, keys)
     num = keys.shape[0]
@@ -117,5 +126,11 @@ def build(config, generator, discriminator, g_aggregator: Aggregator,
     """Global generator images for latents ``z`` (running BatchNorm statistics)."""
     return generator.apply(g_vars, z, train=False)
 
-  return Program(init=init, local_train=local_train, local_round=local_round, finish_round=finish_round,
-                 round=round_fn, sample=sample)
+  return Program(
+    init=init,
+    local_train=local_train,
+    local_round=local_round,
+    finish_round=finish_round,
+    round=round_fn,
+    sample=sample,
+  )

@@ -7,7 +7,8 @@ poisoning, init, round keys), so it is exactly the single run with that seed.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +42,9 @@ def replicate(program: Program) -> ReplicatedProgram:
     A ``ReplicatedProgram``; jit its ``round`` (``sharding.jit_round(...,
     replicas=True)`` also shards clients).
   """
-  return ReplicatedProgram(init=jax.vmap(program.init), round=jax.vmap(program.round),
-                           sample=jax.vmap(program.sample, in_axes=(0, None)))
+  return ReplicatedProgram(
+    init=jax.vmap(program.init), round=jax.vmap(program.round), sample=jax.vmap(program.sample, in_axes=(0, None))
+  )
 
 
 def replica_seeds(seed: int, num_replicas: int) -> list[int]:
@@ -88,11 +90,15 @@ def stack_replicas(datas: Sequence[RoundData]) -> RoundData:
   for k, d in enumerate(datas):
     pad = n_max - d.images.shape[1]
     if d.images.shape[0] != datas[0].images.shape[0] or d.images.shape[2:] != datas[0].images.shape[2:]:
-      raise ValueError(f"replica {k}: images {d.images.shape} do not match replica 0's "
-                       f"{datas[0].images.shape} (replicas may differ only in seed).")
+      raise ValueError(
+        f"replica {k}: images {d.images.shape} do not match replica 0's "
+        f"{datas[0].images.shape} (replicas may differ only in seed)."
+      )
     if pad:
-      d = d._replace(images=jnp.pad(d.images, ((0, 0), (0, pad)) + ((0, 0),) * 3),
-                     poison_flags=jnp.pad(d.poison_flags, ((0, 0), (0, pad))))
+      d = d._replace(
+        images=jnp.pad(d.images, ((0, 0), (0, pad)) + ((0, 0),) * 3),
+        poison_flags=jnp.pad(d.poison_flags, ((0, 0), (0, pad))),
+      )
     padded.append(d)
   return jax.tree.map(lambda *xs: jnp.stack(xs), *padded)
 

@@ -7,7 +7,8 @@ reported stats); it computes its own statistics from the uploaded parameters
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,16 +55,16 @@ def server_round(g_aggregator: Aggregator, d_aggregator: Aggregator, average_dis
     d_global, d_agg, d_diag = state.d_global, state.d_agg, {}
     if average_discriminator:
       d_stats = {**uploads.reported, **server_stats(state.d_global, uploads.client_d)}
-      d_global, d_agg, d_diag = d_aggregator.aggregate(state.d_agg, state.d_global, uploads.client_d, d_stats,
-                                                       k_dagg)
+      d_global, d_agg, d_diag = d_aggregator.aggregate(state.d_agg, state.d_global, uploads.client_d, d_stats, k_dagg)
       clients = clients._replace(d_vars=uploads.client_d)
     metrics = {f"train/{k}": g_stats[k] for k in SERVER_STATS}
     metrics.update({f"train/reported_{k}": uploads.reported[k] for k in ("g_loss", "d_loss")})
     metrics.update({f"agg/{k}": v for k, v in g_diag.items()})
     metrics.update({f"agg_d/{k}": v for k, v in d_diag.items()})
     metrics["train/global_finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(g_global)]))
-    new_state = RoundState(round=state.round + 1, g_global=g_global, d_global=d_global, g_agg=g_agg, d_agg=d_agg,
-                           clients=clients)
+    new_state = RoundState(
+      round=state.round + 1, g_global=g_global, d_global=d_global, g_agg=g_agg, d_agg=d_agg, clients=clients
+    )
     return new_state, metrics
 
   return step

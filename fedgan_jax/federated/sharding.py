@@ -17,12 +17,14 @@ clients, which every aggregation rule would then have to mask out.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fedgan_jax.federated import program as program_lib
 from fedgan_jax.federated.replicas import replicate
@@ -53,9 +55,10 @@ def client_mesh(num_clients: int, devices: Sequence[jax.Device] | None = None) -
     return None
   if num_clients <= 0 or num_clients % n:
     raise ValueError(
-        f"num_clients={num_clients} must be a positive multiple of the device count ({n}) to "
-        f"shard clients over devices; use num_clients in {{{n}, {2 * n}, {3 * n}, ...}} or "
-        f"limit the devices (e.g. CUDA_VISIBLE_DEVICES).")
+      f"num_clients={num_clients} must be a positive multiple of the device count ({n}) to "
+      f"shard clients over devices; use num_clients in {{{n}, {2 * n}, {3 * n}, ...}} or "
+      f"limit the devices (e.g. CUDA_VISIBLE_DEVICES)."
+    )
   return Mesh(np.asarray(devices), (CLIENT_AXIS,))
 
 
@@ -75,11 +78,17 @@ def auto_client_mesh(num_clients: int) -> Mesh | None:
 def _client_axis(state: RoundState, data: RoundData) -> tuple[PyTree, PyTree]:
   """Trees of bools (the structure of ``state`` and ``data``): does this leaf carry the client axis?"""
   no = lambda t: jax.tree.map(lambda _: False, t)
-  state_flags = RoundState(round=False, g_global=no(state.g_global), d_global=no(state.d_global),
-                           g_agg=no(state.g_agg), d_agg=no(state.d_agg),
-                           clients=jax.tree.map(lambda _: True, state.clients))
-  data_flags = RoundData(**{f: jax.tree.map(lambda _: f in CLIENT_DATA_FIELDS, getattr(data, f))
-                            for f in RoundData._fields})
+  state_flags = RoundState(
+    round=False,
+    g_global=no(state.g_global),
+    d_global=no(state.d_global),
+    g_agg=no(state.g_agg),
+    d_agg=no(state.d_agg),
+    clients=jax.tree.map(lambda _: True, state.clients),
+  )
+  data_flags = RoundData(
+    **{f: jax.tree.map(lambda _: f in CLIENT_DATA_FIELDS, getattr(data, f)) for f in RoundData._fields}
+  )
   return state_flags, data_flags
 
 
@@ -115,8 +124,9 @@ def _put(x, sharding: NamedSharding):
   return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
-def shard_round_inputs(state: RoundState, data: RoundData, mesh: Mesh | None,
-                       replicas: bool = False) -> tuple[RoundState, RoundData]:
+def shard_round_inputs(
+  state: RoundState, data: RoundData, mesh: Mesh | None, replicas: bool = False
+) -> tuple[RoundState, RoundData]:
   """Places the round inputs on ``mesh``: client-axis leaves sharded, the rest replicated.
 
   Args:
@@ -150,18 +160,31 @@ def sharded_round(program: Program, mesh: Mesh) -> Callable:
   Returns:
     ``round(state, data, key) -> (state, metrics)``, not jitted (``jit_round`` does).
   """
+
   def round_fn(state, data, key):
     keys = program_lib.client_keys(key, data.counts.shape[0])
     state_specs, data_specs = jax.tree.map(lambda c: _spec(c, False), _client_axis(state, data))
-    local = jax.shard_map(program.local_round, mesh=mesh, in_specs=(state_specs, data_specs, P(CLIENT_AXIS)),
-                          out_specs=P(CLIENT_AXIS), check_vma=False)(state, data, keys)
+    local = jax.shard_map(
+      program.local_round,
+      mesh=mesh,
+      in_specs=(state_specs, data_specs, P(CLIENT_AXIS)),
+      out_specs=P(CLIENT_AXIS),
+      check_vma=False,
+    )(state, data, keys)
     return program.finish_round(state, data, local, key)
 
   return round_fn
 
 
-def jit_round(program: Program, state: RoundState, data: RoundData, mesh: Mesh | None, replicas: bool = False,
-              donate: bool = True, local_shard_map: bool = True) -> Callable:
+def jit_round(
+  program: Program,
+  state: RoundState,
+  data: RoundData,
+  mesh: Mesh | None,
+  replicas: bool = False,
+  donate: bool = True,
+  local_shard_map: bool = True,
+) -> Callable:
   """The jitted round of ``program``, client-sharded on ``mesh``.
 
   Args:
@@ -190,5 +213,9 @@ def jit_round(program: Program, state: RoundState, data: RoundData, mesh: Mesh |
     fn = jax.vmap(fn)
   state_sh, data_sh = round_shardings(state, data, mesh, replicas)
   replicated = NamedSharding(mesh, P())
-  return jax.jit(fn, in_shardings=(state_sh, data_sh, replicated), out_shardings=(state_sh, replicated),
-                 donate_argnums=donate_argnums)
+  return jax.jit(
+    fn,
+    in_shardings=(state_sh, data_sh, replicated),
+    out_shardings=(state_sh, replicated),
+    donate_argnums=donate_argnums,
+  )

@@ -7,7 +7,8 @@ are poisoned and the trigger pixels are array inputs, not Python values).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 
@@ -58,21 +59,21 @@ class ClientState(NamedTuple):
 class RoundState(NamedTuple):
   """Everything a run carries from round to round (and checkpoints)."""
 
-  round: jax.Array          # int32 scalar: rounds completed.
-  g_global: PyTree          # Global generator variables {'params', 'batch_stats'}.
-  d_global: PyTree          # Global discriminator variables (used if averaged).
-  g_agg: PyTree             # Aggregator state for generators.
-  d_agg: PyTree             # Aggregator state for discriminators.
-  clients: ClientState      # Stacked over clients.
+  round: jax.Array  # int32 scalar: rounds completed.
+  g_global: PyTree  # Global generator variables {'params', 'batch_stats'}.
+  d_global: PyTree  # Global discriminator variables (used if averaged).
+  g_agg: PyTree  # Aggregator state for generators.
+  d_agg: PyTree  # Aggregator state for discriminators.
+  clients: ClientState  # Stacked over clients.
 
 
 class LocalOut(NamedTuple):
   """What local training returns for every client (leading axis C)."""
 
-  clients: ClientState      # The clients' new states.
-  client_g: PyTree          # Generator variables to upload.
-  client_d: PyTree          # Discriminator variables to upload.
-  stats: dict               # True local losses, ``[C]`` each (the simulation's record).
+  clients: ClientState  # The clients' new states.
+  client_g: PyTree  # Generator variables to upload.
+  client_d: PyTree  # Discriminator variables to upload.
+  stats: dict  # True local losses, ``[C]`` each (the simulation's record).
 
 
 class Uploads(NamedTuple):

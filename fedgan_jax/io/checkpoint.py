@@ -19,8 +19,8 @@ class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int = 2):
     self._mgr = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+      os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    )
 
   def latest_round(self) -> int | None:
     """The last saved round, or None."""

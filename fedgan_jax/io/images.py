@@ -18,7 +18,7 @@ def grid(images: np.ndarray, rows: int, pad: int = 2) -> np.ndarray:
   out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, ch), 255, np.uint8)
   for i in range(n):
     r, c = divmod(i, cols)
-    out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = images[i]
+    out[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = images[i]
   return out
 
 

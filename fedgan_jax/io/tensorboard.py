@@ -21,7 +21,8 @@ import io
 import math
 import numbers
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from absl import logging
@@ -83,6 +84,7 @@ def _flatten_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 def _encode_png(image: np.ndarray) -> tuple[bytes, int, int, int]:
   from PIL import Image  # pylint: disable=import-outside-toplevel
+
   a = np.asarray(image)
   if a.dtype != np.uint8:
     raise ValueError(f"TensorBoardWriter.image expects a uint8 [H, W, ch] array, got dtype {a.dtype}.")
@@ -179,7 +181,7 @@ class TensorBoardWriter:
       self._writer.close()
       self._writer = None
 
-  def __enter__(self) -> "TensorBoardWriter":
+  def __enter__(self) -> TensorBoardWriter:
     return self
 
   def __exit__(self, *exc) -> None:

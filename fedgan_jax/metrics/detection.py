@@ -9,7 +9,8 @@ the run-level means in ``summary.json`` and the reports. Host-side (numpy).
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,9 +34,9 @@ def detection_rates(flagged, is_malicious) -> tuple[float, float]:
   return tpr, fpr
 
 
-def first_flagged_round(flagged_history: Sequence[np.ndarray] | np.ndarray,
-                        is_malicious,
-                        rounds: Sequence[int] | None = None) -> dict[int, int | None]:
+def first_flagged_round(
+  flagged_history: Sequence[np.ndarray] | np.ndarray, is_malicious, rounds: Sequence[int] | None = None
+) -> dict[int, int | None]:
   """The first round in which each attacker was flagged.
 
   Args:

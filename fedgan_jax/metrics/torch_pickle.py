@@ -30,7 +30,8 @@ import os
 import pickle
 import struct
 import zipfile
-from typing import Any, BinaryIO, Mapping
+from collections.abc import Mapping
+from typing import Any, BinaryIO
 
 import ml_dtypes
 import numpy as np
@@ -39,16 +40,16 @@ __all__ = ["load_state_dict", "save_state_dict", "is_torch_checkpoint"]
 
 # torch storage class name -> NumPy dtype (little endian, as torch writes them).
 _STORAGE_DTYPES: dict[str, np.dtype] = {
-    "FloatStorage": np.dtype("<f4"),
-    "DoubleStorage": np.dtype("<f8"),
-    "HalfStorage": np.dtype("<f2"),
-    "LongStorage": np.dtype("<i8"),
-    "IntStorage": np.dtype("<i4"),
-    "ShortStorage": np.dtype("<i2"),
-    "CharStorage": np.dtype("i1"),
-    "ByteStorage": np.dtype("u1"),
-    "BoolStorage": np.dtype("?"),
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+  "FloatStorage": np.dtype("<f4"),
+  "DoubleStorage": np.dtype("<f8"),
+  "HalfStorage": np.dtype("<f2"),
+  "LongStorage": np.dtype("<i8"),
+  "IntStorage": np.dtype("<i4"),
+  "ShortStorage": np.dtype("<i2"),
+  "CharStorage": np.dtype("i1"),
+  "ByteStorage": np.dtype("u1"),
+  "BoolStorage": np.dtype("?"),
+  "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
 }
 _DTYPE_TO_STORAGE = {v: k for k, v in _STORAGE_DTYPES.items()}
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -62,8 +63,7 @@ class _StorageType:
     self.dtype = _STORAGE_DTYPES[name]
 
 
-def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple, *unused:
-                    Any) -> np.ndarray:
+def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple, *unused: Any) -> np.ndarray:
   del unused  # requires_grad, backward hooks, metadata: irrelevant here.
   size = tuple(int(s) for s in size)
   stride = tuple(int(s) for s in stride)
@@ -75,14 +75,11 @@ def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple
   # Bounds check: the file is data, never allowed to address outside its buffer.
   last = offset + sum((n - 1) * st for n, st in zip(size, stride))
   if last >= storage.shape[0]:
-    raise pickle.UnpicklingError(f"tensor of size {size} exceeds its storage of "
-                                 f"{storage.shape[0]} elements")
+    raise pickle.UnpicklingError(f"tensor of size {size} exceeds its storage of {storage.shape[0]} elements")
   if not size:
     return np.array(storage[offset], dtype=storage.dtype)
   item = storage.dtype.itemsize
-  view = np.lib.stride_tricks.as_strided(storage[offset:],
-                                         shape=size,
-                                         strides=tuple(st * item for st in stride))
+  view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size, strides=tuple(st * item for st in stride))
   return np.array(view)  # contiguous copy, detached from the file buffer
 
 
@@ -92,10 +89,10 @@ def _rebuild_parameter(data: np.ndarray, *unused: Any) -> np.ndarray:
 
 
 _ALLOWED_GLOBALS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+  ("collections", "OrderedDict"): collections.OrderedDict,
+  ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+  ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+  ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
 }
 
 
@@ -111,8 +108,9 @@ class _Unpickler(pickle.Unpickler):
       return _StorageType(name)
     fn = _ALLOWED_GLOBALS.get((module, name))
     if fn is None:
-      raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: only plain tensor "
-                                   "state dicts are supported by the torch-free reader")
+      raise pickle.UnpicklingError(
+        f"refusing to load global {module}.{name}: only plain tensor state dicts are supported by the torch-free reader"
+      )
     return fn
 
   def persistent_load(self, pid: Any) -> Any:
@@ -127,7 +125,7 @@ def _load_zip(path: str) -> Any:
     pkl = [n for n in names if n.endswith("data.pkl")]
     if not pkl:
       raise ValueError(f"{path}: zip checkpoint without data.pkl")
-    root = pkl[0][:-len("data.pkl")]
+    root = pkl[0][: -len("data.pkl")]
     cache: dict[str, np.ndarray] = {}
 
     def load_storage(pid):
@@ -176,7 +174,6 @@ def _load_legacy(path: str) -> Any:
     storages: dict[str, np.ndarray] = {}
 
     class Lazy:  # placeholder filled in once the raw buffers are read
-
       def __init__(self, key):
         self.key = key
 
@@ -203,7 +200,6 @@ def _load_legacy(path: str) -> Any:
     global_map[("torch._utils", "_rebuild_tensor_v2")] = lazy_rebuild
 
     class LegacyUnpickler(_Unpickler):
-
       def find_class(self, module, name):
         if (module, name) in global_map and name.startswith("_rebuild_tensor"):
           return global_map[(module, name)]
@@ -220,7 +216,7 @@ def _load_legacy(path: str) -> Any:
     view_arrays = {}
     for view_key, meta in views:
       root_key, off, vsize = str(meta[0]), int(meta[1]), int(meta[2])
-      view_arrays[view_key] = storages[root_key][off:off + vsize]
+      view_arrays[view_key] = storages[root_key][off : off + vsize]
     for h in rebuilt:
       stor = h[0]
       arr = storages[stor.key] if stor.key in storages else view_arrays[stor.key]
@@ -267,8 +263,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     obj = obj["state_dict"]
   if not isinstance(obj, Mapping):
     raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
-  return collections.OrderedDict(
-      (k, np.asarray(v)) for k, v in obj.items() if isinstance(v, np.ndarray))
+  return collections.OrderedDict((k, np.asarray(v)) for k, v in obj.items() if isinstance(v, np.ndarray))
 
 
 # ----------------------------------------------------------------------------
@@ -276,13 +271,11 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 class _StorageRef:
-
   def __init__(self, key: str, storage_name: str, numel: int):
     self.key, self.storage_name, self.numel = key, storage_name, numel
 
 
 class _TensorRef:
-
   def __init__(self, storage: _StorageRef, shape: tuple):
     self.storage, self.shape = storage, shape
 

@@ -35,18 +35,18 @@ arguments).
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 
 __all__ = [
-    "trigger_scores",
-    "calibrate_threshold",
-    "trigger_rate",
-    "trigger_strength",
+  "trigger_scores",
+  "calibrate_threshold",
+  "trigger_rate",
+  "trigger_strength",
 ]
 
-Location = Union[Sequence[int], np.ndarray, str]
+Location = Sequence[int] | np.ndarray | str
 _EPS = 1e-12
 
 
@@ -60,15 +60,15 @@ def _check_inputs(images, trigger) -> tuple[np.ndarray, np.ndarray]:
   if t.ndim != 3 or t.shape[0] < 1 or t.shape[1] < 1:
     raise ValueError(f"trigger must be [s, s, C] (or [s, s]), got shape {t.shape}")
   if t.shape[2] not in (1, x.shape[3]):
-    raise ValueError(f"trigger has {t.shape[2]} channels but images have "
-                     f"{x.shape[3]}; use 1 (broadcast) or {x.shape[3]}")
+    raise ValueError(
+      f"trigger has {t.shape[2]} channels but images have {x.shape[3]}; use 1 (broadcast) or {x.shape[3]}"
+    )
   if t.shape[0] > x.shape[1] or t.shape[1] > x.shape[2]:
     raise ValueError(f"trigger {t.shape[:2]} larger than images {x.shape[1:3]}")
   t = np.broadcast_to(t, t.shape[:2] + (x.shape[3],))
   t0 = t - t.mean()
   if np.sum(t0 * t0) <= _EPS:
-    raise ValueError("trigger is constant: its mean-removed pattern is zero, "
-                     "so correlation with it is undefined")
+    raise ValueError("trigger is constant: its mean-removed pattern is zero, so correlation with it is undefined")
   return x, t0
 
 
@@ -97,7 +97,7 @@ def _sliding(x: np.ndarray, t0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   fx = np.fft.rfft2(x, axes=(1, 2))
   ft = np.fft.rfft2(t0, s=(h, w), axes=(0, 1))
   num = np.fft.irfft2(fx * np.conj(ft)[None], s=(h, w), axes=(1, 2)).sum(-1)
-  num = num[:, :h - sh + 1, :w - sw + 1]
+  num = num[:, : h - sh + 1, : w - sw + 1]
 
   # |p - mean(p)|² = sum p² - (sum p)² / k, from box sums (integral images).
   def box(v):
@@ -136,8 +136,7 @@ def trigger_scores(images, trigger, location: Location) -> tuple[np.ndarray, np.
   sh, sw = t0.shape[:2]
   if isinstance(location, str):
     if location != "any":
-      raise ValueError(f"location must be (top, left), an [N, 2] array or 'any'; "
-                       f"got {location!r}")
+      raise ValueError(f"location must be (top, left), an [N, 2] array or 'any'; got {location!r}")
     corr_map, strength_map = _sliding(x, t0)
     flat = corr_map.reshape(n, -1).argmax(axis=1)
     rows = np.arange(n)
@@ -146,8 +145,7 @@ def trigger_scores(images, trigger, location: Location) -> tuple[np.ndarray, np.
   if locs.shape == (2,):
     locs = np.broadcast_to(locs, (n, 2))
   if locs.shape != (n, 2) or not np.issubdtype(locs.dtype, np.integer):
-    raise ValueError(f"location must be (top, left) ints or an int [N={n}, 2] "
-                     f"array, got {location!r}")
+    raise ValueError(f"location must be (top, left) ints or an int [N={n}, 2] array, got {location!r}")
   if (locs < 0).any() or (locs[:, 0] + sh > h).any() or (locs[:, 1] + sw > w).any():
     raise ValueError(f"location puts the {sh}x{sw} trigger outside the {h}x{w} image")
   return _scores_from_patches(_gather(x, locs, sh, sw), t0)

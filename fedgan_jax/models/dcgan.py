@@ -62,8 +62,7 @@ class _Conv(nn.Module):
 
 def _norm(kind: str, train: bool, name: str):
   if kind == "batch":
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        scale_init=_bn_scale_init, name=name)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, scale_init=_bn_scale_init, name=name)
   if kind == "instance":
     return nn.GroupNorm(num_groups=None, group_size=1, epsilon=1e-5, name=name)
   return lambda x: x

@@ -37,7 +37,8 @@ fastest there), ``gemm`` on GPU and TPU.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -82,8 +83,9 @@ def _conv_input_t(g, w, stride: int, pad: int, in_hw: tuple[int, int]):
   g, rhs = lax.optimization_barrier((g, rhs))
   lo = k - 1 - pad
   hi = [in_hw[a] - (g.shape[1 + a] - 1) * stride - 1 - lo + k - 1 for a in (0, 1)]
-  return lax.conv_general_dilated(g, rhs, (1, 1), ((lo, hi[0]), (lo, hi[1])), lhs_dilation=(stride, stride),
-                                  dimension_numbers=_DN)
+  return lax.conv_general_dilated(
+    g, rhs, (1, 1), ((lo, hi[0]), (lo, hi[1])), lhs_dilation=(stride, stride), dimension_numbers=_DN
+  )
 
 
 def _conv_weight_t(x, g, w_shape, stride: int, pad: int):
@@ -100,8 +102,9 @@ def _conv_weight_t(x, g, w_shape, stride: int, pad: int):
   rhs = jnp.transpose(g, (1, 2, 0, 3))  # [Ho, Wo, N, Cout]
   lhs, rhs = lax.optimization_barrier((lhs, rhs))
   hi = [k + stride * (g.shape[1 + a] - 1) - x.shape[1 + a] - pad for a in (0, 1)]
-  out = lax.conv_general_dilated(lhs, rhs, (1, 1), ((pad, hi[0]), (pad, hi[1])), rhs_dilation=(stride, stride),
-                                 dimension_numbers=_DN)  # [Cin, k, k, Cout]
+  out = lax.conv_general_dilated(
+    lhs, rhs, (1, 1), ((pad, hi[0]), (pad, hi[1])), rhs_dilation=(stride, stride), dimension_numbers=_DN
+  )  # [Cin, k, k, Cout]
   return jnp.transpose(out, (1, 2, 0, 3))
 
 
@@ -130,7 +133,7 @@ def _per_client(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
   return op
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fast_ops(stride: int, pad: int, k: int, in_hw: tuple[int, int]):
   """The three bilinear ops of a conv, closed under differentiation.
 
@@ -190,8 +193,9 @@ def _im2col(x, k: int, stride: int, pad: int):
   b, h, w, c = x.shape
   out_hw = (_out_size(h, k, stride, pad), _out_size(w, k, stride, pad))
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  cols = [lax.slice(xp, (0, i, j, 0), (b, hi, wj, c), (1, stride, stride, 1))
-          for i, j, (hi, wj) in _taps(k, stride, out_hw)]
+  cols = [
+    lax.slice(xp, (0, i, j, 0), (b, hi, wj, c), (1, stride, stride, 1)) for i, j, (hi, wj) in _taps(k, stride, out_hw)
+  ]
   return jnp.concatenate(cols, axis=-1)
 
 
@@ -208,10 +212,11 @@ def _col2im(cols, k: int, stride: int, pad: int, in_hw: tuple[int, int]):
   zero = jnp.zeros((), cols.dtype)
   out = None
   for t, (i, j, (hi, wj)) in enumerate(_taps(k, stride, (ho, wo))):
-    part = lax.pad(cols[..., t * c:(t + 1) * c], zero,
-                   ((0, 0, 0), (i, hp - hi, stride - 1), (j, wp - wj, stride - 1), (0, 0, 0)))
+    part = lax.pad(
+      cols[..., t * c : (t + 1) * c], zero, ((0, 0, 0), (i, hp - hi, stride - 1), (j, wp - wj, stride - 1), (0, 0, 0))
+    )
     out = part if out is None else out + part
-  return out[:, pad:pad + in_hw[0], pad:pad + in_hw[1], :]
+  return out[:, pad : pad + in_hw[0], pad : pad + in_hw[1], :]
 
 
 def _gemm_conv(x, w, stride: int, pad: int):

@@ -42,16 +42,16 @@ from fedgan_jax.report.run_report import write_run_report
 from fedgan_jax.report.runs import REPORT_DIR, NotARunError, Run, find_runs
 
 __all__ = [
-    "REPORT_DIR",
-    "NotARunError",
-    "Run",
-    "find_runs",
-    "format_value",
-    "is_run_dir",
-    "metric_label",
-    "write_report",
-    "write_run_report",
-    "write_sweep_report",
+  "REPORT_DIR",
+  "NotARunError",
+  "Run",
+  "find_runs",
+  "format_value",
+  "is_run_dir",
+  "metric_label",
+  "write_report",
+  "write_run_report",
+  "write_sweep_report",
 ]
 
 
@@ -73,5 +73,7 @@ def write_report(path: str) -> list[str]:
     return write_run_report(path)
   if find_runs(path):
     return write_sweep_report(path)
-  raise NotARunError(f"{path!r} is neither a run directory (no metrics.jsonl) nor a sweep directory "
-                     "(no subdirectory with summary.json and config.json).")
+  raise NotARunError(
+    f"{path!r} is neither a run directory (no metrics.jsonl) nor a sweep directory "
+    "(no subdirectory with summary.json and config.json)."
+  )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from fedgan_jax import report
 
@@ -22,6 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--workdir", required=True, help="a run directory or a sweep directory")
   args = parser.parse_args(argv)
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")  # Before anything draws: no display needed.
   try:
     paths = report.write_report(args.workdir)

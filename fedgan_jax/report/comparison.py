@@ -6,7 +6,8 @@ import html
 import json
 import math
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -52,8 +53,9 @@ def sweep_rows(sweep_dir: str, runs: Sequence[str]) -> tuple[list[str], list[tab
   """
   settings = differing_settings([read_json(os.path.join(p, "config.json")) or {} for p in runs])
   # find_runs lists only runs with a summary.json; an unreadable one still gives a row (values from metrics.jsonl).
-  rows = [table.sweep_row(os.path.relpath(p, sweep_dir), s, read_summary(p) or {}, run_dir=p)
-          for p, s in zip(runs, settings)]
+  rows = [
+    table.sweep_row(os.path.relpath(p, sweep_dir), s, read_summary(p) or {}, run_dir=p) for p, s in zip(runs, settings)
+  ]
   return (list(settings[0]) if settings else []), rows
 
 
@@ -91,8 +93,13 @@ def plot_sweep(rows: Sequence[table.Row], columns: Sequence[table.Column], path:
     hi = span * 1.3 if span > 0 else 1.0
     ax.set_xlim(lo, hi)
     for yi, v in zip(y, vals):
-      ax.text(max(v, 0.0) + 0.015 * (hi - lo) if np.isfinite(v) else 0.015 * (hi - lo), yi,
-              format_value(float(v)) if np.isfinite(v) else "n/a", va="center", fontsize=7)
+      ax.text(
+        max(v, 0.0) + 0.015 * (hi - lo) if np.isfinite(v) else 0.015 * (hi - lo),
+        yi,
+        format_value(float(v)) if np.isfinite(v) else "n/a",
+        va="center",
+        fontsize=7,
+      )
     ax.set_title(metric_label(col.header), fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     ax.tick_params(axis="x", labelsize=7)
@@ -100,17 +107,29 @@ def plot_sweep(rows: Sequence[table.Row], columns: Sequence[table.Column], path:
       ax.set_yticks(y)
       ax.set_yticklabels([r["name"] for r in rows], fontsize=8)
   axes[0].set_ylim(n - 0.5, -0.5)
-  for ax in axes[len(columns):]:
+  for ax in axes[len(columns) :]:
     ax.set_visible(False)
   fig.suptitle("Final metrics per run", fontsize=11)
   return draw.save(fig, path)
 
 
-def _comparison_html(sweep_dir: str, out_dir: str, runs: Sequence[str], setting_keys: Sequence[str],
-                     rows: Sequence[table.Row], metric_columns: Sequence[table.Column], have_png: bool) -> str:
-  head = ["run"] + [f"<code>{html.escape(k)}</code>" for k in setting_keys] + [
+def _comparison_html(
+  sweep_dir: str,
+  out_dir: str,
+  runs: Sequence[str],
+  setting_keys: Sequence[str],
+  rows: Sequence[table.Row],
+  metric_columns: Sequence[table.Column],
+  have_png: bool,
+) -> str:
+  head = (
+    ["run"]
+    + [f"<code>{html.escape(k)}</code>" for k in setting_keys]
+    + [
       f"{html.escape(metric_label(c.header))}<br><code class='muted'>{html.escape(c.header)}</code>"
-      for c in metric_columns]
+      for c in metric_columns
+    ]
+  )
   body = []
   for path, r in zip(runs, rows):
     link = os.path.join(path, REPORT_DIR, "report.html")
@@ -119,20 +138,24 @@ def _comparison_html(sweep_dir: str, out_dir: str, runs: Sequence[str], setting_
       name = f"<a href='{html.escape(os.path.relpath(link, out_dir))}'>{name}</a>"
     cells = [name] + [html.escape(table.cell_text(r.get(k))) for k in setting_keys]
     # The earliest flag round carries each attacker's round as hover text.
-    cells += [markup.num(c.get(r), title=table.flag_text(r) if c.header == "first_flag_round" else None)
-              for c in metric_columns]
+    cells += [
+      markup.num(c.get(r), title=table.flag_text(r) if c.header == "first_flag_round" else None) for c in metric_columns
+    ]
     body.append(markup.row(cells))
   sweep_name = os.path.basename(os.path.abspath(sweep_dir))
-  page = [markup.head(f"fedgan_jax sweep: {sweep_name}"),
-          f"<h1>fedgan_jax sweep comparison ({len(rows)} runs)</h1>",
-          f"<div class='muted'>{html.escape(os.path.abspath(sweep_dir))}</div>",
-          "<p>Config fields that differ between runs: "
-          + (", ".join(f"<code>{html.escape(k)}</code>" for k in setting_keys) or "none") + ".</p>",
-          "<table>" + markup.row(head, header=True) + "".join(body) + "</table>",
-          "<p class='muted'>Final values are the last recorded ones (evaluation metrics from the last "
-          "evaluation round); detection rates are means over rounds where defined; first flag round is the "
-          "earliest round any attacker was flagged (hover for each attacker). Only "
-          "<code>fid@inception_v3</code> is the standard FID.</p>"]
+  page = [
+    markup.head(f"fedgan_jax sweep: {sweep_name}"),
+    f"<h1>fedgan_jax sweep comparison ({len(rows)} runs)</h1>",
+    f"<div class='muted'>{html.escape(os.path.abspath(sweep_dir))}</div>",
+    "<p>Config fields that differ between runs: "
+    + (", ".join(f"<code>{html.escape(k)}</code>" for k in setting_keys) or "none")
+    + ".</p>",
+    "<table>" + markup.row(head, header=True) + "".join(body) + "</table>",
+    "<p class='muted'>Final values are the last recorded ones (evaluation metrics from the last "
+    "evaluation round); detection rates are means over rounds where defined; first flag round is the "
+    "earliest round any attacker was flagged (hover for each attacker). Only "
+    "<code>fid@inception_v3</code> is the standard FID.</p>",
+  ]
   if have_png:
     page.append("<img src='final_metrics.png' alt='final_metrics.png'>")
   page.append("</body></html>")
@@ -157,8 +180,10 @@ def write_sweep_report(sweep_dir: str) -> list[str]:
   """
   runs = find_runs(sweep_dir) if os.path.isdir(sweep_dir) else []
   if not runs:
-    raise NotARunError(f"{sweep_dir!r} is not a sweep directory: no subdirectory (or sub-subdirectory) "
-                       "holds both summary.json and config.json.")
+    raise NotARunError(
+      f"{sweep_dir!r} is not a sweep directory: no subdirectory (or sub-subdirectory) "
+      "holds both summary.json and config.json."
+    )
   setting_keys, rows = sweep_rows(sweep_dir, runs)
   columns = table.comparison_columns(rows, setting_keys)
   metric_columns = table.metric_columns(rows)

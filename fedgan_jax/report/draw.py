@@ -10,19 +10,30 @@ does, for its results table) stays cheap.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 ATTACKER_COLOR = "#d62728"
-HONEST_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2",
-                 "#7f7f7f", "#bcbd22", "#17becf"]  # tab10 without its red.
+HONEST_COLORS = [
+  "#1f77b4",
+  "#ff7f0e",
+  "#2ca02c",
+  "#9467bd",
+  "#8c564b",
+  "#e377c2",
+  "#7f7f7f",
+  "#bcbd22",
+  "#17becf",
+]  # tab10 without its red.
 MANY_HONEST_COLOR = "#4a6fa5"
 
 
 def figure(width: float, height: float):
   """A new constrained-layout ``Figure`` of ``width`` x ``height`` inches (no pyplot)."""
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+
   return Figure(figsize=(width, height), layout="constrained")
 
 
@@ -53,11 +64,17 @@ def client_styles(num_clients: int, malicious: Sequence[int]) -> list[dict[str, 
     if c in malicious:
       styles.append(dict(color=ATTACKER_COLOR, lw=2.2, zorder=3, alpha=1.0, label=f"client {c} (attacker)"))
     elif many:
-      styles.append(dict(color=MANY_HONEST_COLOR, lw=0.8, zorder=2, alpha=0.35,
-                         label=f"honest clients ({len(honest)})" if c == honest[0] else None))
+      styles.append(
+        dict(
+          color=MANY_HONEST_COLOR,
+          lw=0.8,
+          zorder=2,
+          alpha=0.35,
+          label=f"honest clients ({len(honest)})" if c == honest[0] else None,
+        )
+      )
     else:
-      styles.append(dict(color=HONEST_COLORS[honest.index(c)], lw=1.2, zorder=2, alpha=0.9,
-                         label=f"client {c}"))
+      styles.append(dict(color=HONEST_COLORS[honest.index(c)], lw=1.2, zorder=2, alpha=0.9, label=f"client {c}"))
   return styles
 
 
@@ -87,9 +104,13 @@ def client_axis(ax, num_clients: int, malicious: Sequence[int]) -> None:
 def mark_attacker_rows(ax, x_edges: np.ndarray, malicious: Sequence[int]) -> None:
   """Outlines the heatmap rows of the attackers in red."""
   from matplotlib.patches import Rectangle  # pylint: disable=import-outside-toplevel
+
   for c in malicious:
-    ax.add_patch(Rectangle((x_edges[0], c - 0.5), x_edges[-1] - x_edges[0], 1.0, fill=False,
-                           edgecolor=ATTACKER_COLOR, lw=1.5, zorder=4))
+    ax.add_patch(
+      Rectangle(
+        (x_edges[0], c - 0.5), x_edges[-1] - x_edges[0], 1.0, fill=False, edgecolor=ATTACKER_COLOR, lw=1.5, zorder=4
+      )
+    )
 
 
 def heat_height(num_clients: int) -> float:
@@ -100,6 +121,7 @@ def heat_height(num_clients: int) -> float:
 def round_axis(ax, rounds: np.ndarray) -> None:
   """Integer round ticks on the x axis (every round when there are few)."""
   from matplotlib.ticker import MaxNLocator  # pylint: disable=import-outside-toplevel
+
   if 0 < len(rounds) <= 12:
     ax.set_xticks(rounds)
   else:

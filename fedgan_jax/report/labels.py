@@ -8,29 +8,30 @@ are "FD (<extractor> features)" / "KD (<extractor> features)".
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 # Fixed names, looked up by the key without its "eval/" prefix first, then by the full key.
 _FIXED = {
-    "swd": "SWD ×1e3 (Laplacian-pyramid patches)",
-    "trigger_rate": "trigger rate",
-    "trigger_strength": "trigger strength",
-    "detect_tpr": "detection TPR",
-    "detect_fpr": "detection FPR",
-    "detect_tpr_mean": "detection TPR (mean over rounds)",
-    "detect_fpr_mean": "detection FPR (mean over rounds)",
-    "first_flag_round": "first flag round (earliest attacker)",
-    "nonfinite_samples": "non-finite samples",
-    # train/g_loss is what each client's optimizer saw; train/reported_* is what the server was told
-    # (a `mimic` attacker reports the honest median instead of its own loss).
-    "train/g_loss": "true G loss (mean over local steps)",
-    "train/d_loss": "true D loss (mean over local steps)",
-    "train/g_loss_last": "true G loss (last local step)",
-    "train/d_loss_last": "true D loss (last local step)",
-    "train/reported_g_loss": "G loss reported to the server",
-    "train/reported_d_loss": "D loss reported to the server",
-    "train/update_norm": "G update norm ‖Δθ‖",
-    "agg/weights": "aggregation weight",
+  "swd": "SWD ×1e3 (Laplacian-pyramid patches)",
+  "trigger_rate": "trigger rate",
+  "trigger_strength": "trigger strength",
+  "detect_tpr": "detection TPR",
+  "detect_fpr": "detection FPR",
+  "detect_tpr_mean": "detection TPR (mean over rounds)",
+  "detect_fpr_mean": "detection FPR (mean over rounds)",
+  "first_flag_round": "first flag round (earliest attacker)",
+  "nonfinite_samples": "non-finite samples",
+  # train/g_loss is what each client's optimizer saw; train/reported_* is what the server was told
+  # (a `mimic` attacker reports the honest median instead of its own loss).
+  "train/g_loss": "true G loss (mean over local steps)",
+  "train/d_loss": "true D loss (mean over local steps)",
+  "train/g_loss_last": "true G loss (last local step)",
+  "train/d_loss_last": "true D loss (last local step)",
+  "train/reported_g_loss": "G loss reported to the server",
+  "train/reported_d_loss": "D loss reported to the server",
+  "train/update_norm": "G update norm ‖Δθ‖",
+  "agg/weights": "aggregation weight",
 }
 
 
@@ -45,7 +46,7 @@ def metric_label(key: str) -> str:
     for ``eval/fid@effnet_lite0``, ``"SWD ×1e3 (Laplacian-pyramid patches)"``;
     the key itself when it has no name.
   """
-  name = key[len("eval/"):] if key.startswith("eval/") else key
+  name = key[len("eval/") :] if key.startswith("eval/") else key
   base, _, ext = name.partition("@")
   if base == "fid":
     return "FID" if ext == "inception_v3" else f"FD ({ext} features)"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import html
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from fedgan_jax.report.labels import format_value
 
@@ -28,8 +29,10 @@ def head(title: str) -> str:
   Returns:
     HTML.
   """
-  return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-          f"<style>{CSS}</style></head><body>")
+  return (
+    f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+    f"<style>{CSS}</style></head><body>"
+  )
 
 
 def row(cells: Iterable[str], cls: str = "", header: bool = False) -> str:

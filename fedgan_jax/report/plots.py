@@ -40,7 +40,7 @@ def plot_fidelity(run: Run, path: str) -> str | None:
     ax.set_xlabel("round")
     ax.grid(alpha=0.3)
     draw.round_axis(ax, x)
-  for ax in axes[len(data):]:
+  for ax in axes[len(data) :]:
     ax.set_visible(False)
   fig.suptitle("Global generator vs clean held-out images", fontsize=11)
   return draw.save(fig, path)
@@ -94,20 +94,37 @@ def plot_weights(run: Run, path: str) -> str | None:
   else:
     ax = fig.subplots(1, 1)
   vmax = float(np.nanmax(w)) if np.isfinite(w).any() else 1.0
-  mesh = ax.pcolormesh(xe, np.arange(c + 1) - 0.5, np.ma.masked_invalid(w), cmap="viridis",
-                       vmin=0.0, vmax=max(vmax, 1e-12))
+  mesh = ax.pcolormesh(
+    xe, np.arange(c + 1) - 0.5, np.ma.masked_invalid(w), cmap="viridis", vmin=0.0, vmax=max(vmax, 1e-12)
+  )
   cb = fig.colorbar(mesh, ax=ax, pad=0.01)
   cb.set_label("weight", fontsize=8)
   draw.client_axis(ax, c, run.malicious)
   draw.mark_attacker_rows(ax, xe, run.malicious)
-  ax.set_title(f"Aggregation weight per client and round (uniform = 1/C = {1.0 / max(c, 1):.3g}"
-               + ("; attackers outlined in red)" if run.malicious else "; no attackers)"), fontsize=9.5)
+  ax.set_title(
+    f"Aggregation weight per client and round (uniform = 1/C = {1.0 / max(c, 1):.3g}"
+    + ("; attackers outlined in red)" if run.malicious else "; no attackers)"),
+    fontsize=9.5,
+  )
   if with_share:
     share = np.nansum(w[run.malicious], axis=0)
-    ax2.plot(run.rounds, share, "-", color=draw.ATTACKER_COLOR, lw=1.8,
-             marker="o" if len(run.rounds) < 30 else draw.marker_for(share), ms=3, label="attackers' total weight")
-    ax2.axhline(len(run.malicious) / c, color="0.3", ls="--", lw=1,
-                label=f"their uniform share |M|/C = {len(run.malicious) / c:.3g}")
+    ax2.plot(
+      run.rounds,
+      share,
+      "-",
+      color=draw.ATTACKER_COLOR,
+      lw=1.8,
+      marker="o" if len(run.rounds) < 30 else draw.marker_for(share),
+      ms=3,
+      label="attackers' total weight",
+    )
+    ax2.axhline(
+      len(run.malicious) / c,
+      color="0.3",
+      ls="--",
+      lw=1,
+      label=f"their uniform share |M|/C = {len(run.malicious) / c:.3g}",
+    )
     top = max(float(np.nanmax(share)) if np.isfinite(share).any() else 0.0, len(run.malicious) / c) * 1.15
     ax2.set_ylim(-0.03 * top, top)
     ax2.set_ylabel("weight", fontsize=8)
@@ -171,6 +188,7 @@ def plot_detection(run: Run, path: str) -> str | None:
   if flagged is None or not np.nansum(flagged) > 0:
     return None
   from matplotlib.colors import ListedColormap  # pylint: disable=import-outside-toplevel
+
   c = run.num_clients
   xe = draw.edges(run.rounds)
   scores = run.matrix("agg/scores")
@@ -181,8 +199,14 @@ def plot_detection(run: Run, path: str) -> str | None:
   fig = draw.figure(9.0, sum(ratios) + 0.8)
   axes = np.atleast_1d(fig.subplots(len(ratios), 1, sharex=True, height_ratios=ratios, squeeze=False)).ravel()
   ax = axes[0]
-  ax.pcolormesh(xe, np.arange(c + 1) - 0.5, np.ma.masked_invalid(flagged),
-                cmap=ListedColormap(["#eeeeee", "#ff7f0e"]), vmin=0, vmax=1)
+  ax.pcolormesh(
+    xe,
+    np.arange(c + 1) - 0.5,
+    np.ma.masked_invalid(flagged),
+    cmap=ListedColormap(["#eeeeee", "#ff7f0e"]),
+    vmin=0,
+    vmax=1,
+  )
   nonfinite = run.matrix("agg/nonfinite")
   if nonfinite is not None and np.nansum(nonfinite) > 0:
     cc, jj = np.nonzero(nonfinite > 0.5)
@@ -192,7 +216,8 @@ def plot_detection(run: Run, path: str) -> str | None:
   draw.mark_attacker_rows(ax, xe, run.malicious)
   n_flag = np.nansum(flagged, axis=1).astype(int)
   title = "Flagged by the server's detector (orange); " + (
-      "attackers outlined in red" if run.malicious else "no attackers in this run")
+    "attackers outlined in red" if run.malicious else "no attackers in this run"
+  )
   if c <= 8:
     title += f" — times flagged: {', '.join(f'c{i}={n}' for i, n in enumerate(n_flag) if n)}"
   ax.set_title(title, fontsize=9)
@@ -210,11 +235,19 @@ def plot_detection(run: Run, path: str) -> str | None:
     i += 1
   if has_rates:
     if len(tpr[0]):
-      axes[i].plot(*tpr, "-", color=draw.ATTACKER_COLOR, lw=1.5, marker=draw.marker_for(tpr[1]), ms=4,
-                   label="TPR (attackers flagged)")
+      axes[i].plot(
+        *tpr,
+        "-",
+        color=draw.ATTACKER_COLOR,
+        lw=1.5,
+        marker=draw.marker_for(tpr[1]),
+        ms=4,
+        label="TPR (attackers flagged)",
+      )
     if len(fpr[0]):
-      axes[i].plot(*fpr, "-", color="#1f77b4", lw=1.5, marker=draw.marker_for(fpr[1]), ms=4,
-                   label="FPR (honest flagged)")
+      axes[i].plot(
+        *fpr, "-", color="#1f77b4", lw=1.5, marker=draw.marker_for(fpr[1]), ms=4, label="FPR (honest flagged)"
+      )
     axes[i].set_ylim(-0.05, 1.05)
     axes[i].set_ylabel("rate", fontsize=8)
     axes[i].legend(fontsize=8, loc="best")

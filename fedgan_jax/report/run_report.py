@@ -5,7 +5,8 @@ from __future__ import annotations
 import html
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -16,24 +17,29 @@ from fedgan_jax.report.samples import plot_strip, write_gif
 
 # Figure file -> caption on the page, in page order.
 CAPTIONS = {
-    "fidelity.png": "Fidelity vs round (evaluation rounds only).",
-    "trigger.png": "Backdoor trigger in the global generator's samples: the rate counts samples in which "
-                   "the trigger is detectable at its location (threshold calibrated so that at most 1 % of "
-                   "clean real images pass); the strength says how strongly it is there (1 = fully pasted, "
-                   "0 = absent). A high rate with a low strength is a faint ghost of the trigger.",
-    "weights.png": "Aggregation weights.",
-    "losses.png": "True local losses (train/g_loss, train/d_loss) and update norms per client; where clients "
-                  "reported other G losses to the server (train/reported_g_loss, e.g. a mimic attacker), "
-                  "those too.",
-    "detection.png": "Server-side detection.",
-    "samples_strip.png": "Sample grids at fixed noise (at most 8 rounds).",
-    "samples.gif": "All sample grids, animated.",
+  "fidelity.png": "Fidelity vs round (evaluation rounds only).",
+  "trigger.png": "Backdoor trigger in the global generator's samples: the rate counts samples in which "
+  "the trigger is detectable at its location (threshold calibrated so that at most 1 % of "
+  "clean real images pass); the strength says how strongly it is there (1 = fully pasted, "
+  "0 = absent). A high rate with a low strength is a faint ghost of the trigger.",
+  "weights.png": "Aggregation weights.",
+  "losses.png": "True local losses (train/g_loss, train/d_loss) and update norms per client; where clients "
+  "reported other G losses to the server (train/reported_g_loss, e.g. a mimic attacker), "
+  "those too.",
+  "detection.png": "Server-side detection.",
+  "samples_strip.png": "Sample grids at fixed noise (at most 8 rounds).",
+  "samples.gif": "All sample grids, animated.",
 }
 # Why a figure is absent.
-_NOT_DRAWN = {"fidelity.png": "no fidelity metrics recorded", "trigger.png": "no trigger metrics recorded",
-              "detection.png": "no client was ever flagged", "samples_strip.png": "no sample grids",
-              "samples.gif": "no sample grids", "weights.png": "no aggregation weights",
-              "losses.png": "no per-client losses"}
+_NOT_DRAWN = {
+  "fidelity.png": "no fidelity metrics recorded",
+  "trigger.png": "no trigger metrics recorded",
+  "detection.png": "no client was ever flagged",
+  "samples_strip.png": "no sample grids",
+  "samples.gif": "no sample grids",
+  "weights.png": "no aggregation weights",
+  "losses.png": "no per-client losses",
+}
 
 
 def _final_metric_keys(final: dict[str, Any]) -> list[str]:
@@ -56,19 +62,23 @@ def _facts(run: Run) -> list[tuple[str, Any]]:
   s, cfg = run.summary, run.config
   agg = cfg.get("aggregation") or {}
   facts = [
-      ("rounds", s.get("rounds", int(run.rounds[-1]) if len(run.rounds) else 0)),
-      ("clients", run.num_clients),
-      # Indices spelled "client 0", so that one attacker never reads as "0 attackers".
-      ("malicious clients", clients_phrase(run.malicious, none="none (clean run)")),
-      ("aggregation", f"{agg.get('name', '?')} {json.dumps(agg.get('kwargs') or {})}"),
-      ("loss / D norm", f"{(cfg.get('train') or {}).get('loss', '?')} / {(cfg.get('model') or {}).get('d_norm', '?')}"),
-      ("data", f"{(s.get('data') or {}).get('source', (cfg.get('data') or {}).get('source', '?'))}, "
-               f"{cfg.get('resolution', '?')} px"),
-      ("wall time", _wall(run)),
+    ("rounds", s.get("rounds", int(run.rounds[-1]) if len(run.rounds) else 0)),
+    ("clients", run.num_clients),
+    # Indices spelled "client 0", so that one attacker never reads as "0 attackers".
+    ("malicious clients", clients_phrase(run.malicious, none="none (clean run)")),
+    ("aggregation", f"{agg.get('name', '?')} {json.dumps(agg.get('kwargs') or {})}"),
+    ("loss / D norm", f"{(cfg.get('train') or {}).get('loss', '?')} / {(cfg.get('model') or {}).get('d_norm', '?')}"),
+    (
+      "data",
+      f"{(s.get('data') or {}).get('source', (cfg.get('data') or {}).get('source', '?'))}, "
+      f"{cfg.get('resolution', '?')} px",
+    ),
+    ("wall time", _wall(run)),
   ]
   if not s:
-    facts.append(("status", "no summary.json: the run is in progress or was interrupted; values are from "
-                            "metrics.jsonl so far"))
+    facts.append(
+      ("status", "no summary.json: the run is in progress or was interrupted; values are from metrics.jsonl so far")
+    )
   return facts
 
 
@@ -87,8 +97,10 @@ def _final_metrics_section(run: Run) -> list[str]:
   else:
     out.append("<table>" + "".join(rows) + "</table>")
   if any(k.startswith(("eval/fid@", "eval/kid@")) for k in keys):
-    out.append("<p class='muted'>Only <code>fid@inception_v3</code> is the standard FID; Fréchet distances "
-               "in other feature spaces (FD) are not comparable with published FID numbers.</p>")
+    out.append(
+      "<p class='muted'>Only <code>fid@inception_v3</code> is the standard FID; Fréchet distances "
+      "in other feature spaces (FD) are not comparable with published FID numbers.</p>"
+    )
   return out
 
 
@@ -96,9 +108,15 @@ def _detection_section(run: Run) -> list[str]:
   out = ["<h2>Detection: first round each attacker was flagged</h2>"]
   ff = run.first_flag_rounds()
   if ff:
-    out.append("<table>" + markup.row(["attacker", "first flagged"], header=True) + "".join(
+    out.append(
+      "<table>"
+      + markup.row(["attacker", "first flagged"], header=True)
+      + "".join(
         markup.row([f"client {c}", html.escape("never" if r is None else str(r))], cls="attacker")
-        for c, r in sorted(ff.items())) + "</table>")
+        for c, r in sorted(ff.items())
+      )
+      + "</table>"
+    )
   else:
     out.append("<p>No malicious clients in this run.</p>")
   return out
@@ -109,21 +127,42 @@ def _clients_section(run: Run) -> list[str]:
   w, fl = run.matrix("agg/weights"), run.matrix("agg/flagged")
   nf = run.matrix("agg/nonfinite")
   g, d = final.get("train/g_loss"), final.get("train/d_loss")
-  rows = [markup.row(["client", "role", "final weight", "mean weight", "rounds flagged", "non-finite rounds",
-                      "final G loss", "final D loss"], header=True)]
+  rows = [
+    markup.row(
+      [
+        "client",
+        "role",
+        "final weight",
+        "mean weight",
+        "rounds flagged",
+        "non-finite rounds",
+        "final G loss",
+        "final D loss",
+      ],
+      header=True,
+    )
+  ]
 
   def at(v, c):
     return v[c] if isinstance(v, list) and c < len(v) else None
 
   for c in range(run.num_clients):
     mal = c in run.malicious
-    rows.append(markup.row([
-        f"client {c}", "attacker" if mal else "honest",
-        markup.num(float(w[c, -1]) if w is not None else None),
-        markup.num(float(np.nanmean(w[c])) if w is not None and np.isfinite(w[c]).any() else None),
-        markup.num(int(np.nansum(fl[c])) if fl is not None else None),
-        markup.num(int(np.nansum(nf[c])) if nf is not None else None),
-        markup.num(at(g, c)), markup.num(at(d, c))], cls="attacker" if mal else ""))
+    rows.append(
+      markup.row(
+        [
+          f"client {c}",
+          "attacker" if mal else "honest",
+          markup.num(float(w[c, -1]) if w is not None else None),
+          markup.num(float(np.nanmean(w[c])) if w is not None and np.isfinite(w[c]).any() else None),
+          markup.num(int(np.nansum(fl[c])) if fl is not None else None),
+          markup.num(int(np.nansum(nf[c])) if nf is not None else None),
+          markup.num(at(g, c)),
+          markup.num(at(d, c)),
+        ],
+        cls="attacker" if mal else "",
+      )
+    )
   return ["<h2>Per-client summary</h2>", "<table>" + "".join(rows) + "</table>"]
 
 
@@ -149,19 +188,27 @@ def run_html(run: Run, images: dict[str, str]) -> str:
     The page.
   """
   title = os.path.basename(os.path.abspath(run.workdir))
-  out = [markup.head(f"fedgan_jax report: {title}"),
-         f"<h1>fedgan_jax run report: {html.escape(title)}</h1>",
-         f"<div class='muted'>{html.escape(os.path.abspath(run.workdir))}</div>",
-         "<table>" + "".join(markup.row([html.escape(k), html.escape(str(v))]) for k, v in _facts(run)) + "</table>"]
+  out = [
+    markup.head(f"fedgan_jax report: {title}"),
+    f"<h1>fedgan_jax run report: {html.escape(title)}</h1>",
+    f"<div class='muted'>{html.escape(os.path.abspath(run.workdir))}</div>",
+    "<table>" + "".join(markup.row([html.escape(k), html.escape(str(v))]) for k, v in _facts(run)) + "</table>",
+  ]
   out += _final_metrics_section(run)
   out += _detection_section(run)
   out += _clients_section(run)
   out += _curves_section(images)
-  out.append("<h2>Config</h2><details><summary>config.json</summary><pre>"
-             + html.escape(json.dumps(run.config, indent=2, sort_keys=True)) + "</pre></details>")
+  out.append(
+    "<h2>Config</h2><details><summary>config.json</summary><pre>"
+    + html.escape(json.dumps(run.config, indent=2, sort_keys=True))
+    + "</pre></details>"
+  )
   if run.summary.get("data"):
-    out.append("<details><summary>data</summary><pre>"
-               + html.escape(json.dumps(run.summary["data"], indent=2, sort_keys=True)) + "</pre></details>")
+    out.append(
+      "<details><summary>data</summary><pre>"
+      + html.escape(json.dumps(run.summary["data"], indent=2, sort_keys=True))
+      + "</pre></details>"
+    )
   out.append("</body></html>")
   return "\n".join(out)
 
@@ -183,13 +230,13 @@ def write_run_report(workdir: str) -> list[str]:
   os.makedirs(out_dir, exist_ok=True)
   samples = run.samples()
   makers: list[tuple[str, Callable[[str], str | None]]] = [
-      ("fidelity.png", lambda p: plots.plot_fidelity(run, p)),
-      ("trigger.png", lambda p: plots.plot_trigger(run, p)),
-      ("weights.png", lambda p: plots.plot_weights(run, p)),
-      ("losses.png", lambda p: plots.plot_losses(run, p)),
-      ("detection.png", lambda p: plots.plot_detection(run, p)),
-      ("samples_strip.png", lambda p: plot_strip(samples, p)),
-      ("samples.gif", lambda p: write_gif(samples, p)),
+    ("fidelity.png", lambda p: plots.plot_fidelity(run, p)),
+    ("trigger.png", lambda p: plots.plot_trigger(run, p)),
+    ("weights.png", lambda p: plots.plot_weights(run, p)),
+    ("losses.png", lambda p: plots.plot_losses(run, p)),
+    ("detection.png", lambda p: plots.plot_detection(run, p)),
+    ("samples_strip.png", lambda p: plot_strip(samples, p)),
+    ("samples.gif", lambda p: write_gif(samples, p)),
   ]
   images: dict[str, str] = {}
   for name, make in makers:

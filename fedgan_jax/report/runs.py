@@ -70,16 +70,19 @@ class Run:
 
   def __init__(self, workdir: str):
     if not is_run_dir(workdir):
-      raise NotARunError(f"{workdir!r} is not a run directory: it has no metrics.jsonl "
-                         "(expected the --workdir of `python -m fedgan_jax.main`).")
+      raise NotARunError(
+        f"{workdir!r} is not a run directory: it has no metrics.jsonl "
+        "(expected the --workdir of `python -m fedgan_jax.main`)."
+      )
     self.workdir = workdir
     self.records = read_records(os.path.join(workdir, "metrics.jsonl"))
     self.config = read_json(os.path.join(workdir, "config.json")) or {}
     self.summary = read_json(os.path.join(workdir, "summary.json")) or {}
     self.calibration = read_json(os.path.join(workdir, "trigger_calibration.json")) or {}
     self.rounds = np.array([r["round"] for r in self.records], dtype=float)
-    lens = [len(v) for r in self.records for k, v in r.items() if k.startswith(("train/", "agg/"))
-            and isinstance(v, list)]
+    lens = [
+      len(v) for r in self.records for k, v in r.items() if k.startswith(("train/", "agg/")) and isinstance(v, list)
+    ]
     self.num_clients = max(lens) if lens else int(self.config.get("num_clients", 0) or 0)
     mal = self.summary.get("malicious", None)
     if mal is None:

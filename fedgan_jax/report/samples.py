@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -14,6 +14,7 @@ MAX_STRIP = 8  # Rounds shown in the strip, evenly spaced over the run.
 
 def _load_grid(path: str):
   from PIL import Image  # pylint: disable=import-outside-toplevel
+
   with Image.open(path) as im:
     return im.convert("RGB")
 
@@ -60,6 +61,7 @@ def write_gif(samples: Sequence[tuple[int, str]], path: str) -> str | None:
   if not samples:
     return None
   from PIL import Image, ImageDraw, ImageFont  # pylint: disable=import-outside-toplevel
+
   first = _load_grid(samples[0][1])
   # Small grids enlarged (nearest) to >= 256 px, large ones shrunk by an integer factor to <= 640 px.
   up = max(1, int(math.ceil(256 / max(min(first.size), 1))))

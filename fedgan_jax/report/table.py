@@ -24,7 +24,8 @@ from __future__ import annotations
 import csv
 import json
 import os
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 from fedgan_jax.io.rundir import read_records
 from fedgan_jax.metrics.detection import mean_rate
@@ -42,8 +43,9 @@ def _is_scalar(v: Any) -> bool:
   return isinstance(v, (bool, int, float))
 
 
-def sweep_row(name: str, settings: Mapping[str, Any], summary: Mapping[str, Any] | None,
-              run_dir: str | None = None) -> Row:
+def sweep_row(
+  name: str, settings: Mapping[str, Any], summary: Mapping[str, Any] | None, run_dir: str | None = None
+) -> Row:
   """One row of the sweep table.
 
   Args:
@@ -71,7 +73,7 @@ def sweep_row(name: str, settings: Mapping[str, Any], summary: Mapping[str, Any]
     elif run_dir is not None:
       if records is None:
         records = read_records(os.path.join(run_dir, "metrics.jsonl"))
-      v = mean_rate(r.get("eval/" + k[:-len("_mean")]) for r in records)
+      v = mean_rate(r.get("eval/" + k[: -len("_mean")]) for r in records)
     else:
       v = None
     if _is_scalar(v):
@@ -91,12 +93,14 @@ def earliest_flag(row: Mapping[str, Any]) -> int | None:
 def flag_text(row: Mapping[str, Any]) -> str:
   """Each attacker's first flagged round, e.g. ``"client 0: 3; client 2: never"`` (``""`` without attackers)."""
   ff = row.get("first_flag_round") or {}
-  return "; ".join(f"client {c}: {'never' if v is None else v}"
-                   for c, v in sorted(ff.items(), key=lambda kv: int(kv[0])))
+  return "; ".join(
+    f"client {c}: {'never' if v is None else v}" for c, v in sorted(ff.items(), key=lambda kv: int(kv[0]))
+  )
 
 
 class Column(NamedTuple):
   """A table column: its header and how a row's cell is read."""
+
   header: str
   get: Callable[[Mapping[str, Any]], Any]
 
@@ -142,8 +146,12 @@ def comparison_columns(rows: Sequence[Mapping[str, Any]], setting_keys: Sequence
   Returns:
     The columns.
   """
-  return [column("name", "run"), *(column(k) for k in setting_keys), *metric_columns(rows),
-          Column("first_flag_rounds", flag_text)]
+  return [
+    column("name", "run"),
+    *(column(k) for k in setting_keys),
+    *metric_columns(rows),
+    Column("first_flag_rounds", flag_text),
+  ]
 
 
 def cell_text(v: Any) -> str:
@@ -173,8 +181,9 @@ def write_csv(path: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[Co
   return [c.header for c in columns]
 
 
-def text_table(rows: Sequence[Mapping[str, Any]],
-               columns: Sequence[str] = ("status",) + SUMMARY_COLUMNS + DETECTION_MEANS) -> str:
+def text_table(
+  rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = ("status",) + SUMMARY_COLUMNS + DETECTION_MEANS
+) -> str:
   """A plain-text table of the key results, one line per row (the sweep's printed summary).
 
   Args:
@@ -184,10 +193,12 @@ def text_table(rows: Sequence[Mapping[str, Any]],
   Returns:
     The table, lines joined by newlines.
   """
+
   def cell(v):
     if isinstance(v, float):
       return f"{v:.3f}"
     return "" if v is None else str(v)
+
   header = ["name"] + [c.replace("eval/", "") for c in columns]
   body = [[r["name"]] + [cell(r.get(c)) for c in columns] for r in rows]
   widths = [max(len(x) for x in col) for col in zip(header, *body)]
