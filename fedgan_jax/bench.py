@@ -6,8 +6,8 @@
 Times full rounds (local training of every client + the server's
 aggregation) after compilation and warm-up rounds, on RANDOM client data
 that is device-resident before timing starts: input cost (decoding,
-host-to-device copies) is excluded, as in the PyTorch peer
-(``shared/peers/torch_fedgan_seq.py``). Batches are still drawn by index
+host-to-device copies) is excluded, as in the PyTorch script of the original
+sequential design it is compared with (``launch.device_check --peer``). Batches are still drawn by index
 inside the jitted step, as in a real run.
 
 Modes:

@@ -1,4 +1,4 @@
-"""Evaluation of the global generator during a run (DESIGN §5).
+"""Evaluation of the global generator during a run (docs/design.md §5).
 
 Every ``eval_every`` rounds (and at the first and last round):
 

@@ -1,6 +1,6 @@
 """Shared fixtures: tiny configs and one compiled round program per session.
 
-Compiling a round takes tens of seconds on a CPU (DESIGN §6), so tests share
+Compiling a round takes tens of seconds on a CPU (docs/design.md §6), so tests share
 programs through session fixtures and a persistent compilation cache (identical
 programs compiled by different tests, e.g. the end-to-end runs, hit it).
 """

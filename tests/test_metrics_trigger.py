@@ -1,4 +1,4 @@
-"""Backdoor metrics: trigger correlation/strength, calibration, rate (DESIGN §5)."""
+"""Backdoor metrics: trigger correlation/strength, calibration, rate (docs/design.md §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The aggregation contract (DESIGN §2), shared helpers, and FedAvg.
+"""The aggregation contract (docs/design.md §2), shared helpers, and FedAvg.
 
 An aggregation rule is a pair of pure functions over the client axis, built by a
 factory that closes over its hyperparameters, in the manner of optax::

@@ -8,7 +8,7 @@
 - Geometric median by smoothed Weiszfeld (RFA): Pillutla, Kakade, Harchaoui,
   "Robust Aggregation for Federated Learning", IEEE TSP 2022.
 
-All rules follow the contract of ``base`` (DESIGN §2): static shapes, masks and
+All rules follow the contract of ``base`` (docs/design.md §2): static shapes, masks and
 sorting instead of boolean indexing, no Python loop over clients. Invalid
 clients (non-finite upload or ``num_examples == 0``) are excluded by every rule:
 sorts push them past the valid rows (``+inf`` sentinel, dropped by rank and the

@@ -1,4 +1,4 @@
-"""Partitioning a dataset into clients, stacked with padding (DESIGN §2).
+"""Partitioning a dataset into clients, stacked with padding (docs/design.md §2).
 
 Partitions (``config.data.partition``, registry ``PARTITIONS``):
 

@@ -24,7 +24,7 @@ def default_trigger(size: int, channels: int) -> np.ndarray:
   A 16x16 seeded random black/white/colour pattern with both values present in
   every row and column, resized by nearest neighbour; not a checkerboard (the
   stride-2 transposed convs of a DCGAN generator make checkerboard artifacts
-  that would match one by chance; DESIGN §5).
+  that would match one by chance; docs/design.md §5).
 
   Args:
     size: side in px (>= 2).

@@ -1,4 +1,4 @@
-"""The client axis sharded over a device mesh (DESIGN: scale-out uses JAX itself).
+"""The client axis sharded over a device mesh (docs/design.md §8).
 
 ``client_mesh(C)`` is a 1-D mesh named ``'clients'`` over every device;
 ``shard_round_inputs`` places each leaf that carries the client axis

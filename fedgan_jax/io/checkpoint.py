@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the round state (resume-first, DESIGN §4)."""
+"""Orbax checkpoints of the round state (resume-first, docs/design.md §4)."""
 
 from __future__ import annotations
 

@@ -124,7 +124,7 @@ def _cov_factor(x: np.ndarray) -> np.ndarray:
 def frechet_distance(features_a, features_b) -> float:
   """Fréchet distance between Gaussians fitted to two feature sets (FID-style).
 
-  Public contract (DESIGN §5): ``eval/fid@<extractor>`` is this function of
+  Public contract (docs/design.md §5): ``eval/fid@<extractor>`` is this function of
   the extractor's features of generated and clean real images.
 
   ``||mu_a - mu_b||² + tr(S_a) + tr(S_b) - 2 tr((S_a^½ S_b S_a^½)^½)``, in

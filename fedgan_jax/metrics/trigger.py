@@ -3,7 +3,7 @@
 The backdoor of Jin & Li, "Backdoor Attack is a Devil in Federated GAN-based
 Medical Image Synthesis" (SASHIMI 2022, arXiv 2207.00762) pastes a small trigger
 pattern at a fixed location of every real image of the malicious client; the
-attack succeeds when the global generator reproduces it. DESIGN §5 defines two
+attack succeeds when the global generator reproduces it. docs/design.md §5 defines two
 numbers (host-side NumPy, float64):
 
 * ``eval/trigger_rate`` -- fraction of images whose trigger-region patch

@@ -12,7 +12,7 @@ Three lowerings of the same math:
   adjoint of the stride-2 conv, so its weight gradient is an ordinary conv
   weight gradient with input and output-gradient roles swapped. On XLA:CPU the
   grouped conv and the lhs-dilated weight gradient are 4-12x slower than these
-  forms (DESIGN §6 measurements). The input and weight transposes are written
+  forms (docs/design.md §6 measurements). The input and weight transposes are written
   out in the canonical NHWC/HWIO layout behind an optimization barrier: left to
   autodiff, XLA folds their transposes into the conv's dimension numbers, and
   inside a loop body (a rolled ``scan``, ``lax.map`` over clients) such a conv
