@@ -23,15 +23,44 @@ from fedgan_jax.federated import replicas as replicas_lib
 from fedgan_jax.federated.state import Program, RoundData
 
 
-def build_program(config) -> tuple[Program, Any, Any]:
+def local_steps(config, counts) -> int:
+  """The steps of every client's local scan: ``train.local_steps``, or one epoch of the largest client.
+
+  Args:
+    config: a validated config.
+    counts: ``[C]`` (or ``[K, C]`` for replicas) real images per client.
+
+  Raises:
+    ValueError: one local epoch (``train.local_steps = 0``) and a client with
+      fewer images than ``train.batch_size`` (it would make no step).
+  """
+  if config.train.local_steps:
+    return config.train.local_steps
+  counts = np.asarray(counts)
+  B = config.train.batch_size
+  if counts.min() < B:
+    raise ValueError(
+      f"config.train.local_steps=0 (one local epoch of full batches) needs at least train.batch_size={B} "
+      f"images per client; the smallest client has {int(counts.min())}. Use a smaller batch_size, fewer "
+      "clients or a positive local_steps."
+    )
+  return int(counts.max()) // B
+
+
+def build_program(config, steps: int | None = None) -> tuple[Program, Any, Any]:
   """``(program, generator, discriminator)`` for a validated config.
 
   One aggregator serves generators and (when averaged) discriminators: its
   functions are pure, and each model keeps its own aggregator state.
+
+  Args:
+    config: a validated config.
+    steps: the local steps the program runs (``local_steps``); needed with
+      ``train.local_steps = 0`` (one local epoch), else ``train.local_steps``.
   """
   g, d = models.build(config)
   agg = aggregation.get(config.aggregation.name, num_clients=config.num_clients, **config.aggregation.kwargs.to_dict())
-  return program_lib.build(config, g, d, agg), g, d
+  return program_lib.build(config, g, d, agg, local_steps=steps), g, d
 
 
 def malicious_mask(config) -> np.ndarray:

@@ -133,7 +133,7 @@ def round_flops(config, state: RoundState, data: RoundData, key: jax.Array) -> f
   """
   c = copy.deepcopy(config)
   c.model.conv_impl = "xla"
-  program, _, _ = assemble.build_program(c)
+  program, _, _ = assemble.build_program(c, assemble.local_steps(c, data.counts))
   return flops_lib.count(program.round, state, data, key)
 
 
@@ -197,8 +197,8 @@ def prepare_vmap(config, shard: bool = True) -> dict[str, Any]:
     ``{'compile_sec', 'flops', 'hlo_ops', 'sharded', 'step'}``;
     ``step(r)`` runs round ``r`` and returns its metrics.
   """
-  program, _, _ = assemble.build_program(config)
   data = random_data(config)
+  program, _, _ = assemble.build_program(config, assemble.local_steps(config, data.counts))
   state = program.init(jax.random.key(0))
   key = jax.random.key(1)
   flops = round_flops(config, state, data, key)
@@ -241,8 +241,8 @@ def prepare_loop(config) -> dict[str, Any]:
     of the one-client step).
   """
   C = config.num_clients
-  program, _, _ = assemble.build_program(config)
   data = random_data(config)
+  program, _, _ = assemble.build_program(config, assemble.local_steps(config, data.counts))
   state = program.init(jax.random.key(0))
   key = jax.random.key(1)
   clients = [jax.tree.map(lambda x: x[c], state.clients) for c in range(C)]

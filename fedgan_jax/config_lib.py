@@ -16,7 +16,11 @@ import ml_collections
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every field of a run, with its default. Names are a contract (issue 2)."""
+  """Every field of a run, with its default. Names are a contract (docs/design.md §7).
+
+  Where a default differs from the paper's code (Jin & Li's public scripts), the
+  field's comment says so and ``configs/paper_full.py`` sets the paper's value.
+  """
   c = ml_collections.ConfigDict()
   c.seed = 0  # Everything random derives from it: data, init, rounds.
   c.num_rounds = 200  # Federated rounds (communication rounds).
@@ -41,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tfds_data_dir = ""
   c.data.image_key = "image"
   c.data.label_key = "label"
-  c.data.partition = "iid"  # iid | dirichlet | quantity | by_group.
+  c.data.partition = "iid"  # iid | dirichlet | quantity | by_group | full (all images at every client: paper code).
   c.data.alpha = 0.5  # Dirichlet concentration for dirichlet/quantity skew.
   c.data.group_column = ""  # by_group: CSV column holding the site/group id.
 
@@ -53,30 +57,45 @@ def base_config() -> ml_collections.ConfigDict:
   c.attack.trigger_location = "bottom_right"  # bottom_right | random.
   c.attack.poison_rate = 1.0  # Fraction of a malicious client's images that carry the trigger.
   c.attack.report_losses = "honest"  # honest | mimic (reports the honest median loss).
+  # images: the trigger spans the images' [-1, 1]; unit: a [0, 1] trigger pasted into [-1, 1] images
+  # (the paper's code: a washed-out patch).
+  c.attack.trigger_range = "images"
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "dcgan"
+  c.model.name = "dcgan"  # dcgan | stylegan2 (the paper's generator; D is always the DCGAN D).
   c.model.latent_dim = 100  # z dimension (DCGAN nz).
   c.model.g_width = 32  # Generator width at the output (DCGAN ngf).
   c.model.d_width = 32  # Discriminator width at the input (DCGAN ndf).
   c.model.d_norm = "batch"  # batch | instance | none (WGAN-GP needs instance or none).
   c.model.conv_impl = "auto"  # auto | xla | fast_cpu | gemm: conv lowering (auto: fast_cpu on CPU, gemm elsewhere).
+  c.model.sg2 = ml_collections.ConfigDict()  # model.name='stylegan2' (Projected GAN's StyleGAN2 G, as the paper's).
+  c.model.sg2.w_dim = 128  # Intermediate latent (style) size; z is model.latent_dim (paper: 64).
+  c.model.sg2.mapping_layers = 8  # Mapping network depth.
+  c.model.sg2.mapping_lr_mult = 0.01  # Learning-rate multiplier of the mapping network.
+  c.model.sg2.w_avg_beta = 0.998  # Decay of the tracked average w (for truncation).
+  c.model.sg2.channel_base = 32768  # Channels at resolution r: min(channel_base // r, channel_max).
+  c.model.sg2.channel_max = 512
+  c.model.sg2.conv_clamp = 256.0  # Clamp of conv outputs (0 = none).
+  c.model.sg2.num_bf16_res = 4  # Highest resolutions computed in bf16 with train.precision='bf16' (paper: fp16).
 
   c.train = ml_collections.ConfigDict()
-  c.train.local_steps = 5  # L: local (D, G) steps per client per round.
+  c.train.local_steps = 5  # L: local (D, G) steps per client per round; 0 = one local epoch (paper code).
   c.train.batch_size = 32
   c.train.gen_steps = 1  # G updates after each D update.
   c.train.loss = "bce"  # bce (non-saturating) | wgan | hinge.
   c.train.optimizer = "adam"  # adam | rmsprop.
   c.train.g_lr = 2e-4
   c.train.d_lr = 2e-4
-  c.train.b1 = 0.5
+  c.train.b1 = 0.5  # Adam beta1: DCGAN's 0.5 (the paper's code: PyTorch's default 0.9).
   c.train.b2 = 0.999
+  c.train.rmsprop = "pytorch"  # pytorch (alpha 0.99, eps outside the sqrt: the paper's code) | optax (0.9, inside).
   c.train.unroll = "auto"  # Unroll the local-step scan: auto (on CPU) | true | false.
   c.train.client_chunk = 0  # Clients vmapped together, chunks in turn (lax.map). 0 = auto: 1 on CPU, all elsewhere.
   c.train.precision = "f32"  # f32 | bf16 (bf16 compute, f32 params).
   c.train.regularizers = ml_collections.ConfigDict()
   c.train.regularizers.gradient_penalty = 0.0  # WGAN-GP lambda (paper defense 2: 10).
+  # x_hat = e * real + (1 - e) * fake with e ~ uniform U[0, 1] (WGAN-GP) | normal N(0, 1) (the paper's code).
+  c.train.gp_interpolation = "uniform"
   c.train.regularizers.r1 = 0.0  # R1 gamma.
   c.train.regularizers.proximal = 0.0  # FedProx mu (toward the round's global weights).
 
@@ -84,6 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.aggregation.name = "mean"  # A registered rule or 'module:factory'.
   c.aggregation.kwargs = ml_collections.ConfigDict()  # Hyperparameters for the factory.
   c.aggregation.average_discriminator = False  # Paper's code averages generators only.
+  c.aggregation.weighting = "examples"  # examples: weights by image count | uniform: 1/C (the paper's code).
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_samples = 512  # Generated images per evaluation.
@@ -147,7 +167,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     "ckpt_every",
     "log_every",
     "num_replicas",
-    "train.local_steps",
     "train.batch_size",
     "train.gen_steps",
     "model.latent_dim",
@@ -161,8 +180,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("resolution", config.resolution, f"accepted values are {sorted(_POW2)}")
   _check_choice(config, "data.source", {"synthetic", "folder", "npz", "tfds"})
   _check_choice(config, "data.channels", {1, 3})
-  _check_choice(config, "data.partition", {"iid", "dirichlet", "quantity", "by_group"})
-  _check_choice(config, "model.name", {"dcgan"})
+  _check_choice(config, "data.partition", {"iid", "dirichlet", "quantity", "by_group", "full"})
+  _check_choice(config, "model.name", {"dcgan", "stylegan2"})
   _check_choice(config, "model.d_norm", {"batch", "instance", "none"})
   _check_choice(config, "model.conv_impl", {"auto", "xla", "fast_cpu", "gemm"})
   _check_choice(config, "train.loss", {"bce", "wgan", "hinge"})
@@ -170,6 +189,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_choice(config, "train.precision", {"f32", "bf16"})
   _check_choice(config, "attack.trigger_location", {"bottom_right", "random"})
   _check_choice(config, "attack.report_losses", {"honest", "mimic"})
+  _check_choice(config, "attack.trigger_range", {"images", "unit"})
+  _check_choice(config, "train.rmsprop", {"pytorch", "optax"})
+  _check_choice(config, "train.gp_interpolation", {"uniform", "normal"})
+  _check_choice(config, "aggregation.weighting", {"examples", "uniform"})
+  steps = config.train.local_steps
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    _fail("train.local_steps", steps, "must be an integer >= 0 (0 = one local epoch per round)")
   if str(config.train.unroll).lower() not in {"auto", "true", "false"}:
     _fail("train.unroll", config.train.unroll, "accepted values are 'auto', True, False")
   chunk = config.train.client_chunk

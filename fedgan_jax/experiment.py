@@ -76,17 +76,19 @@ def run(config, workdir: str) -> dict[str, Any]:
         f.write(config_lib.to_json(c))
   logging.info("devices: %s", jax.devices())
 
-  program, _, _ = assemble.build_program(config)
   if replicated:
     datas, heldouts, infos = zip(*[assemble.setup_data(c) for c, _ in members])
     data = replicas_lib.stack_replicas(datas)
+  else:
+    data, heldout, info = assemble.setup_data(config)
+    heldouts, infos = [heldout], [info]
+  program, _, _ = assemble.build_program(config, assemble.local_steps(config, data.counts))
+  if replicated:
     k_init, k_rounds, k_eval = replicas_lib.replica_keys(config.seed, K)
     state = jax.jit(replicas_lib.replicate(program).init)(k_init)
     view = replicas_lib.unstack
     round_key = lambda r: replicas_lib.round_keys(k_rounds, r)
   else:
-    data, heldout, info = assemble.setup_data(config)
-    heldouts, infos = [heldout], [info]
     k_init, k_rounds, k_eval = replicas_lib.run_keys(config.seed)
     k_eval = k_eval[None]
     state = jax.jit(program.init)(k_init)  # One compiled program, not hundreds of op-by-op dispatches.

@@ -155,8 +155,10 @@ G_LOSS_OUTLIER = np.array([1.0, 1.2, 0.9, 5.0], np.float32)
 
 
 @functools.cache
-def decay_rule(detector="robust_zscore", warmup_rounds=1, decay=0.5, block_after=None, threshold=None):
+def decay_rule(detector="robust_zscore", warmup_rounds=1, decay=0.5, block_after=None, threshold=None, mode=None):
   kw = {} if threshold is None else {"threshold": threshold}
+  if mode is not None:
+    kw["mode"] = mode
   agg = aggregation.get(
     "detect", detector=detector, warmup_rounds=warmup_rounds, decay=decay, block_after=block_after, num_clients=C, **kw
   )
@@ -180,32 +182,43 @@ def run_rounds(rule, g_losses, num_examples=None):
 
 @pytest.mark.parametrize("detector", ["robust_zscore", "isolation_forest"])
 def test_detect_and_decay_golden_sequence(detector):
-  """warmup 1, decay 0.5: the outlier's weight is 1, .5, .25, .125 (renormalized)."""
-  diags = run_rounds(decay_rule(detector), [G_LOSS_OUTLIER] * 4)
-  expect_factor = [1.0, 0.5, 0.25, 0.125]
+  """warmup 1 (acted on from round index 2), decay 0.5, persistent: the outlier's factor is
+  1, 1, .5, .5 * .25, .125 * .125 (renormalized): each acted-on flag multiplies the weight
+  it already has by decay ** times_flagged."""
+  diags = run_rounds(decay_rule(detector), [G_LOSS_OUTLIER] * 5)
+  expect_factor = [1.0, 1.0, 0.5, 0.125, 0.015625]
   for r, (d, fac) in enumerate(zip(diags, expect_factor)):
     np.testing.assert_array_equal(d["flagged"], [False, False, False, True])  # Every round.
     w = np.array([1.0, 1.0, 1.0, fac])
     np.testing.assert_allclose(d["weights"], w / w.sum(), rtol=1e-6)
-    np.testing.assert_array_equal(d["times_flagged"], [0, 0, 0, r])
-    assert bool(d["decay_active"]) == (r >= 1)
+    np.testing.assert_array_equal(d["times_flagged"], [0, 0, 0, max(0, r - 1)])
+    assert bool(d["decay_active"]) == (r >= 2)
   assert diags[0]["scores"].shape == (C,)
+
+
+def test_per_round_decay_mode():
+  """mode='per_round': only this round's flag decays, by decay ** times_flagged."""
+  diags = run_rounds(decay_rule(mode="per_round"), [G_LOSS_OUTLIER] * 5)
+  for d, fac in zip(diags, [1.0, 1.0, 0.5, 0.25, 0.125]):
+    w = np.array([1.0, 1.0, 1.0, fac])
+    np.testing.assert_allclose(d["weights"], w / w.sum(), rtol=1e-6)
 
 
 def test_detect_and_decay_uses_example_counts():
   n = np.array([10.0, 20.0, 30.0, 40.0], np.float32)
-  d = run_rounds(decay_rule(), [G_LOSS_OUTLIER] * 2, num_examples=n)[1]
+  d = run_rounds(decay_rule(), [G_LOSS_OUTLIER] * 3, num_examples=n)[2]
   w = n * np.array([1, 1, 1, 0.5])
   np.testing.assert_allclose(d["weights"], w / w.sum(), rtol=1e-6)
 
 
 def test_no_decay_before_warmup():
-  diags = run_rounds(decay_rule(warmup_rounds=3), [G_LOSS_OUTLIER] * 4)
-  for d in diags[:3]:
+  """warmup_rounds=3: rounds 0..3 are not acted on (the paper's ``epoch > warmup``)."""
+  diags = run_rounds(decay_rule(warmup_rounds=3), [G_LOSS_OUTLIER] * 5)
+  for d in diags[:4]:
     np.testing.assert_allclose(d["weights"], 0.25)
     np.testing.assert_array_equal(d["times_flagged"], 0)
     assert bool(d["flagged"][3]) and not bool(d["decay_active"])
-  np.testing.assert_array_equal(diags[3]["times_flagged"], [0, 0, 0, 1])
+  np.testing.assert_array_equal(diags[4]["times_flagged"], [0, 0, 0, 1])
 
 
 def test_no_decay_when_half_or_more_flagged():
@@ -220,13 +233,54 @@ def test_no_decay_when_half_or_more_flagged():
 
 def test_block_after_blocks_for_good():
   honest = np.array([1.0, 1.2, 0.9, 1.1], np.float32)
-  diags = run_rounds(decay_rule(block_after=2), [G_LOSS_OUTLIER, G_LOSS_OUTLIER, G_LOSS_OUTLIER, honest])
-  np.testing.assert_allclose(diags[1]["weights"], np.array([1, 1, 1, 0.5]) / 3.5, rtol=1e-6)
-  for d in diags[2:]:  # Flagged twice by round 2; still blocked when it looks honest.
+  diags = run_rounds(decay_rule(block_after=2), [G_LOSS_OUTLIER] * 4 + [honest])
+  np.testing.assert_allclose(diags[2]["weights"], np.array([1, 1, 1, 0.5]) / 3.5, rtol=1e-6)
+  for d in diags[3:]:  # Flagged twice by round 3; still blocked when it looks honest.
     np.testing.assert_allclose(d["weights"], [1 / 3, 1 / 3, 1 / 3, 0], rtol=1e-6)
     assert bool(d["blocked"][3])
-  assert not bool(diags[3]["flagged"][3])
-  np.testing.assert_array_equal(diags[3]["times_flagged"], [0, 0, 0, 2])
+  assert not bool(diags[4]["flagged"][3])
+  np.testing.assert_array_equal(diags[4]["times_flagged"], [0, 0, 0, 2])
+
+
+def _paper_code_weights(flags: np.ndarray, warmup: int, decay: float) -> np.ndarray:
+  """The paper's code's rule (scripts/vanilla.py), replayed in plain numpy on given flags [R, C]."""
+  num_clients = flags.shape[1]
+  weights = [1 / num_clients] * num_clients
+  outliers_count: dict[int, int] = {}
+  out = []
+  for epoch, row in enumerate(flags):
+    if epoch > warmup:
+      neg_idx = [i for i in range(num_clients) if row[i]]
+      if len(neg_idx) < num_clients // 2:
+        for i in neg_idx:
+          outliers_count[i] = outliers_count.get(i, 0) + 1
+        for i in neg_idx:
+          weights[i] = weights[i] * decay ** outliers_count[i]
+        total = sum(weights)
+        weights = [w / total for w in weights]
+    out.append(list(weights))
+  return np.asarray(out)
+
+
+@pytest.mark.parametrize("num_clients", [4, 5])
+def test_decay_weights_equal_a_replay_of_the_paper_code(num_clients):
+  """40 rounds of random flags through the decay stage (uniform start, then ``mean``):
+  the weights equal the paper code's rule on the same flags: warm-up ``epoch > 10``,
+  acting only when fewer than C // 2 are flagged, persistent decay ** times_flagged."""
+  rng = np.random.default_rng(num_clients)
+  flags = rng.random((40, num_clients)) < np.array([0.7] + [0.15] * (num_clients - 1))
+  want = _paper_code_weights(flags, warmup=10, decay=0.9)
+  agg = aggregation.chain(
+    aggregation.decay_flagged(decay=0.9, warmup_rounds=10, num_clients=num_clients), aggregation.mean()
+  )
+  fn = jax.jit(agg.aggregate)
+  g, cp = {"w": jnp.zeros(2)}, {"w": jnp.ones((num_clients, 2))}
+  state = agg.init(g)
+  for r in range(40):
+    stats = {"num_examples": jnp.ones(num_clients), "flagged": jnp.asarray(flags[r])}
+    _, state, diag = fn(state, g, cp, stats, jax.random.key(r))
+    np.testing.assert_allclose(diag["weights"], want[r], rtol=1e-5, err_msg=f"round {r}")
+  assert want[-1, 0] < 0.05 and len(set(np.round(want[:, 0], 6))) > 5  # The replay exercised the rule.
 
 
 def test_detect_errors_name_the_field():

@@ -126,7 +126,9 @@ def test_by_group_one_client_per_group():
 
 def test_errors():
   ds = labelled()
-  with pytest.raises(ValueError, match=r"data.partition='shards'.*\['by_group', 'dirichlet', 'iid', 'quantity'\]"):
+  with pytest.raises(
+    ValueError, match=r"data.partition='shards'.*\['by_group', 'dirichlet', 'full', 'iid', 'quantity'\]"
+  ):
     partition_lib.partition(ds, 4, "shards")
   with pytest.raises(ValueError, match="data.alpha > 0"):
     partition_lib.partition(ds, 4, "dirichlet", alpha=0.0)
@@ -149,3 +151,13 @@ def test_iid_unchanged_and_counts():
   assert clients.labels.dtype == np.int32 and clients.counts.dtype == np.int32
   parts = partition_lib.iid(10, 3, np.random.default_rng(0))
   np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(10))
+
+
+def test_full_gives_every_client_every_image():
+  """``full`` (the paper's code: every client reads the whole dataset)."""
+  ds = labelled()
+  clients = partition_lib.partition(ds, 3, "full", seed=1)
+  np.testing.assert_array_equal(clients.counts, [len(ds.images)] * 3)
+  for c in range(3):
+    got = np.sort(clients.images[c].reshape(len(ds.images), -1), axis=0)
+    np.testing.assert_array_equal(got, np.sort(ds.images.reshape(len(ds.images), -1), axis=0))

@@ -327,6 +327,7 @@ class DecayState(NamedTuple):
 
   round: jax.Array  # int32[]: rounds aggregated so far.
   times_flagged: jax.Array  # int32[C]: rounds (after warm-up) each client was flagged and acted on.
+  factor: jax.Array  # f32[C]: each client's weight factor (persistent mode; product of its decays).
 
 
 def check_num_clients(num_clients: Any, rule: str) -> int:
@@ -341,37 +342,47 @@ def check_num_clients(num_clients: Any, rule: str) -> int:
 
 
 def decay_flagged(
-  decay: float = 0.9, warmup_rounds: int = 10, block_after: int | None = None, num_clients: int | None = None
+  decay: float = 0.9,
+  warmup_rounds: int = 10,
+  block_after: int | None = None,
+  num_clients: int | None = None,
+  mode: str = "persistent",
 ) -> Stage:
-  """Stage: multiplies flagged clients' weights by ``decay ** times_flagged``.
+  """Stage: decays the aggregation weight of flagged clients (the paper's defense 1).
 
   Reads ``client_stats['flagged']`` (a ``detect`` stage must come first) and
-  rescales ``client_stats['num_examples']``. Order within round ``r``
-  (``r = state.round``, counted from 0):
+  rescales ``client_stats['num_examples']``. In round ``r`` (0-based,
+  ``r = state.round``), as the paper's code does:
 
-  1. ``active = r >= warmup_rounds`` and fewer than half of the valid clients
-     are flagged (``2 * n_flagged < n_valid``).
-  2. If active: ``times_flagged += flagged`` (valid clients only) *first*;
-  3. then each client flagged this round (if active) gets its count times
-     ``decay ** times_flagged`` (so the first flag already decays by
-     ``decay``); clients not flagged this round keep their full count;
+  1. the flags are acted on iff ``r > warmup_rounds`` (the code's
+     ``epoch > warmup``: with 10, from round index 11 on) and fewer than
+     ``n_valid // 2`` of the valid clients are flagged (the code's
+     ``len(flagged) < C // 2``);
+  2. if acted on, ``times_flagged += 1`` for each flagged client *first*;
+  3. ``mode='persistent'`` (the paper's code): each such client's weight
+     factor is multiplied by ``decay ** times_flagged`` and *kept*: the factor
+     is the product of all its decays so far, so a client never regains weight
+     by not being flagged (the code multiplies its weight list in place and
+     renormalises). ``mode='per_round'``: only this round's flagged clients
+     get ``decay ** times_flagged``, the others their full count;
   4. with ``block_after=k``: clients with ``times_flagged >= k`` get count 0
      (blocked) in this and every later round;
   5. ``round += 1``.
 
-  The reduction renormalizes, so with ``mean`` the weight of client ``i`` is
-  ``n_i * decay ** t_i / sum_j n_j * decay ** t_j`` over valid clients
-  (``t_j = 0`` for clients not flagged this round).
+  The reduction renormalizes: with ``mean``, client ``i`` gets
+  ``n_i f_i / sum_j n_j f_j`` over valid clients (``n`` = 1 with
+  ``aggregation.weighting='uniform'``, the paper's 1/C start).
 
   Args:
     decay: factor in ``(0, 1]``.
-    warmup_rounds: rounds (>= 0) before any flag is acted on.
+    warmup_rounds: flags are acted on from round index ``warmup_rounds + 1`` (>= 0).
     block_after: None, or flagged rounds (>= 1) after which a client is blocked.
-    num_clients: C (required: the state holds ``times_flagged: int32[C]``).
+    num_clients: C (required: the state holds ``[C]`` arrays).
+    mode: ``'persistent'`` (default, the paper's code) or ``'per_round'``.
 
   Returns:
     A ``Stage`` with ``DecayState``; diagnostics ``times_flagged``,
-    ``blocked``, ``decay_active``.
+    ``blocked``, ``decay_active``, ``decay_factor``.
 
   Raises:
     ValueError: a hyperparameter out of range or ``num_clients`` missing.
@@ -382,12 +393,16 @@ def decay_flagged(
     raise ValueError(f"aggregation.kwargs.warmup_rounds={warmup_rounds!r}: must be an integer >= 0.")
   if block_after is not None and (not isinstance(block_after, numbers.Integral) or block_after < 1):
     raise ValueError(f"aggregation.kwargs.block_after={block_after!r}: must be None or an integer >= 1.")
+  if mode not in ("persistent", "per_round"):
+    raise ValueError(f"aggregation.kwargs.mode={mode!r}: accepted 'persistent', 'per_round'.")
   c = check_num_clients(num_clients, "decay")
   decay = float(decay)
 
   def init(global_params):
     del global_params
-    return DecayState(round=jnp.zeros((), jnp.int32), times_flagged=jnp.zeros((c,), jnp.int32))
+    return DecayState(
+      round=jnp.zeros((), jnp.int32), times_flagged=jnp.zeros((c,), jnp.int32), factor=jnp.ones((c,), jnp.float32)
+    )
 
   def update(state, global_params, client_params, client_stats, key):
     del global_params, key
@@ -402,17 +417,17 @@ def decay_flagged(
       )
     valid, _ = valid_mask(client_params, client_stats)
     flagged = client_stats["flagged"] & valid
-    n_flagged = jnp.sum(flagged)
-    active = (state.round >= warmup_rounds) & (2 * n_flagged < jnp.sum(valid))
+    active = (state.round > warmup_rounds) & (jnp.sum(flagged) < jnp.sum(valid) // 2)
     hit = active & flagged
     times = state.times_flagged + hit.astype(jnp.int32)
-    factor = jnp.where(hit, jnp.power(jnp.float32(decay), times.astype(jnp.float32)), 1.0)
+    this_round = jnp.where(hit, jnp.power(jnp.float32(decay), times.astype(jnp.float32)), 1.0)
+    factor = state.factor * this_round if mode == "persistent" else this_round
     blocked = (times >= block_after) if block_after is not None else jnp.zeros((c,), bool)
     counts = jnp.asarray(client_stats["num_examples"], jnp.float32) * factor
     counts = jnp.where(blocked, 0.0, counts)
     stats = {**client_stats, "num_examples": counts}
-    new_state = DecayState(round=state.round + 1, times_flagged=times)
-    diagnostics = {"times_flagged": times, "blocked": blocked, "decay_active": active}
+    new_state = DecayState(round=state.round + 1, times_flagged=times, factor=state.factor * this_round)
+    diagnostics = {"times_flagged": times, "blocked": blocked, "decay_active": active, "decay_factor": factor}
     return client_params, stats, new_state, diagnostics
 
   return Stage(init, update)

@@ -125,6 +125,7 @@ def detect_and_decay(
   inner_kwargs: dict | None = None,
   abs_features: bool = True,
   num_clients: int | None = None,
+  mode: str = "persistent",
   **detector_kwargs: Any,
 ) -> Aggregator:
   """The global malicious detection defense of Jin & Li (SASHIMI 2022).
@@ -132,34 +133,39 @@ def detect_and_decay(
   ``chain(detect(detector, features), decay_flagged(...), inner)``: every
   round the detector scores the clients on ``|client_stats[features]|``
   (``flagged`` reports its verdict every round, warm-up included); from round
-  ``warmup_rounds`` on, if fewer than half of the clients are flagged, each
-  flagged client's weight is multiplied by ``decay ** times_flagged`` (count
-  incremented first) and ``inner`` renormalizes. ``block_after=k`` blocks a
-  client flagged in ``k`` acted-on rounds for good. See ``decay_flagged`` for
-  the order.
+  index ``warmup_rounds + 1`` on, if fewer than ``C // 2`` clients are
+  flagged, each flagged client's weight is multiplied by
+  ``decay ** times_flagged`` (count incremented first), persistently by
+  default, and ``inner`` renormalizes: the paper's code's rule.
+  ``block_after=k`` blocks a client flagged in ``k`` acted-on rounds for
+  good. See ``decay_flagged`` for the order. The paper's code feeds the
+  Isolation Forest ``|G loss|`` of each client's *last* local batch:
+  ``features=('g_loss_last',)``; the default ``('g_loss',)`` is the mean over
+  the round's local steps.
 
   Args:
     detector: ``'isolation_forest'`` (paper) or ``'robust_zscore'``.
     features: ``client_stats`` keys the detector sees.
-    warmup_rounds: rounds before flags are acted on.
+    warmup_rounds: flags are acted on from round index ``warmup_rounds + 1``.
     decay: per-flag weight factor in ``(0, 1]``.
     block_after: None, or flagged rounds after which a client is blocked.
     inner: the reduction (registry name or ``Aggregator``), ``mean`` in the paper.
     inner_kwargs: kwargs of ``inner`` when given by name.
     abs_features: take ``abs`` of the features (the paper's |G loss|).
     num_clients: C, required (the state holds ``times_flagged: int32[C]``).
+    mode: ``'persistent'`` (the paper's code) or ``'per_round'`` decay (``decay_flagged``).
     **detector_kwargs: hyperparameters of the detector, e.g. ``num_trees``,
       ``threshold``.
 
   Returns:
     The ``Aggregator``; state ``(EmptyState(), DecayState, inner_state)``;
     diagnostics ``weights``, ``flagged``, ``scores``, ``times_flagged``,
-    ``blocked``, ``decay_active``, ``nonfinite`` plus ``inner``'s.
+    ``blocked``, ``decay_active``, ``decay_factor``, ``nonfinite`` plus ``inner``'s.
   """
   spec = inner if not isinstance(inner, str) else (inner, dict(inner_kwargs or {}))
   return chain(
     detect(detector, features, abs_features, **detector_kwargs),
-    decay_flagged(decay, warmup_rounds, block_after, check_num_clients(num_clients, "detect")),
+    decay_flagged(decay, warmup_rounds, block_after, check_num_clients(num_clients, "detect"), mode),
     spec,
     num_clients=num_clients,
   )

@@ -18,8 +18,11 @@ Partitions (``config.data.partition``, registry ``PARTITIONS``):
   HAM10000 ``dataset`` column = acquisition site); the number of groups must
   equal ``num_clients``. Client ``i`` holds the ``i``-th group id in sorted
   order.
+* ``full`` -- every client holds the whole training set, as in the paper's
+  code (each client's DataLoader reads the same dataset); clients differ only
+  in the order they draw it.
 
-Every image is assigned to exactly one client (checked for every rule).
+Every other rule assigns every image to exactly one client (checked).
 Aggregation weights follow the real example counts (``ClientData.counts``).
 ``min_size`` defaults to 1; training draws batches from ``[0, counts[c])`` so a
 client smaller than the batch is sampled with repetition.
@@ -159,9 +162,13 @@ def by_group(groups: np.ndarray, num_clients: int) -> Assignment:
 
 
 def _check_assignment(assignment: Assignment, num_images: int, num_clients: int, method: str) -> None:
-  """Every image exactly once, exactly ``num_clients`` parts."""
+  """Every image exactly once (every image at every client for ``full``), exactly ``num_clients`` parts."""
   if len(assignment) != num_clients:
     raise ValueError(f"data.partition={method!r} gave {len(assignment)} clients, expected num_clients={num_clients}.")
+  if method == "full":
+    if any(np.any(np.sort(a) != np.arange(num_images)) for a in assignment):
+      raise ValueError(f"data.partition='full' must give every client all {num_images} images.")
+    return
   flat = np.sort(np.concatenate(assignment)) if assignment else np.zeros(0, np.int64)
   if flat.shape != (num_images,) or np.any(flat != np.arange(num_images)):
     raise ValueError(f"data.partition={method!r} did not assign every one of the {num_images} images exactly once.")
@@ -243,7 +250,13 @@ def _by_group(ds: Dataset, num_clients: int, rng: np.random.Generator, **unused)
   return by_group(ds.groups, num_clients)
 
 
+def _full(ds: Dataset, num_clients: int, rng: np.random.Generator, **unused) -> Assignment:
+  del unused
+  return [rng.permutation(len(ds.images)) for _ in range(num_clients)]
+
+
 PARTITIONS: dict[str, Callable[..., Assignment]] = {
+  "full": _full,
   "iid": _iid,
   "dirichlet": _dirichlet,
   "quantity": _quantity,

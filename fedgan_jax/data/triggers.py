@@ -44,14 +44,26 @@ def default_trigger(size: int, channels: int) -> np.ndarray:
 
 
 def load_trigger(config) -> np.ndarray:
-  """The trigger of ``config.attack`` as float32 ``[s, s, channels]`` in [-1, 1]."""
+  """The trigger of ``config.attack`` as float32 ``[s, s, channels]``, in the value range pasted.
+
+  ``attack.trigger_range='images'``: the trigger spans the images' [-1, 1]
+  (full contrast). ``'unit'``: the same pattern in [0, 1], as the paper's code
+  pastes ``ToTensor()``'s [0, 1] trigger into images normalized to [-1, 1]: a
+  washed-out, brighter patch.
+  """
   size, _ = config_lib.trigger_geometry(config)
   ch = config.data.channels
   spec = config.attack.trigger
   if spec == "default":
-    return default_trigger(size, ch)
-  if not os.path.isfile(spec):
+    trigger = default_trigger(size, ch)
+  elif not os.path.isfile(spec):
     raise FileNotFoundError(f"config.attack.trigger={spec!r}: no such file; accepted: 'default' or a PNG path.")
+  else:
+    trigger = _read_png(spec, size, ch)
+  return (trigger + 1.0) / 2.0 if config.attack.trigger_range == "unit" else trigger
+
+
+def _read_png(spec: str, size: int, ch: int) -> np.ndarray:
   from PIL import Image
 
   try:

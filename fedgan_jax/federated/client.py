@@ -22,10 +22,17 @@ PyTree = Any
 
 
 def optimizer(config, lr: float) -> optax.GradientTransformation:
-  """The local optimizer of ``train.optimizer`` at learning rate ``lr``."""
+  """The local optimizer of ``train.optimizer`` at learning rate ``lr``.
+
+  ``train.rmsprop='pytorch'`` is ``torch.optim.RMSprop``'s defaults (the
+  paper's code): ``v = 0.99 v + 0.01 g^2``, step ``lr g / (sqrt(v) + 1e-8)``;
+  ``'optax'`` is ``optax.rmsprop``'s (decay 0.9, eps inside the square root).
+  """
   t = config.train
   if t.optimizer == "adam":
     return optax.adam(lr, b1=t.b1, b2=t.b2)
+  if t.rmsprop == "pytorch":
+    return optax.rmsprop(lr, decay=0.99, eps=1e-8, eps_in_sqrt=False)
   return optax.rmsprop(lr)
 
 
@@ -45,13 +52,25 @@ def split_vars(variables: PyTree) -> tuple[PyTree, dict]:
   return params, rest
 
 
-def local_trainer(config, generator, discriminator) -> Callable[..., tuple[ClientState, PyTree, PyTree, dict]]:
+def local_trainer(
+  config, generator, discriminator, local_steps: int | None = None
+) -> Callable[..., tuple[ClientState, PyTree, PyTree, dict]]:
   """The local training function of one client for ``config``.
+
+  With ``train.local_steps = L > 0`` every client makes L steps on batches
+  drawn uniformly (with replacement) from its images. With
+  ``train.local_steps = 0`` every client makes one local epoch, as in the
+  paper's code: its images in a fresh random order, ``count // batch_size``
+  full batches (PyTorch's ``drop_last=True``); the program runs the largest
+  client's number of steps and a client's extra steps leave it unchanged.
 
   Args:
     config: the validated run config.
     generator: Flax generator module.
     discriminator: Flax discriminator module.
+    local_steps: the number of steps the program runs (static): L, or with
+      ``train.local_steps = 0`` the largest client's ``count // batch_size``
+      (``assemble.local_steps``).
 
   Returns:
     ``local_train(client, g_global, d_global, images, count, is_mal, flags,
@@ -62,7 +81,10 @@ def local_trainer(config, generator, discriminator) -> Callable[..., tuple[Clien
     (``g_loss``/``d_loss``: mean over the steps; ``_last``: the last step).
   """
   B = config.train.batch_size
-  L = config.train.local_steps
+  epoch = config.train.local_steps == 0
+  L = local_steps or config.train.local_steps
+  if not L:
+    raise ValueError("train.local_steps=0 (one local epoch): pass local_steps, the largest client's count // batch.")
   nz = config.model.latent_dim
   loss_kind = config.train.loss
   reg = config.train.regularizers
@@ -97,10 +119,21 @@ def local_trainer(config, generator, discriminator) -> Callable[..., tuple[Clien
     d_params, d_rest = split_vars(d_global if avg_d else client.d_vars)
     g_anchor, d_anchor = g_params, d_params
 
-    def step(carry, k):
+    if epoch:  # A random order of the client's own images (padding sorted last); batch i is its slice i.
+      key, k_perm = jax.random.split(key)
+      order = jnp.argsort(
+        jnp.where(jnp.arange(images.shape[0]) < count, jax.random.uniform(k_perm, images.shape[:1]), 2.0)
+      )
+      n_steps = count // B
+
+    def step(carry, xs):
+      k, i = xs
       g_params, g_rest, d_params, d_rest, g_opt, d_opt = carry
       k_idx, k_zd, k_zg, k_gp, k_loc = jax.random.split(k, 5)
-      idx = jax.random.randint(k_idx, (B,), 0, count)
+      if epoch:
+        idx = jax.lax.dynamic_slice(order, (i * B,), (B,))
+      else:
+        idx = jax.random.randint(k_idx, (B,), 0, count)
       real = images[idx].astype(jnp.float32) / 127.5 - 1.0
       real = attack.poison_batch(real, is_mal & flags[idx], trigger, trigger_loc, k_loc, random_loc)
 
@@ -114,7 +147,7 @@ def local_trainer(config, generator, discriminator) -> Callable[..., tuple[Clien
         loss = losses.d_adversarial(loss_kind, real_logits, fake_logits)
         d_fn = lambda x: d_apply(dp, rest2, x)[0]
         if gp_w:
-          loss = loss + gp_w * losses.gradient_penalty(d_fn, real, fake, k_gp)
+          loss = loss + gp_w * losses.gradient_penalty(d_fn, real, fake, k_gp, config.train.gp_interpolation)
         if r1_w:
           loss = loss + r1_w * losses.r1_penalty(d_fn, real)
         if prox_w and avg_d:
@@ -141,17 +174,30 @@ def local_trainer(config, generator, discriminator) -> Callable[..., tuple[Clien
         (g_loss, g_rest), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(g_params)
         g_upd, g_opt = g_tx.update(g_grads, g_opt, g_params)
         g_params = optax.apply_updates(g_params, g_upd)
-      return (g_params, g_rest, d_params, d_rest, g_opt, d_opt), (g_loss, d_loss)
+      new = (g_params, g_rest, d_params, d_rest, g_opt, d_opt)
+      if epoch:  # Past this client's epoch: the step changes nothing.
+        new = jax.tree.map(lambda a, b: jnp.where(i < n_steps, a, b), new, carry)
+      return new, (g_loss, d_loss)
 
     carry = (g_params, g_rest, d_params, d_rest, client.g_opt, client.d_opt)
-    carry, (g_losses, d_losses) = jax.lax.scan(step, carry, jax.random.split(key, L), unroll=unroll)
+    carry, (g_losses, d_losses) = jax.lax.scan(step, carry, (jax.random.split(key, L), jnp.arange(L)), unroll=unroll)
     g_params, g_rest, d_params, d_rest, g_opt, d_opt = carry
-    stats = {
-      "g_loss": jnp.mean(g_losses),
-      "d_loss": jnp.mean(d_losses),
-      "g_loss_last": g_losses[-1],
-      "d_loss_last": d_losses[-1],
-    }
+    if epoch:
+      used = jnp.arange(L) < n_steps
+      last = jnp.maximum(n_steps - 1, 0)
+      stats = {
+        "g_loss": jnp.sum(jnp.where(used, g_losses, 0.0)) / jnp.maximum(n_steps, 1),
+        "d_loss": jnp.sum(jnp.where(used, d_losses, 0.0)) / jnp.maximum(n_steps, 1),
+        "g_loss_last": g_losses[last],
+        "d_loss_last": d_losses[last],
+      }
+    else:
+      stats = {
+        "g_loss": jnp.mean(g_losses),
+        "d_loss": jnp.mean(d_losses),
+        "g_loss_last": g_losses[-1],
+        "d_loss_last": d_losses[-1],
+      }
     new_client = ClientState(d_vars={"params": d_params, **d_rest}, g_opt=g_opt, d_opt=d_opt)
     return new_client, {"params": g_params, **g_rest}, {"params": d_params, **d_rest}, stats
 

@@ -34,22 +34,36 @@ def g_adversarial(kind: str, fake_logits: jax.Array) -> jax.Array:
 
 
 def gradient_penalty(
-  d_fn: Callable[[jax.Array], jax.Array], real: jax.Array, fake: jax.Array, key: jax.Array
+  d_fn: Callable[[jax.Array], jax.Array],
+  real: jax.Array,
+  fake: jax.Array,
+  key: jax.Array,
+  interpolation: str = "uniform",
 ) -> jax.Array:
   """WGAN-GP: mean over the batch of (||grad_x D(x_hat)||_2 - 1)^2.
 
-  ``x_hat = eps * real + (1 - eps) * fake`` with ``eps ~ U[0, 1]`` per image.
+  ``x_hat = eps * real + (1 - eps) * fake`` with one ``eps`` per image, drawn
+  from ``U[0, 1]`` (Gulrajani et al. 2017) or, with ``interpolation='normal'``,
+  from ``N(0, 1)`` as the paper's code does (``torch.randn``; points beyond
+  the segment between real and fake).
 
   Args:
     d_fn: images ``[B, ...]`` -> logits ``[B]`` (per-image independent).
     real: real images.
     fake: generated images (no gradient to G is needed here).
     key: PRNG key for eps.
+    interpolation: ``'uniform'`` or ``'normal'`` (``train.gp_interpolation``).
 
   Returns:
     The penalty (unweighted scalar).
   """
-  eps = jax.random.uniform(key, (real.shape[0],) + (1,) * (real.ndim - 1), real.dtype)
+  shape = (real.shape[0],) + (1,) * (real.ndim - 1)
+  if interpolation == "normal":
+    eps = jax.random.normal(key, shape, real.dtype)
+  elif interpolation == "uniform":
+    eps = jax.random.uniform(key, shape, real.dtype)
+  else:
+    raise ValueError(f"train.gp_interpolation={interpolation!r}: accepted 'uniform', 'normal'.")
   x_hat = eps * real + (1.0 - eps) * fake
   grads = jax.grad(lambda x: jnp.sum(d_fn(x)))(x_hat)
   norms = jnp.sqrt(jnp.sum(grads.reshape(grads.shape[0], -1) ** 2, axis=1) + 1e-12)

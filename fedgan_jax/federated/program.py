@@ -51,7 +51,12 @@ def client_chunk(config, num_clients: int) -> int:
 
 
 def build(
-  config, generator, discriminator, g_aggregator: Aggregator, d_aggregator: Aggregator | None = None
+  config,
+  generator,
+  discriminator,
+  g_aggregator: Aggregator,
+  d_aggregator: Aggregator | None = None,
+  local_steps: int | None = None,
 ) -> Program:
   """Builds the pure functions of a run from a validated config.
 
@@ -63,6 +68,8 @@ def build(
     d_aggregator: rule for discriminators when
       ``aggregation.average_discriminator`` (defaults to ``g_aggregator``: its
       functions are pure, and each model keeps its own aggregator state).
+    local_steps: the steps every client's scan runs; required with
+      ``train.local_steps = 0`` (one local epoch: ``assemble.local_steps``).
 
   Returns:
     A ``Program``.
@@ -72,8 +79,10 @@ def build(
   R = config.resolution
   ch = config.data.channels
   d_aggregator = d_aggregator or g_aggregator
-  local_train = client_lib.local_trainer(config, generator, discriminator)
-  server_round = server_lib.server_round(g_aggregator, d_aggregator, bool(config.aggregation.average_discriminator))
+  local_train = client_lib.local_trainer(config, generator, discriminator, local_steps)
+  server_round = server_lib.server_round(
+    g_aggregator, d_aggregator, bool(config.aggregation.average_discriminator), config.aggregation.weighting
+  )
 
   def init(key: jax.Array) -> RoundState:
     kg, kd = jax.random.split(key)

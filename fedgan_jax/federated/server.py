@@ -30,7 +30,9 @@ def server_stats(global_vars: PyTree, client_vars: PyTree) -> dict[str, jax.Arra
   return agg_stats.server_stats(global_vars["params"], client_vars["params"])
 
 
-def server_round(g_aggregator: Aggregator, d_aggregator: Aggregator, average_discriminator: bool) -> Callable:
+def server_round(
+  g_aggregator: Aggregator, d_aggregator: Aggregator, average_discriminator: bool, weighting: str = "examples"
+) -> Callable:
   """The server step for these aggregation rules.
 
   Args:
@@ -38,6 +40,9 @@ def server_round(g_aggregator: Aggregator, d_aggregator: Aggregator, average_dis
     d_aggregator: the rule for discriminators when ``average_discriminator``.
     average_discriminator: also aggregate discriminators and send the result
       back to the clients (the paper's code averages generators only).
+    weighting: ``'examples'``: the rules weigh clients by their reported
+      image counts (FedAvg); ``'uniform'``: every client with data counts 1
+      (the paper's code: weights 1/C before any defense changes them).
 
   Returns:
     ``server_round(state, clients, uploads, key) -> (new_state, metrics)``:
@@ -50,6 +55,9 @@ def server_round(g_aggregator: Aggregator, d_aggregator: Aggregator, average_dis
 
   def step(state: RoundState, clients: ClientState, uploads: Uploads, key: jax.Array):
     _, k_gagg, k_dagg = jax.random.split(key, 3)
+    if weighting == "uniform":
+      n = uploads.reported["num_examples"]
+      uploads = uploads._replace(reported={**uploads.reported, "num_examples": (n > 0).astype(n.dtype)})
     g_stats = {**uploads.reported, **server_stats(state.g_global, uploads.client_g)}
     g_global, g_agg, g_diag = g_aggregator.aggregate(state.g_agg, state.g_global, uploads.client_g, g_stats, k_gagg)
     d_global, d_agg, d_diag = state.d_global, state.d_agg, {}
