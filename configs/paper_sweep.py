@@ -21,9 +21,11 @@ to train the 3 seeds of each point as one program.
 
 Defenses (the paper's settings):
 
-* ``detect``: ``aggregation.name='detect'`` (Isolation Forest on |G loss|,
-  weight decay 0.9 per flag), acting after a 10-round warm-up.
-* ``gp``: WGAN loss with gradient penalty 10, InstanceNorm in D, RMSprop.
+* ``detect``: ``aggregation.name='detect'`` (Isolation Forest on |G loss of
+  the last local batch|, persistent decay 0.9 per flag), acting from round
+  index 11 (the paper's code's ``epoch > 10``).
+* ``gp``: WGAN loss with gradient penalty 10 (the code's N(0, 1)
+  interpolation), InstanceNorm in D, RMSprop.
 * ``both``: the two together.
 """
 
@@ -32,13 +34,20 @@ from launch.sweep import product
 
 NUM_ROUNDS = 60
 
-_GP = {
+_GP = {  # As configs/paper.py:gp.
   "train.loss": "wgan",
   "train.regularizers.gradient_penalty": 10.0,
+  "train.gp_interpolation": "normal",
   "model.d_norm": "instance",
   "train.optimizer": "rmsprop",
+  "train.g_lr": 1e-4,
+  "train.d_lr": 1e-4,
 }
-_DETECT = {"aggregation.name": "detect", "aggregation.kwargs.warmup_rounds": 10}
+_DETECT = {  # As configs/paper.py:detect.
+  "aggregation.name": "detect",
+  "aggregation.kwargs.features": ("g_loss_last",),
+  "aggregation.kwargs.warmup_rounds": 10,
+}
 
 DEFENSES = [
   {"_defense": "none"},

@@ -39,151 +39,24 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import itertools
 import json
 import math
 import os
-import re
 import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 
 from fedgan_jax import config_lib, experiment
 from fedgan_jax.io.rundir import read_summary
 from fedgan_jax.report import table
-
-Point = dict[str, Any]
+from launch.grid import _HIDE, Point, _fmt_value, check_names, overrides, point_name, product, zipped  # noqa: F401
 
 SUMMARY_COLUMNS = table.SUMMARY_COLUMNS
-_HIDE = "_hide"  # Internal: keys a label stands for (left out of the name).
-
-
-# --------------------------------------------------------------------------- grid helpers
-
-
-def _as_points(factor: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]) -> list[Point]:
-  if isinstance(factor, Mapping):
-    keys = list(factor)
-    for k in keys:
-      if isinstance(factor[k], (str, bytes)) or not isinstance(factor[k], Iterable):
-        raise ValueError(f"sweep axis {k!r}: expected a list of values, got {factor[k]!r}.")
-    return [dict(zip(keys, vals)) for vals in itertools.product(*(list(factor[k]) for k in keys))]
-  points = []
-  for p in factor:
-    if not isinstance(p, Mapping):
-      raise ValueError(f"sweep factor: expected dicts of overrides, got {p!r}.")
-    p = dict(p)
-    labels = [k for k in p if k.startswith("_") and k != _HIDE]
-    if labels:  # A labelled alternative: its own keys are named by the label.
-      p[_HIDE] = tuple(sorted(set(p.get(_HIDE, ())) | {k for k in p if not k.startswith("_")}))
-    points.append(p)
-  return points
-
-
-def _merge(points: Sequence[Point]) -> Point:
-  out: Point = {}
-  for p in points:
-    for k, v in p.items():
-      if k == _HIDE:
-        out[_HIDE] = tuple(sorted(set(out.get(_HIDE, ())) | set(v)))
-      elif k in out:
-        raise ValueError(f"sweep: key {k!r} is set by two factors ({out[k]!r} and {v!r}).")
-      else:
-        out[k] = v
-  return out
-
-
-def product(*factors: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]) -> list[Point]:
-  """The Cartesian product of sweep factors, first factor outermost.
-
-  Args:
-    *factors: each either a dict ``{dotted_key: [values]}`` (itself expanded
-      as a product over its keys) or a list of override dicts (alternatives,
-      e.g. defenses that set several keys at once; add a ``'_label': 'name'``
-      key to name the alternative).
-
-  Returns:
-    A list of override dicts.
-
-  Raises:
-    ValueError: two factors set the same key, or an axis is not a list.
-  """
-  expanded = [_as_points(f) for f in factors]
-  return [_merge(combo) for combo in itertools.product(*expanded)]
-
-
-def zipped(axes: Mapping[str, Sequence[Any]] | None = None, **kwargs: Sequence[Any]) -> list[Point]:
-  """Points that move several keys together: ``zipped({'a': [1, 2], 'b': [3, 4]})``.
-
-  Args:
-    axes: ``{dotted_key: [values]}``, all lists of one length.
-    **kwargs: more axes (keys without dots).
-
-  Returns:
-    ``[{'a': 1, 'b': 3}, {'a': 2, 'b': 4}]``.
-
-  Raises:
-    ValueError: the lists differ in length.
-  """
-  axes = {**(axes or {}), **kwargs}
-  lens = {k: len(v) for k, v in axes.items()}
-  if len(set(lens.values())) > 1:
-    raise ValueError(f"zipped: all axes need the same number of values, got {lens}.")
-  keys = list(axes)
-  return [dict(zip(keys, vals)) for vals in zip(*(axes[k] for k in keys))]
-
-
-# --------------------------------------------------------------------------- naming
-
-
-def overrides(point: Point) -> dict[str, Any]:
-  """The config overrides of a point (labels and internal keys dropped)."""
-  return {k: v for k, v in point.items() if not k.startswith("_")}
-
-
-def _fmt_value(v: Any) -> str:
-  if isinstance(v, (tuple, list)):
-    return "-".join(_fmt_value(x) for x in v) if v else "none"
-  if isinstance(v, float):
-    return f"{v:g}"
-  return str(v)
-
-
-def point_name(point: Point) -> str:
-  """A readable, filesystem-safe directory name read off a point's overrides.
-
-  ``{'attack.malicious': (0,), '_defense': 'gp', 'seed': 1}`` ->
-  ``malicious-0__defense-gp__seed-1`` (the last part of each dotted key; a
-  label ``_x`` reads ``x``; keys a label stands for are left out).
-  """
-  hidden = set(point.get(_HIDE, ()))
-  parts = []
-  for k, v in point.items():
-    if k == _HIDE or k in hidden:
-      continue
-    short = k.lstrip("_").split(".")[-1]
-    parts.append(f"{short}-{_fmt_value(v)}")
-  name = "__".join(parts) or "base"
-  return re.sub(r"[^A-Za-z0-9._=-]+", "-", name)
-
-
-def check_names(points: Sequence[Point]) -> list[str]:
-  """The points' names; raises ``ValueError`` if two points share one."""
-  names = [point_name(p) for p in points]
-  seen: dict[str, int] = {}
-  for i, n in enumerate(names):
-    if n in seen:
-      raise ValueError(
-        f"sweep points {seen[n]} and {i} both map to the directory name {n!r}; "
-        f"give the alternatives distinct '_label' values."
-      )
-    seen[n] = i
-  return names
 
 
 # --------------------------------------------------------------------------- configs
@@ -312,6 +185,62 @@ def group_name(point: Point, seeds: Sequence[int]) -> str:
   return f"{base}__seeds-{span}"
 
 
+class SweepPlan(NamedTuple):
+  """A sweep expanded: its points, their validated configs, and where each runs.
+
+  Attributes:
+    points: the points of ``get_sweep()``.
+    names: each point's directory name.
+    configs: each point's validated config.
+    seeds: each point's seed.
+    groups: indices of the points run as one program (one point each, or the
+      consecutive seeds of a point with ``batch_seeds``).
+    group_dirs: each group's directory.
+    dirs: each point's run directory (``<group>/seed_<s>`` with ``batch_seeds``).
+  """
+
+  points: list[Point]
+  names: list[str]
+  configs: list[Any]
+  seeds: list[int]
+  groups: list[list[int]]
+  group_dirs: list[str]
+  dirs: list[str]
+
+
+def plan_sweep(config_path: str, workdir: str, batch_seeds: bool = False) -> SweepPlan:
+  """Expands the sweep of ``config_path`` into validated points and their run directories.
+
+  Raises:
+    ValueError: bad config file, overrides or names.
+  """
+  mod = load_module(config_path)
+  base = mod.get_config()
+  points = list(mod.get_sweep())
+  if not points:
+    raise ValueError(f"--config={config_path!r}: get_sweep() returned no points.")
+  names = check_names(points)
+  configs = []
+  for n, p in zip(names, points):
+    try:
+      configs.append(config_lib.validate(apply_overrides(base, p)))
+    except ValueError as e:
+      raise ValueError(f"sweep point {n}: {e}") from e
+  seeds = [c.seed for c in configs]
+  if batch_seeds:
+    groups = seed_groups([dict(overrides(p), seed=s) for p, s in zip(points, seeds)])
+    group_dirs = [os.path.join(workdir, group_name(points[g[0]], [seeds[i] for i in g])) for g in groups]
+    dirs = [""] * len(points)
+    for g, gdir in zip(groups, group_dirs):
+      for i in g:
+        dirs[i] = os.path.join(gdir, f"seed_{seeds[i]}")  # Where experiment.run writes replica i.
+  else:
+    groups = [[i] for i in range(len(points))]
+    group_dirs = [os.path.join(workdir, n) for n in names]
+    dirs = list(group_dirs)
+  return SweepPlan(points, names, configs, seeds, groups, group_dirs, dirs)
+
+
 def run_sweep(
   config_path: str,
   workdir: str,
@@ -342,30 +271,9 @@ def run_sweep(
   """
   if parallel < 1:
     raise ValueError(f"--parallel={parallel} must be >= 1.")
-  mod = load_module(config_path)
-  base = mod.get_config()
-  points = list(mod.get_sweep())
-  if not points:
-    raise ValueError(f"--config={config_path!r}: get_sweep() returned no points.")
-  names = check_names(points)
-  configs = []
-  for n, p in zip(names, points):
-    try:
-      configs.append(config_lib.validate(apply_overrides(base, p)))
-    except ValueError as e:
-      raise ValueError(f"sweep point {n}: {e}") from e
-  seeds = [c.seed for c in configs]
-  if batch_seeds:
-    groups = seed_groups([dict(overrides(p), seed=s) for p, s in zip(points, seeds)])
-    group_dirs = [os.path.join(workdir, group_name(points[g[0]], [seeds[i] for i in g])) for g in groups]
-    dirs = [""] * len(points)
-    for g, gdir in zip(groups, group_dirs):
-      for i in g:
-        dirs[i] = os.path.join(gdir, f"seed_{seeds[i]}")  # Where experiment.run writes replica i.
-  else:
-    groups = [[i] for i in range(len(points))]
-    group_dirs = [os.path.join(workdir, n) for n in names]
-    dirs = list(group_dirs)
+  plan = plan_sweep(config_path, workdir, batch_seeds)
+  points, names, configs, seeds = plan.points, plan.names, plan.configs, plan.seeds
+  groups, group_dirs, dirs = plan.groups, plan.group_dirs, plan.dirs
 
   def group_point(g: list[int]) -> Point:
     if not batch_seeds:
