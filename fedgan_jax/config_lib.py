@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.sg2.channel_max = 512
   c.model.sg2.conv_clamp = 256.0  # Clamp of conv outputs (0 = none).
   c.model.sg2.num_bf16_res = 4  # Highest resolutions computed in bf16 with train.precision='bf16' (paper: fp16).
+  c.model.sg2.noise_mode = "random"  # Noise inputs: random (fresh per call, StyleGAN2's training) | const | none.
 
   c.train = ml_collections.ConfigDict()
   c.train.local_steps = 5  # L: local (D, G) steps per client per round; 0 = one local epoch (paper code).
@@ -184,6 +185,28 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_choice(config, "model.name", {"dcgan", "stylegan2"})
   _check_choice(config, "model.d_norm", {"batch", "instance", "none"})
   _check_choice(config, "model.conv_impl", {"auto", "xla", "fast_cpu", "gemm"})
+  # model.sg2.*: checked whatever model.name is, so a bad value never waits for the day it is used.
+  for f in ("model.sg2.w_dim", "model.sg2.mapping_layers", "model.sg2.channel_base", "model.sg2.channel_max"):
+    _check_positive(config, f)
+  sg2 = config.model.sg2
+  lr_mult = sg2.mapping_lr_mult
+  if isinstance(lr_mult, bool) or not (isinstance(lr_mult, (int, float)) and lr_mult > 0 and math.isfinite(lr_mult)):
+    _fail("model.sg2.mapping_lr_mult", lr_mult, "must be a positive number (the paper: 0.01)")
+  beta = sg2.w_avg_beta
+  if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
+    _fail("model.sg2.w_avg_beta", beta, "must be a number in [0, 1] (the paper: 0.998)")
+  clamp = sg2.conv_clamp
+  if isinstance(clamp, bool) or not (isinstance(clamp, (int, float)) and clamp >= 0 and math.isfinite(clamp)):
+    _fail("model.sg2.conv_clamp", clamp, "must be a number >= 0 (0 = no clamp; the paper: 256)")
+  n_bf16 = sg2.num_bf16_res
+  if isinstance(n_bf16, bool) or not isinstance(n_bf16, int) or n_bf16 < 0:
+    _fail("model.sg2.num_bf16_res", n_bf16, "must be an integer >= 0 (0 = all float32)")
+  if config.model.name == "stylegan2" and sg2.channel_base < config.resolution:
+    _fail(
+      "model.sg2.channel_base",
+      sg2.channel_base,
+      f"must be >= resolution={config.resolution} (min(channel_base // res, channel_max) channels at res)",
+    )
   _check_choice(config, "train.loss", {"bce", "wgan", "hinge"})
   _check_choice(config, "train.optimizer", {"adam", "rmsprop"})
   _check_choice(config, "train.precision", {"f32", "bf16"})
@@ -193,6 +216,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_choice(config, "train.rmsprop", {"pytorch", "optax"})
   _check_choice(config, "train.gp_interpolation", {"uniform", "normal"})
   _check_choice(config, "aggregation.weighting", {"examples", "uniform"})
+  _check_choice(config, "model.sg2.noise_mode", {"random", "const", "none"})
   steps = config.train.local_steps
   if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
     _fail("train.local_steps", steps, "must be an integer >= 0 (0 = one local epoch per round)")

@@ -44,6 +44,8 @@ def test_paper_settings():
   both = mod.get_config("both")
   assert both.aggregation.name == "detect" and both.train.regularizers.gradient_penalty == 10.0
   assert both.model.d_norm == "instance" and both.train.optimizer == "rmsprop"
-  assert mod.get_config("attack").to_dict() == config_lib.base_config().to_dict()
+  base = config_lib.base_config()
+  base.aggregation.weighting = "uniform"  # The paper's code's 1/C: the only change of the attack setting.
+  assert mod.get_config("attack").to_dict() == base.to_dict()
   with pytest.raises(ValueError, match="accepted"):
     mod.get_config("nope")

@@ -99,8 +99,11 @@ def local_trainer(
     out, new_rest = discriminator.apply({"params": d_params, **d_rest}, x, train=True, mutable=list(d_rest.keys()))
     return out, dict(new_rest)
 
-  def g_apply(g_params, g_rest, z):
-    out, new_rest = generator.apply({"params": g_params, **g_rest}, z, train=True, mutable=list(g_rest.keys()))
+  def g_apply(g_params, g_rest, z, key):
+    # ``key`` feeds per-call noise inputs (StyleGAN2's noise_mode='random'); DCGAN draws none.
+    out, new_rest = generator.apply(
+      {"params": g_params, **g_rest}, z, train=True, mutable=list(g_rest.keys()), rngs={"noise": key}
+    )
     return out, dict(new_rest)
 
   def local_train(
@@ -138,7 +141,7 @@ def local_trainer(
       real = attack.poison_batch(real, is_mal & flags[idx], trigger, trigger_loc, k_loc, random_loc)
 
       # (1) D step on a real batch and a fake batch (separate BatchNorm passes, as in PyTorch).
-      fake, _ = g_apply(g_params, g_rest, jax.random.normal(k_zd, (B, nz)))
+      fake, _ = g_apply(g_params, g_rest, jax.random.normal(k_zd, (B, nz)), jax.random.fold_in(k_zd, 1))
       fake = jax.lax.stop_gradient(fake)
 
       def d_loss_fn(dp):
@@ -164,7 +167,7 @@ def local_trainer(
         kz = jax.random.fold_in(k_zg, j)
 
         def g_loss_fn(gp):
-          fake, new_g_rest = g_apply(gp, g_rest, jax.random.normal(kz, (B, nz)))
+          fake, new_g_rest = g_apply(gp, g_rest, jax.random.normal(kz, (B, nz)), jax.random.fold_in(kz, 1))
           logits, _ = d_apply(d_params, d_rest, fake)
           loss = losses.g_adversarial(loss_kind, logits)
           if prox_w:

@@ -1,8 +1,10 @@
 """DCGAN generator and discriminator whose depth follows the resolution.
 
-Radford et al. 2016, as used for the discriminator in Jin & Li (SASHIMI 2022);
-the generator is the DCGAN generator (the paper's StyleGAN2 generator is out of
-scope for CPU-scale runs). For a resolution ``R = 4 * 2**k``:
+Radford et al. 2016. The discriminator is the paper's (Jin & Li, SASHIMI
+2022): with ``d_width=64`` at 256 px exactly its six 4x4 stride-2 convs
+3→64→…→2048 and a 4x4 conv to the logit. The DCGAN generator is the CPU-sized
+default; the paper's StyleGAN2 generator is ``models.stylegan2``
+(``model.name='stylegan2'``). For a resolution ``R = 4 * 2**k``:
 
 * G: z -> 4x4 (a dense layer, i.e. ConvTranspose 4x4 from 1x1), then k-1
   [ConvTranspose(4, 2, 1), BatchNorm, ReLU] halving the width, then
