@@ -4,8 +4,9 @@ Rules (each a pure function over the client axis, ``fedgan_jax.aggregation``):
 ``median`` and ``trimmed_mean`` (Yin et al. 2018), ``krum`` and ``multi_krum``
 (Blanchard et al. 2017), ``geometric_median`` (RFA, Pillutla et al. 2022),
 ``norm_clip`` (update clipping before the mean), ``detect_zscore`` (robust
-z-score detection with decay), ``feddetect`` (Isolation Forest detection on
-loss and update statistics that blocks repeat offenders).
+z-score detection with decay), ``detect_block`` (Isolation Forest detection
+on loss and update statistics that blocks a client flagged in 3 acted-on
+rounds).
 
     python -m fedgan_jax.main --config configs/robust.py:median --workdir runs/median
 """
@@ -21,7 +22,7 @@ RULES = {
   "geometric_median": ("geometric_median", {}),
   "norm_clip": ("norm_clip", {"max_norm": 0.5}),
   "detect_zscore": ("detect", {"detector": "robust_zscore", "features": ("g_loss",), "warmup_rounds": 10}),
-  "feddetect": (
+  "detect_block": (
     "detect",
     {"detector": "isolation_forest", "features": ("g_loss", "update_norm"), "warmup_rounds": 10, "block_after": 3},
   ),
