@@ -1,10 +1,16 @@
 """Host-side orchestration of one run: build, loop rounds, evaluate, write, checkpoint.
 
 Resume-first (as in big_vision): if ``<workdir>/checkpoints`` holds a round,
-the run continues from it, ``metrics.jsonl`` is cut back to that round, and
-every later round's key is ``fold_in(round_key, r)`` — so an interrupted and
-resumed run writes the same metrics as an uninterrupted one, and rerunning
-with a larger ``num_rounds`` extends a finished run.
+the run continues from the newest one that fits the config and restores
+(``resume.py``), ``metrics.jsonl`` and TensorBoard are cut back to that
+round, and every later round's key is ``fold_in(round_key, r)``, so an
+interrupted and resumed run writes the same metrics as an uninterrupted one,
+and rerunning with a larger ``num_rounds`` extends a finished run.
+
+The run holds ``<workdir>/.lock`` for its whole life (a second run on the
+same workdir stops at once), and writes ``config.json`` only once the config
+is valid, the data loaded and the checkpoint found to fit: a failed rerun
+leaves the workdir as it was.
 """
 
 from __future__ import annotations
@@ -18,12 +24,17 @@ import jax
 import numpy as np
 from absl import logging
 
-from fedgan_jax import assemble, config_lib, distributed, evaluation, report
+from fedgan_jax import assemble, config_lib, distributed, evaluation, report, resume, run_console
 from fedgan_jax.federated import replicas as replicas_lib
 from fedgan_jax.federated import sharding
 from fedgan_jax.io import checkpoint as ckpt_lib
+from fedgan_jax.io import lock as lock_lib
 from fedgan_jax.io import rundir, tensorboard, writers
 from fedgan_jax.metrics import detection
+
+
+class RunInterruptedError(Exception):
+  """Ctrl-C: the message says at which round, and how to go on."""
 
 
 def _detection(record: dict, is_mal: np.ndarray) -> dict:
@@ -44,7 +55,22 @@ class ReplicaOutputs(NamedTuple):
   info: dict
 
 
-def run(config, workdir: str) -> dict[str, Any]:
+class _Built(NamedTuple):
+  """The run's parts before any output is written."""
+
+  members: list  # (config, workdir) per replica.
+  data: Any
+  heldouts: list
+  infos: list
+  program: Any
+  init: Any  # Jitted key -> RoundState (stacked with replicas).
+  k_init: Any
+  k_eval: Any
+  round_key: Any
+  view: Any  # (tree, k) -> replica k's part.
+
+
+def run(config, workdir: str, console: run_console.Console | None = None) -> dict[str, Any]:
   """Trains (or resumes) the federated GAN of ``config`` and writes ``workdir``.
 
   With ``num_replicas = K > 1``, seeds ``seed .. seed+K-1`` train as ONE
@@ -56,94 +82,152 @@ def run(config, workdir: str) -> dict[str, Any]:
   Args:
     config: a config built on ``config_lib.base_config()``.
     workdir: output directory (created); see README for what lands there.
+    console: where the header, progress and results are printed (default:
+      stdout/stderr of the primary process).
 
   Returns:
     The summary written to ``summary.json``; with replicas,
     ``{'replicas': [summary per replica]}``.
+
+  Raises:
+    ValueError: a bad config value, bad data, or a config that does not fit
+      the workdir's checkpoints (one line each).
+    OSError: the workdir is in use by another run (``lock.WorkdirBusyError``),
+      or cannot be written (a checkpoint on a full disk included).
+    RunInterruptedError: Ctrl-C; the checkpoints on disk are whole.
   """
   config_lib.validate(config)
-  t_start = time.perf_counter()
   primary = distributed.is_primary()  # Multi-host: only process 0 writes outputs (all checkpoint).
-  K = config.num_replicas
-  replicated = K > 1
-  members = [
-    (c, os.path.join(workdir, f"seed_{c.seed}") if replicated else workdir) for c in assemble.replica_configs(config)
-  ]
-  for c, d in members:
-    os.makedirs(os.path.join(d, "samples"), exist_ok=True)
-    if primary:
-      with open(os.path.join(d, "config.json"), "w") as f:
-        f.write(config_lib.to_json(c))
-  logging.info("devices: %s", jax.devices())
+  console = console or run_console.Console(active=primary)
+  with lock_lib.WorkdirLock(workdir, active=primary):
+    return _run(config, workdir, console, primary)
 
-  if replicated:
+
+def _build(config, workdir: str) -> _Built:
+  K = config.num_replicas
+  members = [
+    (c, os.path.join(workdir, f"seed_{c.seed}") if K > 1 else workdir) for c in assemble.replica_configs(config)
+  ]
+  if K > 1:
     datas, heldouts, infos = zip(*[assemble.setup_data(c) for c, _ in members])
     data = replicas_lib.stack_replicas(datas)
   else:
     data, heldout, info = assemble.setup_data(config)
     heldouts, infos = [heldout], [info]
   program, _, _ = assemble.build_program(config, assemble.local_steps(config, data.counts))
-  if replicated:
+  if K > 1:
     k_init, k_rounds, k_eval = replicas_lib.replica_keys(config.seed, K)
-    state = jax.jit(replicas_lib.replicate(program).init)(k_init)
+    init = jax.jit(replicas_lib.replicate(program).init)
     view = replicas_lib.unstack
     round_key = lambda r: replicas_lib.round_keys(k_rounds, r)
   else:
     k_init, k_rounds, k_eval = replicas_lib.run_keys(config.seed)
     k_eval = k_eval[None]
-    state = jax.jit(program.init)(k_init)  # One compiled program, not hundreds of op-by-op dispatches.
+    init = jax.jit(program.init)  # One compiled program, not hundreds of op-by-op dispatches.
     view = lambda tree, k: tree
     round_key = lambda r: jax.random.fold_in(k_rounds, r)
+  return _Built(members, data, list(heldouts), list(infos), program, init, k_init, k_eval, round_key, view)
 
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  start = ckpt.latest_round() or 0
-  if start:
-    state = ckpt.restore(start, state)
-    logging.info("resumed from round %d", start)
-  if start >= config.num_rounds:
-    logging.info("already at round %d >= num_rounds=%d", start, config.num_rounds)
 
-  replicas = []
-  for k, (c, d) in enumerate(members):
-    dk = view(data, k)
+def _abstract_state(init, k_init) -> Any:
+  """The shapes, dtypes and placement of ``init(k_init)`` without computing it (the restore target)."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # Where jit(init) would put it.
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), jax.eval_shape(init, k_init))
+
+
+def _open_outputs(b: _Built, start: int, primary: bool, console) -> list[ReplicaOutputs]:
+  """Writes each member's ``config.json`` and cuts its metrics and TensorBoard back to ``start``."""
+  outputs = []
+  for k, (c, d) in enumerate(b.members):
+    dk = b.view(b.data, k)
+    if primary:
+      os.makedirs(os.path.join(d, "samples"), exist_ok=True)
+      with open(os.path.join(d, "config.json"), "w") as f:
+        f.write(config_lib.to_json(c))
     metrics_file = writers.JsonlWriter(os.path.join(d, "metrics.jsonl"), active=primary)
-    metrics_file.truncate_after(start)
+    cut = metrics_file.truncate_after(start)
+    if cut["torn"]:
+      console.warn(f"{metrics_file.path}: dropped {cut['torn']} torn line(s) left by an interrupted run")
+    if start and cut["kept"] != start:
+      console.warn(f"{metrics_file.path} holds {cut['kept']} of the {start} rounds before the checkpoint")
     evaluator = evaluation.Evaluator(
       c,
-      program.sample,
-      heldouts[k],
+      b.program.sample,
+      b.heldouts[k],
       np.asarray(dk.trigger),
       tuple(np.asarray(dk.trigger_loc).tolist()),
-      k_eval[k],
+      b.k_eval[k],
       d,
       poisoned=assemble.poisoned_examples(dk, c),
       write=primary,
     )
-    replicas.append(
-      ReplicaOutputs(
-        c,
-        d,
-        metrics_file,
-        evaluator,
-        tensorboard.TensorBoardWriter(os.path.join(d, "tb"), active=primary),
-        np.asarray(dk.is_malicious),
-        infos[k],
-      )
-    )
+    tb = tensorboard.TensorBoardWriter(os.path.join(d, "tb"), active=primary, keep_until=start)
+    outputs.append(ReplicaOutputs(c, d, metrics_file, evaluator, tb, np.asarray(dk.is_malicious), b.infos[k]))
+  return outputs
+
+
+def _long_evaluation(config, evaluator: evaluation.Evaluator, r: int) -> str | None:
+  """What makes round ``r``'s evaluation long (feature-space metrics), or None."""
+  every = config.eval.fid_every
+  if evaluator.extractor is None or not (r == config.num_rounds or (every and r % every == 0)):
+    return None
+  return f"FD/KID/precision/recall in {config.eval.extractor} features of {config.eval.num_samples} samples"
+
+
+def _run(config, workdir: str, console: run_console.Console, primary: bool) -> dict[str, Any]:
+  t_start = time.perf_counter()
+  logging.info("devices: %s", jax.devices())
+  if not primary:  # Each process says where it runs; only the primary writes (and prints the rest).
+    print(f"process {jax.process_index()} of {jax.process_count()}: {run_console.devices_text(jax.devices())}")
+  b = _build(config, workdir)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), primary=primary)
+  progress = None
+  start = 0
+  try:
+    start, state = resume.restore(ckpt, _abstract_state(b.init, b.k_init), config, console.warn)
+    if state is None:
+      state = b.init(b.k_init)
+    # The run goes ahead from here: only now is anything of this config written.
+    ckpt.write_config(config_lib.to_json(config))
+    outputs = _open_outputs(b, start, primary, console)
+    console.header(config, workdir, jax.devices(), start)
+    progress = writers.Progress(config.num_rounds, start)
+    _train(config, b, state, outputs, ckpt, console, progress, t_start)
+    ckpt.close()
+    return _finish(config, workdir, b, outputs, progress, start, t_start, console, primary)
+  except KeyboardInterrupt:
+    try:
+      ckpt.close()  # Pending saves finish: every checkpoint on disk is whole.
+    except OSError:
+      pass
+    last = ckpt.latest_round()
+    at = f"at round {progress.current}" if progress and progress.current > start else "before the first round"
+    raise RunInterruptedError(
+      f"interrupted {at}; rerun the same command to resume" + (f" (from round {last})" if last else "")
+    ) from None
+  except BaseException:
+    try:
+      ckpt.close()
+    except Exception:  # pylint: disable=broad-except
+      pass  # The error in flight is the one to report.
+    raise
+
+
+def _train(config, b: _Built, state, outputs: list[ReplicaOutputs], ckpt, console, progress, t_start) -> None:
+  """The round loop, from ``progress.start + 1`` to ``num_rounds``."""
+  replicated = config.num_replicas > 1
   # Clients sharded over the devices when they divide evenly (local training under shard_map);
   # after the host-side copies above, which need addressable arrays.
   mesh = sharding.auto_client_mesh(config.num_clients)
-  state, data = sharding.shard_round_inputs(state, data, mesh, replicas=replicated)
-  round_fn = sharding.jit_round(program, state, data, mesh, replicas=replicated)
-  progress = writers.Progress(config.num_rounds, start)
+  state, data = sharding.shard_round_inputs(state, b.data, mesh, replicas=replicated)
+  round_fn = sharding.jit_round(b.program, state, data, mesh, replicas=replicated)
   pending: list[tuple[int, dict, float]] = []
-  t_compile = None
 
   def flush(eval_metrics: list[dict] | None = None):
     host = jax.device_get([m for _, m, _ in pending])
     for (r, _, t), m_all in zip(pending, host):
-      for k, rep in enumerate(replicas):
-        m = view(m_all, k)
+      for k, rep in enumerate(outputs):
+        m = b.view(m_all, k)
         record = {"round": r, **m, **_detection(m, rep.is_mal), "z/wall_sec": t}
         if eval_metrics and r == pending[-1][0]:
           record.update(eval_metrics[k])
@@ -160,54 +244,64 @@ def run(config, workdir: str) -> dict[str, Any]:
           )
     pending.clear()
 
-  for r in range(start + 1, config.num_rounds + 1):
-    state, m = round_fn(state, data, round_key(r))
-    if t_compile is None:
-      jax.block_until_ready(m)
-      t_compile = time.perf_counter() - t_start
-      logging.info("first round (including compilation) done after %.1f s", t_compile)
-    pending.append((r, m, time.perf_counter() - t_start))
-    is_eval = r % config.eval_every == 0 or r == config.num_rounds or r == 1
-    is_ckpt = r % config.ckpt_every == 0 or r == config.num_rounds
-    if is_eval:
-      eval_metrics = []
-      for k, rep in enumerate(replicas):
-        eval_metrics.append(rep.evaluator(view(state.g_global, k), r, final=r == config.num_rounds))
-        rep.tb.image(r, "samples", rep.evaluator.last_grid)
-      flush(eval_metrics)
-    elif is_ckpt or r % config.log_every == 0:
-      flush()
-    if r % config.log_every == 0 or r == config.num_rounds:
-      line = progress.line(r) + (f"  ({K} replicas)" if replicated else "")
-      logging.info(line)
-      if primary:
-        print(line, flush=True)
-    if is_ckpt:
-      ckpt.save(r, state)
-  flush()
-  ckpt.close()
+  try:
+    for r in range(progress.start + 1, config.num_rounds + 1):
+      progress.current = r
+      state, m = round_fn(state, data, b.round_key(r))
+      if progress.first is None:
+        jax.block_until_ready(m)
+        logging.info("first round (including compilation) done after %.1f s", progress.first_round_done())
+      pending.append((r, m, time.perf_counter() - t_start))
+      is_eval = r % config.eval_every == 0 or r == config.num_rounds or r == 1
+      is_ckpt = r % config.ckpt_every == 0 or r == config.num_rounds
+      if is_eval:
+        eval_metrics = []
+        for k, rep in enumerate(outputs):
+          long = _long_evaluation(rep.config, rep.evaluator, r)
+          if long and k == 0:
+            console.evaluating(r, long)
+          eval_metrics.append(rep.evaluator(b.view(state.g_global, k), r, final=r == config.num_rounds))
+          rep.tb.image(r, "samples", rep.evaluator.last_grid)
+        flush(eval_metrics)
+      elif is_ckpt or r % config.log_every == 0:
+        flush()
+      if r % config.log_every == 0 or r == config.num_rounds:
+        console.line(progress.line(r) + (f"  ({config.num_replicas} replicas)" if replicated else ""))
+      if is_ckpt:
+        ckpt.save(r, state)
+    flush()
+  finally:
+    for rep in outputs:
+      rep.tb.close()
 
+
+def _finish(config, workdir, b, outputs, progress, start, t_start, console, primary) -> dict:
+  """summary.json and the report of every member; the results on the console."""
+  replicated = config.num_replicas > 1
   wall = time.perf_counter() - t_start
-  summaries = []
-  for k, rep in enumerate(replicas):
-    rep.tb.close()
+  summaries, ok = [], []
+  for k, rep in enumerate(outputs):
     if not primary:
       continue
     records = rundir.read_records(rep.metrics.path)
-    summary = _summary(rep.config, records, rep.info, rep.is_mal, wall, t_compile, start)
+    summary = _summary(rep.config, records, rep.info, rep.is_mal, wall, progress.first, start)
     summary["trigger_calibration"] = rep.evaluator.calibration
     if replicated:
-      summary["replica"] = {"index": k, "of": K, "group_workdir": workdir}
+      summary["replica"] = {"index": k, "of": config.num_replicas, "group_workdir": workdir}
     rep.evaluator.finish()
     with open(os.path.join(rep.workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2, sort_keys=True, default=str)
     try:  # Plots and report.html: a plotting problem must not fail a finished run.
       report.write_run_report(rep.workdir)
+      ok.append(True)
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning("report for %s failed: %s", rep.workdir, e)
+      console.warn(f"the report of {rep.workdir} failed: {e}")
+      ok.append(False)
     summaries.append(summary)
   if not primary:
     return {}
+  labels = [f"seed {c.seed}" for c, _ in b.members] if replicated else [""]
+  console.done(list(zip(labels, summaries, [d for _, d in b.members], ok)), wall)
   return {"replicas": summaries} if replicated else summaries[0]
 
 

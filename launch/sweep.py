@@ -88,8 +88,9 @@ def apply_overrides(config, point: Point):
 
 
 def _cli_value(v: Any) -> str:
-  if isinstance(v, (tuple, list)):
-    return "(" + "".join(f"{_cli_value(x)}," for x in v) + ")"
+  """A value as ``--config.x=<value>`` text that ``config_lib.parse_value`` reads back as ``v``."""
+  if isinstance(v, (tuple, list)):  # Strings inside a tuple are quoted, or they would not parse back.
+    return "(" + "".join(f"{repr(x) if isinstance(x, str) else _cli_value(x)}," for x in v) + ")"
   if isinstance(v, float) and math.isfinite(v):
     return repr(v)
   return str(v)

@@ -100,7 +100,8 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, override, match):
   p = _cli("--config", "configs/test.py", "--workdir", str(tmp_path / "w"), override)
   assert p.returncode == 2, p.stderr[-2000:]
   assert match in p.stderr
-  assert "Traceback" not in p.stderr
+  assert len(p.stderr.strip().splitlines()) == 1 and not p.stdout, p.stderr[-2000:]  # One line, nothing else.
+  assert not os.path.exists(tmp_path / "w" / "config.json")  # Nothing written for a run that never started.
 
 
 def _write_pngs(root, n, size=40, gray_every=5):

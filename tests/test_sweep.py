@@ -100,7 +100,7 @@ def test_dry_run_commands_parse_with_main():
     rest, kwargs = main_lib.split_overrides(argv)
     main_lib.check_override_names(rest)
     if "--config.aggregation.name=detect" in argv:
-      assert kwargs == {"warmup_rounds": 10}
+      assert kwargs == {"warmup_rounds": 10, "features": ("g_loss_last",)}  # Tuples of strings parse back.
 
 
 def _fabricated_sweep(tmp_path, num_rounds=3):

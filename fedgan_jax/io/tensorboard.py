@@ -13,13 +13,21 @@ Typical use, beside ``metrics.jsonl``::
     tb.scalars(round_, record)          # per-client lists -> name/client_k
     tb.image(round_, "samples", grid)   # uint8 [H, W, ch]
     tb.close()
+
+On resume, ``TensorBoardWriter(logdir, keep_until=round)`` cuts the run's
+history back to the restored checkpoint: the events of earlier files up to
+that round are copied into the new file and the old files removed, so
+TensorBoard never shows a round twice.
 """
 
 from __future__ import annotations
 
+import glob
 import io
 import math
 import numbers
+import os
+import struct
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -98,6 +106,39 @@ def _encode_png(image: np.ndarray) -> tuple[bytes, int, int, int]:
   return buf.getvalue(), h, w, ch
 
 
+def _records(path: str):
+  """The payloads of a TFRecord file; a torn last record (a killed writer) ends the file."""
+  with open(path, "rb") as f:
+    data = f.read()
+  pos = 0
+  while pos + 12 <= len(data):
+    (length,) = struct.unpack("<Q", data[pos : pos + 8])
+    end = pos + 12 + length + 4  # length, its CRC, payload, its CRC.
+    if end > len(data):
+      return
+    yield data[pos + 12 : pos + 12 + length]
+    pos = end
+
+
+def event_files(logdir: str) -> list[str]:
+  """The event files in ``logdir``, oldest first (their names start with the creation time)."""
+  return sorted(glob.glob(os.path.join(glob.escape(logdir), "events.out.tfevents.*")))
+
+
+def read_events(logdir: str) -> list:
+  """Every ``Event`` proto in ``logdir``'s event files, in file order (needs ``tensorboard``)."""
+  from tensorboard.compat.proto import event_pb2  # pylint: disable=import-outside-toplevel
+
+  events = []
+  for path in event_files(logdir):
+    for payload in _records(path):
+      try:
+        events.append(event_pb2.Event.FromString(payload))
+      except Exception:  # pylint: disable=broad-except
+        break  # A damaged record: what follows it cannot be trusted.
+  return events
+
+
 class TensorBoardWriter:
   """Scalars and images as TensorBoard event files, no TensorFlow needed.
 
@@ -108,13 +149,16 @@ class TensorBoardWriter:
     enabled: Whether events are actually written.
   """
 
-  def __init__(self, logdir: str, flush_secs: int = 30, active: bool = True):
+  def __init__(self, logdir: str, flush_secs: int = 30, active: bool = True, keep_until: int | None = None):
     """Opens an event file in ``logdir`` (created if needed).
 
     Args:
       logdir: Output directory, e.g. ``<workdir>/tb``.
       flush_secs: Background flush interval of the underlying writer.
       active: False makes a silent no-op writer (non-primary processes).
+      keep_until: on resume, the restored round: earlier event files are cut
+        back to the steps ``<= keep_until`` (copied into the new file, each
+        step and tag once) and removed. None leaves existing files alone.
     """
     self.logdir = logdir
     self._writer = None
@@ -129,7 +173,28 @@ class TensorBoardWriter:
       _warn_once(f"the 'tensorboard' package is not importable: {e}")
       return
     self._pb = (event_pb2, summary_pb2)
+    old = event_files(logdir) if keep_until is not None else []
+    kept = self._history(logdir, keep_until) if old else []
     self._writer = EventFileWriter(logdir, flush_secs=flush_secs)
+    if old:
+      for event in kept:
+        self._writer.add_event(event)
+      self._writer.flush()  # The copy is on disk before the originals go.
+      for path in old:
+        os.remove(path)
+
+  @staticmethod
+  def _history(logdir: str, keep_until: int) -> list:
+    """The events of ``logdir`` with a step ``<= keep_until``, each (step, tags) once."""
+    seen, kept = set(), []
+    for event in read_events(logdir):
+      if not event.HasField("summary") or event.step > keep_until:
+        continue  # File-version headers are rewritten by the new file; later steps are redone.
+      key = (event.step, tuple(v.tag for v in event.summary.value))
+      if key not in seen:  # A copy left by a run killed between copying and removing.
+        seen.add(key)
+        kept.append(event)
+    return kept
 
   @property
   def enabled(self) -> bool:

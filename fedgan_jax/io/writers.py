@@ -27,21 +27,46 @@ def to_json_value(v: Any) -> Any:
 class JsonlWriter:
   """Appends one JSON object per round to ``metrics.jsonl``.
 
-  On resume, ``truncate_after(round)`` drops lines written after the restored
-  checkpoint so that a resumed run's file equals an uninterrupted run's.
+  On resume, ``truncate_after(round)`` cuts the file back to the restored
+  checkpoint, so that a resumed run's file equals an uninterrupted run's.
   """
 
   def __init__(self, path: str, active: bool = True):
     self.path = path
     self.active = active  # False on non-primary processes of a multi-host run.
 
-  def truncate_after(self, round_: int) -> None:
+  def truncate_after(self, round_: int) -> dict[str, int]:
+    """Keeps the records of rounds ``1..round_`` (each once, in order) and drops the rest.
+
+    A line that does not parse (a run killed mid-write) is dropped, not fatal.
+    The file is replaced atomically, so a kill during the cut loses nothing.
+
+    Returns:
+      ``{"kept": n, "dropped": n, "torn": n}`` (all zero when there is no file).
+    """
+    counts = {"kept": 0, "dropped": 0, "torn": 0}
     if not self.active or not os.path.exists(self.path):
-      return
+      return counts
+    by_round: dict[int, str] = {}
     with open(self.path) as f:
-      lines = [ln for ln in f if ln.strip() and json.loads(ln)["round"] <= round_]
-    with open(self.path, "w") as f:
-      f.writelines(lines)
+      for line in f:
+        if not line.strip():
+          continue
+        try:
+          r = json.loads(line)["round"]
+        except (ValueError, TypeError, KeyError):
+          counts["torn"] += 1
+          continue
+        if isinstance(r, int) and 0 < r <= round_:
+          by_round[r] = line if line.endswith("\n") else line + "\n"  # A repeated round: the later line.
+        else:
+          counts["dropped"] += 1
+    counts["kept"] = len(by_round)
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(by_round[r] for r in sorted(by_round))
+    os.replace(tmp, self.path)
+    return counts
 
   def write(self, record: dict[str, Any]) -> None:
     if not self.active:
@@ -50,17 +75,44 @@ class JsonlWriter:
       f.write(json.dumps({k: to_json_value(v) for k, v in record.items()}, sort_keys=True) + "\n")
 
 
+def format_duration(seconds: float) -> str:
+  """``"42 s"``, ``"11 min"``, ``"2.5 h"``: as long as a person needs to plan around it."""
+  if not math.isfinite(seconds):
+    return "?"
+  if seconds < 90:
+    return f"{seconds:.0f} s"
+  if seconds < 90 * 60:
+    return f"{seconds / 60:.0f} min"
+  return f"{seconds / 3600:.1f} h"
+
+
 class Progress:
-  """Round, rounds/sec and ETA, like clu's ``ReportProgress``."""
+  """Round, rounds/s and ETA, like clu's ``ReportProgress``, with compilation kept out.
+
+  The first round of a process includes compiling (or loading) the round
+  program, tens of seconds on a CPU: it is timed on its own (``first``), and
+  the rate and ETA come from the rounds after it only.
+  """
 
   def __init__(self, total: int, start: int):
     self.total, self.start = total, start
+    self.current = start  # The round being trained (said when interrupted).
     self.t0 = time.perf_counter()
-    self.last_t, self.last_r = self.t0, start
+    self.first: float | None = None  # Seconds to the end of the first round, compilation included.
+    self._t1: float | None = None
+
+  def first_round_done(self) -> float:
+    """Marks the end of this process's first round; returns its duration."""
+    if self.first is None:
+      self._t1 = time.perf_counter()
+      self.first = self._t1 - self.t0
+    return self.first
 
   def line(self, r: int) -> str:
-    now = time.perf_counter()
-    rate = (r - self.last_r) / max(now - self.last_t, 1e-9)
-    self.last_t, self.last_r = now, r
-    eta = (self.total - r) / rate if rate > 0 else float("inf")
-    return f"round {r}/{self.total}  {rate:.2f} rounds/s  ETA {eta / 60:.1f} min"
+    """``round 40/200  3.1 rounds/s  ETA 52 s`` (or the first round's time, compilation included)."""
+    self.first_round_done()
+    done = r - (self.start + 1)  # Rounds timed after the first one.
+    if done <= 0:
+      return f"round {r}/{self.total}  first round {self.first:.1f} s (includes compiling)"
+    rate = done / max(time.perf_counter() - self._t1, 1e-9)
+    return f"round {r}/{self.total}  {rate:.2f} rounds/s  ETA {format_duration((self.total - r) / rate)}"
