@@ -142,8 +142,6 @@ class Evaluator:
       out["eval/trigger_rate"] = float(np.mean(corr > self.threshold))
       if self.random_loc:
         out["eval/trigger_rate_any"] = trigger_metrics.trigger_rate(fake, self.trigger, "any", self.threshold_any)
-      if "trigger_rate_real_poisoned" in self.calibration:
-        out["eval/trigger_rate_real_poisoned"] = self.calibration["trigger_rate_real_poisoned"]
     if len(self.real):
       if self.swd_ref is not None:
         if self.swd_backend == "jax":

@@ -321,6 +321,8 @@ def _summary(config, records, info, is_mal, wall, t_compile, start) -> dict[str,
     "first_flag_round": first_flag,
     "detect_tpr_mean": detection.mean_rate(r["eval/detect_tpr"] for r in records),
     "detect_fpr_mean": detection.mean_rate(r["eval/detect_fpr"] for r in records),
+    # Over the rounds whose flags can change weights: a benign run's false positives are read here.
+    "detection": detection.after_warmup(records, is_mal, int(config.aggregation.kwargs.get("warmup_rounds", 0))),
     "data": info,
     "wall_sec": wall,
     "first_round_sec": t_compile,

@@ -85,12 +85,10 @@ def run_row(setting: str, config, run_dir: str) -> dict[str, Any] | None:
     "wall_sec": round(summary.get("wall_sec") or 0.0, 1),
   }
   if config.aggregation.name == "detect":
-    # The paper's code acts on flags from round index warmup + 1 on; metrics.jsonl rounds are 1-based.
-    warmup = int(config.aggregation.kwargs.get("warmup_rounds", 10))
-    after = [r for r in records if r["round"] - 1 > warmup]
-    row["detect_tpr_after_warmup"] = _mean([r.get("eval/detect_tpr") for r in after])
-    row["detect_fpr_after_warmup"] = _mean([r.get("eval/detect_fpr") for r in after])
-    row["rounds_with_a_flag_after_warmup"] = _mean([float(any(r["agg/flagged"])) for r in after])
+    det = summary.get("detection") or {}
+    row["detect_tpr_after_warmup"] = det.get("tpr_after_warmup")
+    row["detect_fpr_after_warmup"] = det.get("fpr_after_warmup")
+    row["rounds_with_a_flag_after_warmup"] = det.get("rounds_with_a_flag_after_warmup")
     first = (summary.get("first_flag_round") or {}).values()
     row["attacker_first_flagged"] = min((v for v in first if v is not None), default=None) if is_mal.any() else None
   return row

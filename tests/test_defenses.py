@@ -34,3 +34,20 @@ def test_detector_flags_the_attacker_more_than_any_honest_client():
   # The same compiled program, with the attacker reporting the honest median loss instead.
   mimic, _ = flag_counts(data._replace(mimic=jnp.asarray(True)))
   assert mimic[0] < honest[0], (mimic, honest)
+
+
+@pytest.mark.slow
+def test_benign_run_with_detection_reports_its_false_positives(tmp_path):
+  """No attacker, detection on: summary.json says how often honest clients were flagged after the warm-up."""
+  from fedgan_jax import experiment
+
+  config = tiny_config(
+    num_rounds=3,
+    **{"attack.malicious": (), "aggregation.name": "detect", "aggregation.kwargs.warmup_rounds": 0},
+  )
+  summary = experiment.run(config, str(tmp_path / "benign"))
+  det = summary["detection"]
+  assert det["tpr_after_warmup"] is None  # No attacker: undefined, not 0.
+  assert det["fpr_after_warmup"] is not None and 0.0 <= det["fpr_after_warmup"] <= 1.0
+  assert 0.0 <= det["rounds_with_a_flag_after_warmup"] <= 1.0
+  assert det["attacker_final_weights"] == [] and np.isclose(sum(det["honest_final_weights"]), 1.0)

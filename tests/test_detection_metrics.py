@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from fedgan_jax.metrics.detection import detection_rates, first_flagged_round, mean_rate
+from fedgan_jax.metrics.detection import after_warmup, detection_rates, first_flagged_round, mean_rate
 
 
 def test_detection_rates():
@@ -33,3 +33,16 @@ def test_mean_rate_skips_undefined_rounds():
   assert mean_rate([1.0, None, float("nan"), 0.0]) == 0.5
   assert mean_rate([None, float("nan")]) is None
   assert mean_rate([]) is None
+
+
+def test_after_warmup_counts_only_rounds_that_can_be_acted_on():
+  """warmup 1: rounds 1 and 2 (indices 0, 1) are warm-up; rounds 3 and 4 count."""
+  flags = [[True, True], [True, False], [False, True], [False, False]]
+  records = [{"round": r + 1, "agg/flagged": f, "agg/weights": [0.2, 0.8]} for r, f in enumerate(flags)]
+  out = after_warmup(records, [False, True], 1)
+  assert out["warmup_rounds"] == 1
+  assert out["tpr_after_warmup"] == 0.5 and out["fpr_after_warmup"] == 0.0
+  assert out["rounds_with_a_flag_after_warmup"] == 0.5
+  assert out["attacker_final_weights"] == [0.8] and out["honest_final_weights"] == [0.2]
+  benign = after_warmup(records, [False, False], 1)  # A clean run: the false positives, TPR undefined.
+  assert benign["tpr_after_warmup"] is None and benign["fpr_after_warmup"] == 0.25

@@ -54,7 +54,11 @@ def test_run_writes_every_output(full_run):
     assert all(k.split("/")[0] in {"round", "train", "agg", "eval", "z"} for k in r)
     assert "eval/trigger_rate" in r and "eval/swd" in r and r["eval/detect_tpr"] in (0.0, 1.0)
     assert r["eval/fid@effnet_lite0"] > 0 and 0 <= r["eval/precision@effnet_lite0"] <= 1
-    assert r["eval/trigger_rate_real_poisoned"] >= 0.99  # Sanity: the metric sees pasted triggers.
+    assert "eval/trigger_rate_real_poisoned" not in r  # Circular (a pasted patch is the trigger): calibration only.
+  calibration = json.load(open(os.path.join(workdir, "trigger_calibration.json")))
+  assert calibration["trigger_rate_real_poisoned"] >= 0.99  # Sanity: the metric sees pasted triggers.
+  det = summary["detection"]
+  assert det["warmup_rounds"] == 0 and len(det["honest_final_weights"]) == 1 and len(det["attacker_final_weights"]) == 1
   grids = sorted(os.listdir(os.path.join(workdir, "samples")))
   assert grids == ["round_000001.png", "round_000002.png"]
   img = np.asarray(Image.open(os.path.join(workdir, "samples", grids[-1])))

@@ -72,3 +72,35 @@ def mean_rate(values: Iterable[Any]) -> float | None:
   """The mean of per-round rates, skipping undefined ones (None, NaN); None if none is defined."""
   xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
   return float(np.mean(xs)) if xs else None
+
+
+def after_warmup(records: Sequence[dict], is_malicious, warmup_rounds: int) -> dict[str, Any]:
+  """Detection over the rounds whose flags can change weights, and the final weights.
+
+  The paper's code acts on flags from round index ``warmup_rounds + 1`` on
+  (``epoch > warmup``); ``metrics.jsonl`` numbers rounds from 1, so these are
+  the records with ``round - 1 > warmup_rounds``. This is what a benign run's
+  false positives are read from.
+
+  Args:
+    records: ``metrics.jsonl`` records (``agg/flagged``, ``agg/weights``).
+    is_malicious: ``bool[C]`` ground truth.
+    warmup_rounds: the detector's warm-up (0 for rules without one).
+
+  Returns:
+    ``{'warmup_rounds', 'tpr_after_warmup', 'fpr_after_warmup',
+    'rounds_with_a_flag_after_warmup', 'attacker_final_weights',
+    'honest_final_weights'}`` (rates None when undefined).
+  """
+  mal = np.asarray(is_malicious, bool)
+  after = [r for r in records if r["round"] - 1 > warmup_rounds]
+  rates = [detection_rates(r["agg/flagged"], mal) for r in after]
+  weights = np.asarray(records[-1]["agg/weights"], float) if records else np.zeros(mal.shape)
+  return {
+    "warmup_rounds": int(warmup_rounds),
+    "tpr_after_warmup": mean_rate(t for t, _ in rates),
+    "fpr_after_warmup": mean_rate(f for _, f in rates),
+    "rounds_with_a_flag_after_warmup": mean_rate(float(any(r["agg/flagged"])) for r in after),
+    "attacker_final_weights": weights[mal].tolist(),
+    "honest_final_weights": weights[~mal].tolist(),
+  }
