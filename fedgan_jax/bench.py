@@ -41,9 +41,7 @@ import argparse
 import copy
 import datetime
 import json
-import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -54,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedgan_jax import assemble, config_lib, distributed
+from fedgan_jax import assemble, config_lib, distributed, hardware
 from fedgan_jax import flops as flops_lib
 from fedgan_jax.federated import client as client_lib
 from fedgan_jax.federated import program as program_lib
@@ -137,37 +135,6 @@ def round_flops(config, state: RoundState, data: RoundData, key: jax.Array) -> f
   return flops_lib.count(program.round, state, data, key)
 
 
-_HLO_PATTERNS = {
-  "feature_group_count": re.compile(r"feature_group_count = (\d+)"),
-  "batch_group_count": re.compile(r"batch_group_count = (\d+)"),
-  "lhs_dilate": re.compile(r"lhs_dilate = \[([\d, ]+)\]"),
-}
-
-
-def hlo_op_counts(lowered) -> dict[str, int]:
-  """Convolutions (all / grouped / lhs-dilated) and ``dot_general``s in a lowered program.
-
-  Read from its StableHLO text, before XLA's backend rewrites (which turn
-  them into library calls), so the counts say which lowering the program
-  uses on any backend.
-  """
-  text = lowered.as_text()
-  convs = [line for line in text.splitlines() if "stablehlo.convolution" in line]
-
-  def over_one(pattern, line):
-    return any(int(v) > 1 for m in pattern.findall(line) for v in m.split(","))
-
-  return {
-    "convolution": len(convs),
-    "grouped_convolution": sum(
-      over_one(_HLO_PATTERNS["feature_group_count"], line) or over_one(_HLO_PATTERNS["batch_group_count"], line)
-      for line in convs
-    ),
-    "lhs_dilated_convolution": sum(over_one(_HLO_PATTERNS["lhs_dilate"], line) for line in convs),
-    "dot_general": text.count("stablehlo.dot_general") + text.count("stablehlo.dot "),
-  }
-
-
 def _time_rounds(steps: dict[str, Callable[[int], Any]], warmup: int, rounds: int) -> dict[str, list[float]]:
   """Wall time of ``rounds`` rounds of each step, after ``warmup`` untimed ones.
 
@@ -223,7 +190,7 @@ def prepare_vmap(config, shard: bool = True) -> dict[str, Any]:
   return {
     "compile_sec": compile_sec,
     "flops": flops,
-    "hlo_ops": hlo_op_counts(lowered),
+    "hlo_ops": flops_lib.hlo_op_counts(lowered),
     "sharded": mesh is not None,
     "step": step,
   }
@@ -292,58 +259,7 @@ def prepare_loop(config) -> dict[str, Any]:
     box["g"], m = server_c(g, outs, data, k)
     return box["g"], m
 
-  return {"compile_sec": compile_sec, "flops": flops, "hlo_ops": hlo_op_counts(local_lowered), "step": step}
-
-
-def device_info() -> dict[str, Any]:
-  """The accelerator (or CPU model) the benchmark ran on."""
-  d = jax.devices()
-  info: dict[str, Any] = {
-    "platform": d[0].platform,
-    "kind": d[0].device_kind,
-    "count": len(d),
-    "processes": jax.process_count(),
-  }
-  if d[0].platform == "cpu":
-    model = platform.processor() or ""
-    try:
-      with open("/proc/cpuinfo") as f:
-        for line in f:
-          if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    except OSError:
-      pass
-    info["cpu_model"] = model
-    info["cpu_cores"] = os.cpu_count()
-  return info
-
-
-# Dense (no sparsity) peak TFLOP/s per device from the vendors' data sheets: (device_kind substring,
-# {precision: (TFLOP/s, basis)}). f32 on NVIDIA GPUs is TF32 tensor-core math: XLA's default precision
-# for f32 convolutions and matmuls there (``jax_default_matmul_precision`` unset).
-_PEAKS: tuple[tuple[str, dict[str, tuple[float, str]]], ...] = (
-  ("H100 PCIe", {"bf16": (756.0, "H100 PCIe dense BF16"), "f32": (378.0, "H100 PCIe dense TF32")}),
-  ("H100", {"bf16": (989.4, "H100 SXM dense BF16"), "f32": (494.7, "H100 SXM dense TF32")}),
-  ("H200", {"bf16": (989.4, "H200 dense BF16"), "f32": (494.7, "H200 dense TF32")}),
-  ("A100", {"bf16": (312.0, "A100 dense BF16"), "f32": (156.0, "A100 dense TF32")}),
-  ("TPU v4", {"bf16": (275.0, "TPU v4 BF16"), "f32": (275.0, "TPU v4 BF16 (f32 matmuls run as bf16 passes)")}),
-  ("TPU v5 lite", {"bf16": (197.0, "TPU v5e BF16"), "f32": (197.0, "TPU v5e BF16 (f32 as bf16 passes)")}),
-  ("TPU v5", {"bf16": (459.0, "TPU v5p BF16"), "f32": (459.0, "TPU v5p BF16 (f32 as bf16 passes)")}),
-  ("TPU v6", {"bf16": (918.0, "TPU v6e BF16"), "f32": (918.0, "TPU v6e BF16 (f32 as bf16 passes)")}),
-)
-
-
-def peak_tflops(device_kind: str, precision: str) -> tuple[float | None, str | None]:
-  """Dense peak TFLOP/s of ONE device of ``device_kind`` at ``precision`` (``None`` if unknown, e.g. CPUs).
-
-  Returns:
-    ``(tflops, basis)``: the number and which data-sheet figure it is.
-  """
-  for key, table in _PEAKS:
-    if key.lower() in device_kind.lower():
-      return table.get(precision, (None, None))
-  return None, None
+  return {"compile_sec": compile_sec, "flops": flops, "hlo_ops": flops_lib.hlo_op_counts(local_lowered), "step": step}
 
 
 def _result(mode: str, config, timing: dict[str, Any], rounds: int) -> dict[str, Any]:
@@ -370,7 +286,7 @@ def _result(mode: str, config, timing: dict[str, Any], rounds: int) -> dict[str,
     "client_chunk_resolved": (
       program_lib.client_chunk(config, _clients_per_program(config, timing)) if mode == "vmap" else None
     ),
-    "device": device_info(),
+    "device": hardware.device_info(),
     "sharded": timing.get("sharded", False),
     "compile_sec": round(timing["compile_sec"], 3),
     "rounds": rounds,
@@ -383,23 +299,11 @@ def _result(mode: str, config, timing: dict[str, Any], rounds: int) -> dict[str,
     "flops_breakdown": {k: v for k, v in fc._asdict().items()},
     "flops_source": "counted from the round's operations (fedgan_jax.flops; model arithmetic, any lowering)",
     "achieved_tflops": round(achieved, 5),
-    **_peak_fields(config.train.precision, achieved),
+    **hardware.peak_fields(config.train.precision, achieved),
     "hlo_ops": timing["hlo_ops"],
     "jax": jax.__version__,
     "python": platform.python_version(),
     "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
-  }
-
-
-def _peak_fields(precision: str, achieved: float | None) -> dict[str, Any]:
-  """``peak_tflops`` (all devices), its ``peak_basis`` and ``fraction_of_peak`` (``None`` when unknown)."""
-  devices = jax.devices()
-  one, basis = peak_tflops(devices[0].device_kind, precision)
-  peak = one * len(devices) if one else None
-  return {
-    "peak_tflops": peak,
-    "peak_basis": basis,
-    "fraction_of_peak": round(achieved / peak, 4) if peak and achieved else None,
   }
 
 

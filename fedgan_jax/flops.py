@@ -29,6 +29,7 @@ program (``tests/test_flops.py``).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -264,3 +265,34 @@ def count(fn: Callable[..., Any], *args, **kwargs) -> FlopCount:
   if _dce_jaxpr is not None:
     jaxpr, _ = _dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
   return count_jaxpr(jaxpr)
+
+
+_HLO_PATTERNS = {
+  "feature_group_count": re.compile(r"feature_group_count = (\d+)"),
+  "batch_group_count": re.compile(r"batch_group_count = (\d+)"),
+  "lhs_dilate": re.compile(r"lhs_dilate = \[([\d, ]+)\]"),
+}
+
+
+def hlo_op_counts(lowered) -> dict[str, int]:
+  """Convolutions (all / grouped / lhs-dilated) and ``dot_general``s in a lowered program.
+
+  Read from its StableHLO text, before XLA's backend rewrites (which turn
+  them into library calls), so the counts say which lowering the program
+  uses on any backend.
+  """
+  text = lowered.as_text()
+  convs = [line for line in text.splitlines() if "stablehlo.convolution" in line]
+
+  def over_one(pattern, line):
+    return any(int(v) > 1 for m in pattern.findall(line) for v in m.split(","))
+
+  return {
+    "convolution": len(convs),
+    "grouped_convolution": sum(
+      over_one(_HLO_PATTERNS["feature_group_count"], line) or over_one(_HLO_PATTERNS["batch_group_count"], line)
+      for line in convs
+    ),
+    "lhs_dilated_convolution": sum(over_one(_HLO_PATTERNS["lhs_dilate"], line) for line in convs),
+    "dot_general": text.count("stablehlo.dot_general") + text.count("stablehlo.dot "),
+  }

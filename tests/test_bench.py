@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from fedgan_jax import bench, config_lib, flops
+from fedgan_jax import bench, config_lib, flops, hardware
 from fedgan_jax.federated.state import RoundData
 
 
@@ -163,9 +163,9 @@ def test_bench_both_modes_end_to_end():
 
 
 def test_peak_tflops_lookup():
-  assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == (989.4, "H100 SXM dense BF16")
-  assert bench.peak_tflops("NVIDIA H100 PCIe", "f32")[0] == 378.0
-  assert bench.peak_tflops("NVIDIA H200", "bf16")[0] == 989.4
-  assert bench.peak_tflops("NVIDIA A100-SXM4-40GB", "f32")[0] == 156.0
-  assert bench.peak_tflops("TPU v5 lite", "bf16")[0] == 197.0
-  assert bench.peak_tflops("cpu", "f32") == (None, None)
+  assert hardware.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == (989.4, "H100 SXM dense BF16")
+  assert hardware.peak_tflops("NVIDIA H100 PCIe", "f32")[0] == 378.0
+  assert hardware.peak_tflops("NVIDIA H200", "bf16")[0] == 989.4
+  assert hardware.peak_tflops("NVIDIA A100-SXM4-40GB", "f32")[0] == 156.0
+  assert hardware.peak_tflops("TPU v5 lite", "bf16")[0] == 197.0
+  assert hardware.peak_tflops("cpu", "f32") == (None, None)

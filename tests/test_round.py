@@ -157,7 +157,7 @@ def test_lowered_gemm_round_holds_no_grouped_and_no_lhs_dilated_conv(tiny_progra
   """The whole round (all clients vmapped, WGAN-GP's double backward included) lowered with
   conv_impl='gemm' is convolution-free; the stock lowering of the same round is not (grouped
   and lhs-dilated convs), which is what the check would catch."""
-  from fedgan_jax import bench
+  from fedgan_jax import flops
 
   _, _, _, data, _ = tiny_program
   data = jax.tree.map(lambda x: x[:2] if x.ndim and x.shape[0] == 3 else x, data)
@@ -165,7 +165,7 @@ def test_lowered_gemm_round_holds_no_grouped_and_no_lhs_dilated_conv(tiny_progra
   for impl in ("gemm", "xla"):
     program, _, _ = assemble.build_program(_gp_config(impl, **{"train.client_chunk": 2}))
     lowered = jax.jit(program.round).lower(program.init(jax.random.key(0)), data, jax.random.key(1))
-    counts[impl] = bench.hlo_op_counts(lowered)
+    counts[impl] = flops.hlo_op_counts(lowered)
   assert counts["gemm"]["convolution"] == 0 and counts["gemm"]["dot_general"] > 20
   assert counts["xla"]["grouped_convolution"] > 0 and counts["xla"]["lhs_dilated_convolution"] > 0
 

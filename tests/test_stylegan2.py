@@ -13,7 +13,7 @@ import pytest
 from jax import lax
 
 from conftest import tiny_config
-from fedgan_jax import bench, flops, models
+from fedgan_jax import flops, models
 from fedgan_jax.models import stylegan2 as sg2
 
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -196,7 +196,7 @@ def test_vmapped_gemm_forward_backward_has_no_convolution():
       return jax.grad(loss)(params)
 
     lowered = jax.jit(jax.vmap(client)).lower(v, jnp.zeros((2, 4, 8)))
-    counts = bench.hlo_op_counts(lowered)
+    counts = flops.hlo_op_counts(lowered)
     assert counts[key] == 0, counts
   assert counts["dot_general"] > 0
 

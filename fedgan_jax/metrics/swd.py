@@ -11,12 +11,12 @@ float64 by default, seeded; a jitted float32 ``jax.numpy`` path
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fedgan_jax.metrics import swd_jax
 
 __all__ = ["sliced_wasserstein", "swd_reference", "SlicedWasserstein", "SwdReference"]
 
@@ -122,74 +122,6 @@ def _sorted_projections(desc: np.ndarray, directions: list[np.ndarray]) -> list[
 def _swd_sorted(sorted_a: list[np.ndarray], sorted_b: list[np.ndarray]) -> float:
   """Mean over direction batches of the mean absolute difference of sorted projections."""
   return float(np.mean([np.abs(pa - pb).mean() for pa, pb in zip(sorted_a, sorted_b)]))
-
-
-# The device (jax.numpy) path: the same computation in float32, jitted, on the
-# host-drawn image choice, patch positions and directions.
-
-
-def _jax_blur(x: jax.Array, gain: float = 1.0) -> jax.Array:
-  k = [float(v) for v in _BINOMIAL5 * np.sqrt(gain)]
-  h, w = x.shape[1:3]
-  p = jnp.pad(x, ((0, 0), (2, 2), (0, 0), (0, 0)), mode="reflect")  # reflect-101, as numpy
-  x = sum(k[i] * p[:, i : i + h] for i in range(5))
-  p = jnp.pad(x, ((0, 0), (0, 0), (2, 2), (0, 0)), mode="reflect")
-  return sum(k[i] * p[:, :, i : i + w] for i in range(5))
-
-
-def _jax_laplacian_pyramid(x: jax.Array, levels: int) -> list[jax.Array]:
-  pyr = [x]
-  for _ in range(1, levels):
-    pyr.append(_jax_blur(pyr[-1])[:, ::2, ::2])
-    h, w = pyr[-2].shape[1:3]
-    # Zeros between samples by interior padding (no scatter), then the ×4 kernel.
-    up = jax.lax.pad(pyr[-1], jnp.zeros((), x.dtype), ((0, 0, 0), (0, 1, 1), (0, 1, 1), (0, 0, 0)))
-    pyr[-2] = pyr[-2] - _jax_blur(up, gain=4.0)[:, :h, :w]
-  return pyr
-
-
-def _jax_finalize(desc: jax.Array) -> jax.Array:
-  """:func:`_finalize` in float32 (XLA reduces in a tree, accurate enough here)."""
-  desc = desc - desc.mean(axis=(0, 1, 2), keepdims=True)
-  std = jnp.sqrt(jnp.mean(desc * desc, axis=(0, 1, 2), keepdims=True))
-  desc = desc / jnp.where(std > 0, std, 1.0)
-  return desc.reshape(desc.shape[0], -1)
-
-
-@functools.partial(jax.jit, static_argnames=("patch_size",))
-def _jax_sorted_projections(images, ys, xs, directions, *, patch_size: int):
-  """Sorted projections of one set, per level.
-
-  Args:
-    images: float32 ``[n, H, W, C]``, the chosen images in order.
-    ys: per level, patch centre rows ``[n * patches_per_image]``.
-    xs: per level, patch centre columns, same shape.
-    directions: per level, float32 ``[repeats * dirs, patch_size² C]``.
-    patch_size: patch side.
-
-  Returns:
-    Per level, float32 ``[repeats * dirs, n * patches_per_image]``, sorted
-    along the last axis.
-  """
-  n = images.shape[0]
-  img_idx = jnp.repeat(jnp.arange(n), ys[0].shape[0] // n)[:, None, None]
-  off = jnp.arange(-(patch_size // 2), patch_size // 2 + 1)
-  out = []
-  for level, y, x, d in zip(_jax_laplacian_pyramid(images, len(ys)), ys, xs, directions):
-    rows, cols = (y[:, None] + off)[:, :, None], (x[:, None] + off)[:, None, :]
-    desc = _jax_finalize(level[img_idx, rows, cols])  # [M, size, size, C] gathered
-    # HIGHEST: no TF32/bf16 passes on GPUs, the projections must stay float32-exact.
-    proj = jnp.matmul(d, desc.T, precision=jax.lax.Precision.HIGHEST)
-    out.append(jnp.sort(proj, axis=1))
-  return tuple(out)
-
-
-@functools.partial(jax.jit, static_argnames=("repeats",))
-def _jax_swd_sorted(sorted_a, sorted_b, *, repeats: int) -> jax.Array:
-  """:func:`_swd_sorted` per level -> ``[levels]`` (row means first: short sums)."""
-  return jnp.stack(
-    [jnp.abs(a - b).mean(axis=1).reshape(repeats, -1).mean(axis=1).mean() for a, b in zip(sorted_a, sorted_b)]
-  )
 
 
 class SlicedWasserstein(NamedTuple):
@@ -329,7 +261,9 @@ class SwdReference:
     else:
       ys, xs = (tuple(jnp.asarray(v, jnp.int32) for v in vs) for vs in (ys, xs))
       dirs = tuple(jnp.asarray(np.concatenate(d)) for d in self._dirs)
-      sorted_proj = _jax_sorted_projections(jnp.asarray(self.images[chosen]), ys, xs, dirs, patch_size=s["patch_size"])
+      sorted_proj = swd_jax.sorted_projections(
+        jnp.asarray(self.images[chosen]), ys, xs, dirs, patch_size=s["patch_size"]
+      )
       side = dict(n=n, ys=ys, xs=xs, dirs=dirs, sorted=sorted_proj)
     self._sides[backend] = side
     return side
@@ -371,8 +305,8 @@ class SwdReference:
       x = jnp.asarray(images, jnp.float32)
       if shape[0] != n:
         x = jnp.take(x, jnp.asarray(chosen), axis=0)
-      other = _jax_sorted_projections(x, side["ys"], side["xs"], side["dirs"], patch_size=s["patch_size"])
-      vals = np.asarray(_jax_swd_sorted(side["sorted"], other, repeats=s["dir_repeats"]))
+      other = swd_jax.sorted_projections(x, side["ys"], side["xs"], side["dirs"], patch_size=s["patch_size"])
+      vals = np.asarray(swd_jax.swd_sorted(side["sorted"], other, repeats=s["dir_repeats"]))
       per_level = [1e3 * float(v) for v in vals]
     return SlicedWasserstein(self.resolutions, tuple(per_level), float(np.mean(per_level)))
 
