@@ -38,33 +38,9 @@ Changed to fit a CPU (``configs/paper_full.py`` has the paper's values):
 Each runs 200 rounds (minutes on a laptop CPU; see README).
 """
 
-from fedgan_jax import config_lib
+from fedgan_jax import config_lib, presets
 
 SETTINGS = ("attack", "detect", "gp", "both")
-
-
-def apply_detection(config):
-  """The paper's defense 1, as its code does it."""
-  config.aggregation.name = "detect"
-  config.aggregation.kwargs.detector = "isolation_forest"
-  config.aggregation.kwargs.features = ("g_loss_last",)
-  config.aggregation.kwargs.warmup_rounds = 10
-  config.aggregation.kwargs.decay = 0.9
-  config.aggregation.kwargs.mode = "persistent"
-  return config
-
-
-def apply_gradient_penalty(config, lr: float = 1e-4):
-  """The paper's defense 2: WGAN-GP local training, as its code does it (but for ``lr``)."""
-  config.train.loss = "wgan"
-  config.train.regularizers.gradient_penalty = 10.0
-  config.train.gp_interpolation = "normal"
-  config.model.d_norm = "instance"
-  config.train.optimizer = "rmsprop"
-  config.train.rmsprop = "pytorch"
-  config.train.g_lr = lr
-  config.train.d_lr = lr
-  return config
 
 
 def get_config(setting: str = "attack"):
@@ -73,7 +49,7 @@ def get_config(setting: str = "attack"):
   config = config_lib.base_config()
   config.aggregation.weighting = "uniform"
   if setting in ("detect", "both"):
-    apply_detection(config)
-  if setting in ("gp", "both"):
-    apply_gradient_penalty(config)
+    presets.apply(config, presets.DETECTION)
+  if setting in ("gp", "both"):  # The code's WGAN-GP at learning rate 1e-4 (see above).
+    presets.apply(config, {**presets.GRADIENT_PENALTY, "train.g_lr": 1e-4, "train.d_lr": 1e-4})
   return config

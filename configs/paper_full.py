@@ -36,7 +36,7 @@ in f32 (half in bf16): ``train.client_chunk=2`` trains two clients at a time
 so an 80 GB H100 holds them; raise it on larger devices.
 """
 
-from fedgan_jax import config_lib
+from fedgan_jax import config_lib, presets
 
 SETTINGS = ("clean", "attack", "detect", "gp", "both")
 
@@ -76,17 +76,7 @@ def get_config(setting: str = "attack"):
   c.aggregation.weighting = "uniform"
   c.aggregation.average_discriminator = False
   if setting in ("detect", "both"):
-    c.aggregation.name = "detect"
-    c.aggregation.kwargs.detector = "isolation_forest"
-    c.aggregation.kwargs.features = ("g_loss_last",)
-    c.aggregation.kwargs.warmup_rounds = 10
-    c.aggregation.kwargs.decay = 0.9
-    c.aggregation.kwargs.mode = "persistent"
+    presets.apply(c, presets.DETECTION)
   if setting in ("gp", "both"):
-    c.train.loss = "wgan"
-    c.train.regularizers.gradient_penalty = 10.0
-    c.train.gp_interpolation = "normal"
-    c.model.d_norm = "instance"
-    c.train.optimizer = "rmsprop"
-    c.train.rmsprop = "pytorch"
+    presets.apply(c, presets.GRADIENT_PENALTY)
   return c

@@ -29,25 +29,13 @@ Defenses (the paper's settings):
 * ``both``: the two together.
 """
 
-from fedgan_jax import config_lib
+from fedgan_jax import config_lib, presets
 from launch.sweep import product
 
 NUM_ROUNDS = 60
 
-_GP = {  # As configs/paper.py:gp.
-  "train.loss": "wgan",
-  "train.regularizers.gradient_penalty": 10.0,
-  "train.gp_interpolation": "normal",
-  "model.d_norm": "instance",
-  "train.optimizer": "rmsprop",
-  "train.g_lr": 1e-4,
-  "train.d_lr": 1e-4,
-}
-_DETECT = {  # As configs/paper.py:detect.
-  "aggregation.name": "detect",
-  "aggregation.kwargs.features": ("g_loss_last",),
-  "aggregation.kwargs.warmup_rounds": 10,
-}
+_GP = dict(presets.GRADIENT_PENALTY, **{"train.g_lr": 1e-4, "train.d_lr": 1e-4})  # As configs/paper.py:gp.
+_DETECT = presets.DETECTION
 
 DEFENSES = [
   {"_defense": "none"},

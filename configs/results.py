@@ -29,32 +29,15 @@ an hour on a 2-core CPU (measured in docs/results.md); SWD and the trigger
 metrics are computed every 25 rounds.
 """
 
-from fedgan_jax import config_lib
+from fedgan_jax import config_lib, presets
 from launch.sweep import product
 
 NUM_ROUNDS = 100
 WARMUP = 10  # The paper code's ``warmup``: flags acted on from round index 11.
 
-_DETECT = {
-  "aggregation.name": "detect",
-  "aggregation.kwargs.features": ("g_loss_last",),
-  "aggregation.kwargs.warmup_rounds": WARMUP,
-}
-_DETECT_SERVER = {
-  "aggregation.name": "detect",
-  "aggregation.kwargs.features": ("update_norm", "dist_to_median"),
-  "aggregation.kwargs.warmup_rounds": WARMUP,
-}
-_GP = {  # As configs/paper.py:gp (the code's WGAN-GP at learning rate 1e-4).
-  "train.loss": "wgan",
-  "train.regularizers.gradient_penalty": 10.0,
-  "train.gp_interpolation": "normal",
-  "model.d_norm": "instance",
-  "train.optimizer": "rmsprop",
-  "train.rmsprop": "pytorch",
-  "train.g_lr": 1e-4,
-  "train.d_lr": 1e-4,
-}
+_DETECT = dict(presets.DETECTION, **{"aggregation.kwargs.warmup_rounds": WARMUP})
+_DETECT_SERVER = dict(_DETECT, **{"aggregation.kwargs.features": ("update_norm", "dist_to_median")})
+_GP = dict(presets.GRADIENT_PENALTY, **{"train.g_lr": 1e-4, "train.d_lr": 1e-4})  # As configs/paper.py:gp.
 _CLEAN = {"attack.malicious": ()}
 
 SETTINGS = [

@@ -12,6 +12,7 @@ import textwrap
 import pytest
 
 from conftest import ROOT
+from fedgan_jax import presets
 from launch import sweep
 
 PAPER = os.path.join(ROOT, "configs", "paper_sweep.py")
@@ -100,7 +101,8 @@ def test_dry_run_commands_parse_with_main():
     rest, kwargs = main_lib.split_overrides(argv)
     main_lib.check_override_names(rest)
     if "--config.aggregation.name=detect" in argv:
-      assert kwargs == {"warmup_rounds": 10, "features": ("g_loss_last",)}  # Tuples of strings parse back.
+      want = {k.split(".")[-1]: v for k, v in presets.DETECTION.items() if k.startswith("aggregation.kwargs.")}
+      assert kwargs == want and kwargs["features"] == ("g_loss_last",)  # Tuples of strings parse back.
 
 
 def _fabricated_sweep(tmp_path, num_rounds=3):
