@@ -42,6 +42,9 @@ COLUMNS = (
   "trigger_rate",
   "trigger_strength",
   "swd",
+  "trigger_rate_late",
+  "trigger_strength_late",
+  "swd_late",
   "attacker_weight",
   "honest_weight_min",
   "honest_weight_max",
@@ -69,6 +72,8 @@ def run_row(setting: str, config, run_dir: str) -> dict[str, Any] | None:
   is_mal = np.zeros(config.num_clients, bool)
   is_mal[list(config.attack.malicious)] = True
   weights = np.asarray(records[-1]["agg/weights"], float)
+  # The second half's evaluations: the trigger comes and goes between rounds, one snapshot is noisy.
+  late = [r for r in records if r["round"] > config.num_rounds // 2 and "eval/trigger_rate" in r]
   row: dict[str, Any] = {
     "setting": setting,
     "seed": config.seed,
@@ -79,6 +84,9 @@ def run_row(setting: str, config, run_dir: str) -> dict[str, Any] | None:
     "trigger_rate": final.get("eval/trigger_rate"),
     "trigger_strength": final.get("eval/trigger_strength"),
     "swd": final.get("eval/swd"),
+    "trigger_rate_late": _mean([r.get("eval/trigger_rate") for r in late]),
+    "trigger_strength_late": _mean([r.get("eval/trigger_strength") for r in late]),
+    "swd_late": _mean([r.get("eval/swd") for r in late]),
     "attacker_weight": float(weights[is_mal].max()) if is_mal.any() else None,
     "honest_weight_min": float(weights[~is_mal].min()),
     "honest_weight_max": float(weights[~is_mal].max()),

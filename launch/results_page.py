@@ -76,51 +76,58 @@ def _table(rows: Sequence[Row], settings: Sequence[str], columns: Sequence[tuple
 
 
 def _claims(rows: Sequence[Row]) -> list[str]:
-  """Plain statements against the paper's claims, their verdicts computed from the numbers."""
+  """Plain statements against the paper's claims, their verdicts computed from the numbers (second-half means)."""
   out = []
-  clean, attack = _mean(rows, "clean", "trigger_rate"), _mean(rows, "attack", "trigger_rate")
-  s_clean, s_attack = _mean(rows, "clean", "trigger_strength"), _mean(rows, "attack", "trigger_strength")
+  rate = lambda s: _mean(rows, s, "trigger_rate_late")
+  clean, attack = rate("clean"), rate("attack")
+  s_clean, s_attack = _mean(rows, "clean", "trigger_strength_late"), _mean(rows, "attack", "trigger_strength_late")
   if None not in (clean, attack, s_clean, s_attack):
     works = attack > clean + 0.2 and s_attack > s_clean + 0.02
-    out.append(
-      f"* **The attack implants the backdoor** (the paper: the poisoned discriminator corrupts the global "
-      f"generator). {'Agrees' if works else 'Does not agree'} at this scale: trigger rate {attack:.2f} vs "
-      f"{clean:.2f} without an attacker, but as a faint ghost: strength {s_attack:.3f} (1 = fully pasted), "
-      f"below the attacker's share 1/C = 0.25 of the average."
+    what = (
+      f"the trigger rate is {attack:.2f} against {clean:.2f} without an attacker, as a faint ghost: median "
+      f"strength {s_attack:.3f} (1 = fully pasted; the attacker's share of the average is 1/C = 0.25)"
     )
-  both, gp, det = (_mean(rows, s, "trigger_rate") for s in ("attack+both", "attack+gp", "attack+detect"))
+    out.append(
+      "* **The attack implants the backdoor** (the paper: the poisoned discriminator corrupts the global "
+      + (f"generator). Agrees: {what}." if works else f"generator). Not clearly at this scale: {what}.")
+    )
+  det, gp, both = rate("attack+detect"), rate("attack+gp"), rate("attack+both")
   if None not in (attack, det, clean):
     ok = det < clean + 0.5 * (attack - clean)
     out.append(
       f"* **Detection (defense 1) removes it.** {'Agrees' if ok else 'Does not agree'}: trigger rate {det:.2f} "
-      f"with detection vs {attack:.2f} without (clean floor {clean:.2f}); the attacker's final weight "
-      f"{fmt(stat(rows, 'attack+detect', 'attacker_weight'))}."
+      f"with detection against {attack:.2f} without (clean {clean:.2f}); the attacker's final weight "
+      f"{fmt(stat(rows, 'attack+detect', 'attacker_weight'))}. It also decays honest clients: the lowest honest "
+      f"weight ends at {fmt(stat(rows, 'attack+detect', 'honest_weight_min'))}."
     )
   if None not in (attack, gp, clean):
     ok = gp < clean + 0.5 * (attack - clean)
     out.append(
-      f"* **WGAN-GP alone (defense 2).** The paper reports it helps; here it "
-      f"{'does' if ok else 'does not'} remove the backdoor in {_rounds(rows)} rounds: trigger rate {gp:.2f}."
+      f"* **WGAN-GP alone (defense 2)** {'removes' if ok else 'does not remove'} the backdoor here in "
+      f"{_rounds(rows)} rounds: trigger rate {gp:.2f}, and its generator is the least faithful (SWD "
+      f"{fmt(stat(rows, 'attack+gp', 'swd_late'), 1)} against {fmt(stat(rows, 'clean', 'swd_late'), 1)} clean). "
+      "The paper reports that it helps; at 32 px with a DCGAN generator and RMSprop at 1e-4 it does not."
+      if not ok
+      else f"* **WGAN-GP alone (defense 2)** removes the backdoor here: trigger rate {gp:.2f}."
     )
   if None not in (both, clean):
     ok = both <= clean + 0.1
     out.append(
       f"* **Both defenses together restore robust synthesis** (the paper's headline). "
-      f"{'Agrees' if ok else 'Does not agree'}: trigger rate {both:.2f} (clean {clean:.2f}), SWD "
-      f"{fmt(stat(rows, 'attack+both', 'swd'), 1)} vs {fmt(stat(rows, 'clean', 'swd'), 1)} clean: the "
-      "gradient penalty's price in fidelity at this scale is visible there."
+      f"{'Agrees' if ok else 'Does not agree'} on the trigger: rate {both:.2f} (clean {clean:.2f}); fidelity "
+      f"does not return at this scale: SWD {fmt(stat(rows, 'attack+both', 'swd_late'), 1)} against "
+      f"{fmt(stat(rows, 'clean', 'swd_late'), 1)} clean, the gradient penalty's price."
     )
   fp = stat(rows, "clean+detect", "rounds_with_a_flag_after_warmup")
-  fpr = stat(rows, "clean+detect", "detect_fpr_after_warmup")
   if fp is not None:
     out.append(
       f"* **Detection on a benign run** (not reported by the paper; its own benign log flags someone in 187 "
       f"of 200 rounds): someone is flagged in {fmt(fp, 0, pct=True)} of the rounds after the warm-up (FPR "
-      f"{fmt(fpr)}); because fewer than C // 2 flags are acted on and the decay persists, the honest clients' "
-      f"weights end at {fmt(stat(rows, 'clean+detect', 'honest_weight_min'))} (min) to "
-      f"{fmt(stat(rows, 'clean+detect', 'honest_weight_max'))} (max) instead of 0.25."
+      f"{fmt(stat(rows, 'clean+detect', 'detect_fpr_after_warmup'))}); as a single flag among 4 clients is acted "
+      f"on and the decay persists, the lowest honest weight ends at "
+      f"{fmt(stat(rows, 'clean+detect', 'honest_weight_min'))} instead of 0.25: an honest hospital is shut out."
     )
-  mimic, mimic_s = _mean(rows, "mimic+detect", "trigger_rate"), _mean(rows, "mimic+detect_server", "trigger_rate")
+  mimic, mimic_s = rate("mimic+detect"), rate("mimic+detect_server")
   if mimic is not None:
     out.append(
       f"* **An attacker who knows the defense** reports the honest median loss: loss-based detection then "
@@ -136,6 +143,13 @@ def _claims(rows: Sequence[Row]) -> list[str]:
       f"* **Label-skewed honest clients** (Dirichlet 0.3, no attacker) are flagged in {fmt(nonid, 0, pct=True)} "
       f"of the rounds after the warm-up; the lowest honest weight ends at "
       f"{fmt(stat(rows, 'noniid+detect', 'honest_weight_min'))}: heterogeneity alone is penalised."
+    )
+  sizes = [(s, rate(s)) for s in ("attack_trigger2", "attack", "attack_trigger8")]
+  if all(v is not None for _, v in sizes) and clean is not None:
+    out.append(
+      "* **Trigger size** (the paper's stated limitation: a small trigger): trigger rate "
+      + ", ".join(f"{v:.2f}" for _, v in sizes)
+      + f" for 2×2, 4×4 and 8×8 px (clean {clean:.2f}); the strength column shows how much of the pattern is there."
     )
   return out
 
@@ -161,7 +175,9 @@ def render(rows: Sequence[Row], prov: dict[str, Any]) -> str:
     "acted on from round index 11 when fewer than C // 2 clients are flagged, persistent decay 0.9); WGAN-GP "
     "is λ = 10, InstanceNorm D, RMSprop with PyTorch's semantics and the code's N(0, 1) interpolation.",
     "",
-    "Values are mean ± standard deviation over seeds, at the final round. **Trigger rate**: the fraction of "
+    "Values are mean ± standard deviation over seeds of each run's mean over its evaluations in the second half "
+    "(every 10 rounds: the trigger comes and goes between rounds), final-round values in the CSV; weights are "
+    "at the final round. **Trigger rate**: the fraction of "
     "512 generated images whose trigger region correlates with the trigger above a threshold calibrated so "
     "clean real images score ≤ 1 %; **strength**: the median regression coefficient of that region on the "
     "trigger (1 = fully pasted, 0 = absent), so a rate of 0.7 with strength 0.08 means 70 % of the images "
@@ -176,9 +192,10 @@ def render(rows: Sequence[Row], prov: dict[str, Any]) -> str:
     rows,
     main,
     [
-      ("trigger rate", "trigger_rate", {}),
-      ("strength", "trigger_strength", {"digits": 3}),
-      ("SWD ×1e3", "swd", {"digits": 1}),
+      ("trigger rate", "trigger_rate_late", {}),
+      ("strength", "trigger_strength_late", {"digits": 3}),
+      ("SWD ×1e3", "swd_late", {"digits": 1}),
+      ("trigger rate, final round", "trigger_rate", {}),
       ("attacker's final weight", "attacker_weight", {"digits": 3}),
       ("TPR after warm-up", "detect_tpr_after_warmup", {}),
       ("FPR after warm-up", "detect_fpr_after_warmup", {}),
@@ -195,7 +212,7 @@ def render(rows: Sequence[Row], prov: dict[str, Any]) -> str:
       ("attacker's final weight", "attacker_weight", {"digits": 3}),
       ("honest weights, min", "honest_weight_min", {"digits": 3}),
       ("max", "honest_weight_max", {"digits": 3}),
-      ("trigger rate", "trigger_rate", {}),
+      ("trigger rate", "trigger_rate_late", {}),
     ],
   )
   lines += ["", "## The attack's strength and the trigger's size", ""]
@@ -209,8 +226,8 @@ def render(rows: Sequence[Row], prov: dict[str, Any]) -> str:
       px, area = sizes[0]["trigger_px"], sizes[0]["trigger_area_pct"]
       lines.append(
         f"| {px}×{px} px (`{s}`) | {area:.2f} %{' (the paper: 16×16 on 256×256)' if abs(area - 0.39) < 0.01 else ''} "
-        f"| {len(sizes)} | {fmt(stat(rows, s, 'trigger_rate'))} | {fmt(stat(rows, s, 'trigger_strength'), 3)} | "
-        f"{fmt(stat(rows, s, 'swd'), 1)} |"
+        f"| {len(sizes)} | {fmt(stat(rows, s, 'trigger_rate_late'))} | "
+        f"{fmt(stat(rows, s, 'trigger_strength_late'), 3)} | {fmt(stat(rows, s, 'swd_late'), 1)} |"
       )
   lines += [
     "",
