@@ -23,9 +23,8 @@ def _rows(attack_rate: float) -> list[dict]:
     ("attack_trigger2", 0.05),
   ):
     for seed in range(3):
-      row = dict(
-        base, setting=setting, seed=seed, trigger_rate=rate + 0.01 * seed, trigger_strength=0.05 * (rate > 0.2)
-      )
+      row = dict(base, setting=setting, seed=seed, trigger_rate=rate, trigger_rate_late=rate + 0.01 * seed)
+      row.update(trigger_strength_late=0.05 * (rate > 0.2), swd_late=40.0)
       if setting == "attack_trigger2":
         row.update(trigger_px=2, trigger_area_pct=0.391)
       if "detect" in setting:
@@ -56,11 +55,10 @@ def test_page_numbers_and_verdicts_follow_the_rows():
     "**The attack implants the backdoor** (the paper: the poisoned discriminator corrupts the global generator). Agrees"
     in page
   )
-  assert "WGAN-GP alone (defense 2).** The paper reports it helps; here it does not" in page
+  assert "**WGAN-GP alone (defense 2)** does not remove the backdoor here in 100 rounds: trigger rate 0.51" in page
   weak = results_page.render(_rows(attack_rate=0.05), prov)
   assert (
-    "implants the backdoor** (the paper: the poisoned discriminator corrupts the global generator). Does not agree"
-    in weak
+    "implants the backdoor** (the paper: the poisoned discriminator corrupts the global generator). Not clearly" in weak
   )
 
 
