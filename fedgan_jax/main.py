@@ -8,6 +8,7 @@ of the aggregation rule are free-form:
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 
@@ -62,9 +63,27 @@ def _enable_compilation_cache() -> None:
 
 
 def _fail(line: str) -> None:
-  """Every failure a user can cause: one line on stderr, exit code 2, no traceback."""
+  """Every failure a user can cause: one line on stderr, exit code 2, no traceback.
+
+  Work abandoned by the failure (orbax's background writes after a full disk) may still report
+  its own errors while the interpreter shuts down ("Future exception was never retrieved", one per
+  array); the line already said what happened, so stderr is closed to them.
+  """
   print(line, file=sys.stderr, flush=True)
+  _silence_stderr()
   sys.exit(2)
+
+
+def _silence_stderr() -> None:
+  """Sends everything written to stderr from now on (Python or native code) to the null device."""
+  logging.set_verbosity(logging.FATAL)
+  std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL + 1)
+  try:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stderr.fileno())
+    os.close(devnull)
+  except (OSError, ValueError):  # No real descriptor (stderr replaced, e.g. under a test harness).
+    pass
 
 
 def _config_arg(argv: list[str]) -> str | None:

@@ -172,9 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   wall = None
   try:
     if not args.no_run:
+      finished_before = len(collect(args.workdir, args.config))
       t0 = time.perf_counter()
       sweep.run_sweep(args.config, args.workdir, batch_seeds=True)
-      wall = time.perf_counter() - t0
+      # End to end only when this call trained everything (a resumed call's time says nothing).
+      wall = None if finished_before else time.perf_counter() - t0
     rows = collect(args.workdir, args.config)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -51,6 +51,8 @@ def test_page_numbers_and_verdicts_follow_the_rows():
   assert "commit `abc1234`" in page and "## The paper's settings" in page and "## What agrees" in page
   assert "| 1 attacker (client 0), no defense (`attack`) | 3 | 0.71 ± 0.01 |" in page  # Mean ± sd of 0.70, 0.71, 0.72.
   assert "0.39 % (the paper: 16×16 on 256×256)" in page
+  # 7 settings of one 60 s program each (3 seeds vmapped): 7 min, not 21.
+  assert "adds up to 7 min; this regeneration took 10 min end to end" in page
   assert (
     "**The attack implants the backdoor** (the paper: the poisoned discriminator corrupts the global generator). Agrees"
     in page
