@@ -146,7 +146,10 @@ def provenance(workdir: str, wall_sec: float | None) -> dict[str, Any]:
     out = subprocess.run(["git", *args], capture_output=True, text=True)
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
-  dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+  # The files this command writes do not make the tree dirty (a regeneration rewrites them).
+  dirty = bool(
+    git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs/results.csv", ":!docs/results.md")
+  )
   cpu = platform.processor() or ""
   try:
     with open("/proc/cpuinfo") as f:
