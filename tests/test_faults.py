@@ -53,9 +53,24 @@ def _run(workdir, rounds=ROUNDS, *extra, **kwargs):
   )
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+  """In the child before exec: SIGINT at its default, as for a command typed in a terminal.
+
+  A background job of a non-interactive shell (a CI script, ``nohup ... &``) starts with SIGINT
+  ignored, its children inherit that, and Python then installs no KeyboardInterrupt handler.
+  """
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(workdir, rounds=ROUNDS):
   return subprocess.Popen(
-    _cmd(workdir, rounds), cwd=ROOT, env=_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    _cmd(workdir, rounds),
+    cwd=ROOT,
+    env=_ENV,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    preexec_fn=_ctrl_c_as_in_a_terminal,
   )
 
 
@@ -373,3 +388,26 @@ def test_progress_rate_and_eta_leave_compilation_out(monkeypatch):
   assert progress.line(3) == "round 3/10  first round 30.0 s (includes compiling)"
   clock[0] += 1.0  # Rounds 4 and 5.
   assert progress.line(5) == "round 5/10  2.00 rounds/s  ETA 2 s"
+
+
+@pytest.mark.parametrize("ignored", [False, True])
+def test_ctrl_c_during_a_save_is_held_until_it_ends_unless_ignored(ignored):
+  from fedgan_jax.io import checkpoint as ckpt_lib
+
+  before = signal.signal(signal.SIGINT, signal.SIG_IGN if ignored else signal.default_int_handler)
+  done = []
+  try:
+    if ignored:  # nohup / a background job: Ctrl-C stays ignored, even mid-save.
+      with ckpt_lib._sigint_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("save")
+      assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    else:  # The save finishes, then the interrupt arrives.
+      with pytest.raises(KeyboardInterrupt):
+        with ckpt_lib._sigint_deferred():
+          os.kill(os.getpid(), signal.SIGINT)
+          done.append("save")
+      assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGINT, before)
+  assert done == ["save"]

@@ -19,6 +19,14 @@ from PIL import Image
 from fedgan_jax import config_lib, report
 from fedgan_jax.io import images as image_io
 
+# The final metrics a run's report shows (its page and the sweep's comparison table).
+FINAL_METRICS = (
+  "eval/trigger_rate",
+  "eval/trigger_strength",
+  "eval/swd",
+  "eval/fid@effnet_lite0",
+  "eval/kid@effnet_lite0",
+)
 RUN_IMAGES = [
   "fidelity.png",
   "trigger.png",
@@ -163,13 +171,7 @@ def test_cli_run_report_renders_everything(tmp_path):
   for name in RUN_IMAGES:
     assert f"src='{name}'" in page, name
   final = summary["final"]
-  for key in (
-    "eval/trigger_rate",
-    "eval/trigger_strength",
-    "eval/swd",
-    "eval/fid@effnet_lite0",
-    "eval/kid@effnet_lite0",
-  ):
+  for key in FINAL_METRICS:
     assert report.format_value(final[key]) in page, key
   # Honest naming: effnet features are an FD, not "FID".
   assert "FD (effnet_lite0 features)" in page and "KD (effnet_lite0 features)" in page
@@ -236,11 +238,7 @@ def test_sweep_report(tmp_path):
   assert [r["aggregation.name"] for r in rows] == ["mean", "median", "trimmed_mean"]
   assert "seed" not in rows[0] and "num_clients" not in rows[0]  # Only fields that differ.
   for key in (
-    "eval/trigger_rate",
-    "eval/trigger_strength",
-    "eval/swd",
-    "eval/fid@effnet_lite0",
-    "eval/kid@effnet_lite0",
+    *FINAL_METRICS,
     "detect_tpr_mean",
     "detect_fpr_mean",
     "first_flag_round",

@@ -54,8 +54,10 @@ def short_reason(e: BaseException, limit: int = 120) -> str:
 def _sigint_deferred():
   """Holds a Ctrl-C until the block ends (orbax's bookkeeping is not safe to interrupt half-way)."""
   previous = signal.getsignal(signal.SIGINT)
-  if previous is None or threading.current_thread() is not threading.main_thread():
-    yield  # Handlers can only be set from the main thread (and restored if Python set them).
+  if previous in (None, signal.SIG_IGN) or threading.current_thread() is not threading.main_thread():
+    # Handlers can only be set from the main thread (and restored if Python set them); a run
+    # started with Ctrl-C ignored (nohup, a background job of a script) keeps ignoring it.
+    yield
     return
   caught = []
   signal.signal(signal.SIGINT, lambda *_: caught.append(True))
