@@ -193,7 +193,6 @@ def _run(config, workdir: str, console: run_console.Console, primary: bool) -> d
     console.header(config, workdir, jax.devices(), start)
     progress = writers.Progress(config.num_rounds, start)
     _train(config, b, state, outputs, ckpt, console, progress, t_start)
-    ckpt.close()
     return _finish(config, workdir, b, outputs, progress, start, t_start, console, primary)
   except KeyboardInterrupt:
     try:
@@ -255,21 +254,27 @@ def _train(config, b: _Built, state, outputs: list[ReplicaOutputs], ckpt, consol
       is_eval = r % config.eval_every == 0 or r == config.num_rounds or r == 1
       is_ckpt = r % config.ckpt_every == 0 or r == config.num_rounds
       if is_eval:
+        jax.block_until_ready(state)  # The rounds dispatched so far count as training, not evaluation.
         eval_metrics = []
-        for k, rep in enumerate(outputs):
-          long = _long_evaluation(rep.config, rep.evaluator, r)
-          if long and k == 0:
-            console.evaluating(r, long)
-          eval_metrics.append(rep.evaluator(b.view(state.g_global, k), r, final=r == config.num_rounds))
-          rep.tb.image(r, "samples", rep.evaluator.last_grid)
+        with progress.timed("evaluation"):
+          for k, rep in enumerate(outputs):
+            long = _long_evaluation(rep.config, rep.evaluator, r)
+            if long and k == 0:
+              console.evaluating(r, long)
+            eval_metrics.append(rep.evaluator(b.view(state.g_global, k), r, final=r == config.num_rounds))
+            rep.tb.image(r, "samples", rep.evaluator.last_grid)
         flush(eval_metrics)
       elif is_ckpt or r % config.log_every == 0:
         flush()
       if r % config.log_every == 0 or r == config.num_rounds:
         console.line(progress.line(r) + (f"  ({config.num_replicas} replicas)" if replicated else ""))
       if is_ckpt:
-        ckpt.save(r, state)
+        jax.block_until_ready(state)
+        with progress.timed("checkpoints"):
+          ckpt.save(r, state)
     flush()
+    with progress.timed("checkpoints"):
+      ckpt.close()  # The last asynchronous save reaches the disk.
   finally:
     for rep in outputs:
       rep.tb.close()
@@ -279,12 +284,14 @@ def _finish(config, workdir, b, outputs, progress, start, t_start, console, prim
   """summary.json and the report of every member; the results on the console."""
   replicated = config.num_replicas > 1
   wall = time.perf_counter() - t_start
+  seconds = progress.seconds(setup=progress.t0 - t_start)
   summaries, ok = [], []
   for k, rep in enumerate(outputs):
     if not primary:
       continue
     records = rundir.read_records(rep.metrics.path)
     summary = _summary(rep.config, records, rep.info, rep.is_mal, wall, progress.first, start)
+    summary["time_sec"] = seconds
     summary["trigger_calibration"] = rep.evaluator.calibration
     if replicated:
       summary["replica"] = {"index": k, "of": config.num_replicas, "group_workdir": workdir}

@@ -156,9 +156,18 @@ class Console:
     first = summary.get("first_round_sec")
     first_text = f" (first round {first:.1f} s, includes compiling)" if first else ""
     self._print(f"done: round {summary.get('rounds', 0)} in {writers.format_duration(wall)}{first_text}")
+    parts = summary.get("time_sec") or {}
+    if parts:  # Where the time went: on an accelerator, training should dominate.
+      names = ("setup", "first_round", "training", "evaluation", "checkpoints")
+      self._print("time: " + ", ".join(f"{n.replace('_', ' ')} {_seconds(parts[n])}" for n in names if n in parts))
     for label, summary, workdir, report_ok in results:
       prefix = f"{label}: " if label else ""
       self._print(f"{prefix}final: {key_metrics(summary) or 'no metrics'}")
       self._print(f"{prefix}summary: {os.path.join(workdir, 'summary.json')}")
       if report_ok:
         self._print(f"{prefix}report: {os.path.join(workdir, 'report', 'report.html')}")
+
+
+def _seconds(v: float) -> str:
+  """``0.7 s`` below 10 s (a short part of a short run still shows), else like the progress line."""
+  return f"{v:.1f} s" if v < 10 else writers.format_duration(v)

@@ -239,6 +239,7 @@ def run_step(step: Step, timeout: float, env: dict[str, str]) -> dict[str, Any]:
       "wall_sec": summary.get("wall_sec"),
       "first_round_sec": summary.get("first_round_sec"),
       "rounds": summary.get("rounds"),
+      "time_sec": summary.get("time_sec"),  # Setup, first round, training, evaluation, checkpoints.
     }
   else:
     result = _last_json(proc.stdout)

@@ -65,14 +65,18 @@ def report(records: Sequence[dict[str, Any]], info: dict[str, Any], budget: floa
     lines += [f"## {group}", ""]
     if recs[0]["group"] == "the main job":
       lines += [
-        "| step | status | wall s (process) | first round s (incl. compile) | rounds |",
-        "| --- | --- | --- | --- | --- |",
+        "| step | status | wall s (process) | first round s (incl. compile) | rounds | "
+        "setup s | training s | evaluation s | checkpoints s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
       ]
       for r in recs:
         x = r["result"] or {}
+        t = x.get("time_sec") or {}
         lines.append(
           f"| {r['step']} | {r['status']} | {_fmt(x.get('wall_sec_process'))} | "
-          f"{_fmt(x.get('first_round_sec'))} | {_fmt(x.get('rounds'))} |"
+          f"{_fmt(x.get('first_round_sec'))} | {_fmt(x.get('rounds'))} | "
+          + " | ".join(_fmt(t.get(k)) for k in ("setup", "training", "evaluation", "checkpoints"))
+          + " |"
         )
     else:
       lines += [

@@ -68,6 +68,12 @@ def test_run_writes_every_output(full_run):
   assert summary["rounds"] == 2 and summary["data"]["poisoned_per_client"] == [32, 0]
   assert summary["trigger_calibration"]["clean_real_rate"] <= 0.02
   assert json.load(open(os.path.join(workdir, "summary.json")))["final"]["round"] == 2
+  # Where the time went: the parts cover the run's wall time (rounded to 0.01 s each).
+  t = summary["time_sec"]
+  assert set(t) == {"setup", "first_round", "training", "evaluation", "checkpoints"}
+  assert all(v >= 0 for v in t.values()) and t["first_round"] == pytest.approx(summary["first_round_sec"], abs=0.01)
+  assert sum(t.values()) == pytest.approx(summary["wall_sec"], abs=0.1)
+  assert t["evaluation"] > 0 and t["checkpoints"] > 0  # FD every round, two checkpoints.
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(full_run, tmp_path):

@@ -53,24 +53,23 @@ def _run(workdir, rounds=ROUNDS, *extra, **kwargs):
   )
 
 
-def _ctrl_c_as_in_a_terminal() -> None:
-  """In the child before exec: SIGINT at its default, as for a command typed in a terminal.
-
-  A background job of a non-interactive shell (a CI script, ``nohup ... &``) starts with SIGINT
-  ignored, its children inherit that, and Python then installs no KeyboardInterrupt handler.
-  """
-  signal.signal(signal.SIGINT, signal.SIG_DFL)
+# Runs argv with SIGINT at its default, as for a command typed in a terminal. A background job of
+# a non-interactive shell (a CI script, ``nohup ... &``) starts with SIGINT ignored, its children
+# inherit that, and Python then installs no KeyboardInterrupt handler. (Reset, then exec: a
+# ``preexec_fn`` would fork the multithreaded test process.)
+_AS_IN_A_TERMINAL = (
+  "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+)
 
 
 def _start(workdir, rounds=ROUNDS):
   return subprocess.Popen(
-    _cmd(workdir, rounds),
+    [sys.executable, "-c", _AS_IN_A_TERMINAL, *_cmd(workdir, rounds)],
     cwd=ROOT,
     env=_ENV,
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
-    preexec_fn=_ctrl_c_as_in_a_terminal,
   )
 
 

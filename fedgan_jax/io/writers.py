@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -100,6 +101,28 @@ class Progress:
     self.t0 = time.perf_counter()
     self.first: float | None = None  # Seconds to the end of the first round, compilation included.
     self._t1: float | None = None
+    self._phases: dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def timed(self, phase: str):
+    """Adds the block's seconds to ``phase`` (evaluation, checkpoints: what is not training)."""
+    t = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._phases[phase] = self._phases.get(phase, 0.0) + time.perf_counter() - t
+
+  def seconds(self, setup: float) -> dict[str, float]:
+    """Where the run's time went: setup, first round (compiling), training, and the timed phases.
+
+    ``training`` is the round loop's time less its first round and the timed phases (so it
+    includes writing metrics); the parts add up to the run's wall time so far.
+    """
+    loop = time.perf_counter() - self.t0
+    first = self.first or 0.0
+    out = {"setup": setup, "first_round": first, "training": loop - first - sum(self._phases.values())}
+    out.update(self._phases)
+    return {k: round(v, 2) for k, v in out.items()}
 
   def first_round_done(self) -> float:
     """Marks the end of this process's first round; returns its duration."""
