@@ -75,6 +75,9 @@ def _table(rows: Sequence[Row], settings: Sequence[str], columns: Sequence[tuple
   return lines
 
 
+_UNIFORM_WEIGHT = 0.25  # 1/C: each of configs/results.py's 4 clients before any decay.
+
+
 def _per_seed(rows: Sequence[Row], setting: str, key: str, digits: int = 2) -> str:
   """``0.07 / 0.32 / 0.26``: a setting's values in seed order (a mean of three can hide one outlier)."""
   vals = [r.get(key) for r in sorted((r for r in rows if r["setting"] == setting), key=lambda r: r["seed"])]
@@ -92,7 +95,7 @@ def _claims(rows: Sequence[Row]) -> list[str]:
     what = (
       f"the trigger rate is {attack:.2f} (seeds {_per_seed(rows, 'attack', 'trigger_rate_late')}) against "
       f"{clean:.2f} without an attacker, as a faint ghost: median strength {s_attack:.3f} (1 = fully pasted; "
-      "the attacker's share of the average is 1/C = 0.25)"
+      f"the attacker's share of the average is 1/C = {_UNIFORM_WEIGHT})"
     )
     out.append(
       "* **The attack implants the backdoor** (the paper: the poisoned discriminator corrupts the global "
@@ -119,13 +122,19 @@ def _claims(rows: Sequence[Row]) -> list[str]:
     )
   if None not in (both, clean):
     ok = both <= clean + 0.1
+    # A seed whose attacker ends above the uniform 1/C share: detection missed it and decayed honest clients.
+    missed = any(
+      (r.get("attacker_weight") or 0.0) > _UNIFORM_WEIGHT + 1e-6 and (r.get("detect_tpr_after_warmup") or 0.0) < 0.5
+      for r in rows
+      if r["setting"] == "attack+both"
+    )
+    missed = ": where the detector misses the attacker it decays honest clients instead" if missed else ""
     out.append(
       f"* **Both defenses together restore robust synthesis** (the paper's headline). "
       f"{'Agrees' if ok else 'Does not agree'} on the trigger: rate {both:.2f} (clean {clean:.2f}; seeds "
       f"{_per_seed(rows, 'attack+both', 'trigger_rate_late')}, detection's TPR after warm-up "
       f"{_per_seed(rows, 'attack+both', 'detect_tpr_after_warmup')}, the attacker's final weight "
-      f"{_per_seed(rows, 'attack+both', 'attacker_weight')}: where the detector misses the attacker it decays "
-      f"honest clients instead); fidelity does not return at this scale: SWD "
+      f"{_per_seed(rows, 'attack+both', 'attacker_weight')}{missed}); fidelity does not return at this scale: SWD "
       f"{fmt(stat(rows, 'attack+both', 'swd_late'), 1)} against {fmt(stat(rows, 'clean', 'swd_late'), 1)} clean, "
       "the gradient penalty's price."
     )
@@ -136,7 +145,8 @@ def _claims(rows: Sequence[Row]) -> list[str]:
       f"of 200 rounds): someone is flagged in {fmt(fp, 0, pct=True)} of the rounds after the warm-up (FPR "
       f"{fmt(stat(rows, 'clean+detect', 'detect_fpr_after_warmup'))}); as a single flag among 4 clients is acted "
       f"on and the decay persists, the lowest honest weight ends at "
-      f"{fmt(stat(rows, 'clean+detect', 'honest_weight_min'))} instead of 0.25: an honest hospital is shut out."
+      f"{fmt(stat(rows, 'clean+detect', 'honest_weight_min'))} instead of {_UNIFORM_WEIGHT}: "
+      "an honest hospital is shut out."
     )
   mimic, mimic_s = rate("mimic+detect"), rate("mimic+detect_server")
   if mimic is not None:
