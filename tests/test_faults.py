@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -106,6 +107,32 @@ def _tb_steps(workdir, tag="train/g_loss/client_0") -> list[int]:
   """The steps at which TensorBoard has ``tag``, over every event file of the run."""
   events = tensorboard.read_events(os.path.join(workdir, "tb"))
   return sorted(e.step for e in events if e.HasField("summary") and any(v.tag == tag for v in e.summary.value))
+
+
+def _stop(proc, timeout: float = 30.0) -> None:
+  """SIGSTOP, then waits until every thread of ``proc`` is stopped.
+
+  ``kill`` returns before the target stops, and a thread in a write finishes it first (the
+  TensorBoard writer's queue is written by its own thread): a snapshot taken at once can race.
+  """
+  proc.send_signal(signal.SIGSTOP)
+  tasks = f"/proc/{proc.pid}/task"
+  if not os.path.isdir(tasks):  # Not Linux: give it a moment.
+    time.sleep(2.0)
+    return
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    states = []
+    for tid in os.listdir(tasks):
+      try:
+        with open(os.path.join(tasks, tid, "stat")) as f:
+          states.append(f.read().rsplit(")", 1)[1].split()[0])
+      except OSError:
+        continue  # A thread that just ended.
+    if states and all(st in "Tt" for st in states):
+      return
+    time.sleep(0.01)
+  raise AssertionError(f"process {proc.pid} did not stop within {timeout} s")
 
 
 def _snapshot(workdir) -> dict[str, tuple[int, int]]:
@@ -247,7 +274,7 @@ def test_two_runs_on_one_workdir_the_second_stops_and_touches_nothing(reference,
   workdir = tmp_path / "shared"
   first = _start(workdir, 8)
   _wait_for_line(first, "round 1/")
-  first.send_signal(signal.SIGSTOP)  # Held mid-run, lock and all: nothing changes under the second run.
+  _stop(first)  # Held mid-run, lock and all: nothing changes under the second run.
   try:
     before = _snapshot(workdir)
     second = _run(workdir, 8)
