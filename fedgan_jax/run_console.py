@@ -62,6 +62,9 @@ def quiet_library_logs(verbosity_given: bool) -> None:
     return
   logging.set_verbosity(logging.WARNING)
   logging.get_absl_logger().addFilter(_HoldBackOrbax())
+  # Only orbax runs asyncio here: after a failed save, each abandoned write logs "Future exception
+  # was never retrieved" (an ERROR per array) whenever it is collected, even before the run's line.
+  py_logging.getLogger("asyncio").setLevel(py_logging.CRITICAL)
   sys.unraisablehook = _drop_closed_loop_noise
 
 
