@@ -102,8 +102,10 @@ def _claims(rows: Sequence[Row]) -> list[str]:
       + (f"generator). Agrees: {what}." if works else f"generator). Not clearly at this scale: {what}.")
     )
   det, gp, both = rate("attack+detect"), rate("attack+gp"), rate("attack+both")
+  # A defense removes the backdoor when it closes at least half the gap between attack and clean.
+  removes = lambda r: r < clean + 0.5 * (attack - clean)
   if None not in (attack, det, clean):
-    ok = det < clean + 0.5 * (attack - clean)
+    ok = removes(det)
     out.append(
       f"* **Detection (defense 1) removes it.** {'Agrees' if ok else 'Does not agree'}: trigger rate {det:.2f} "
       f"with detection against {attack:.2f} without (clean {clean:.2f}); the attacker's final weight "
@@ -111,7 +113,7 @@ def _claims(rows: Sequence[Row]) -> list[str]:
       f"weight ends at {fmt(stat(rows, 'attack+detect', 'honest_weight_min'))}."
     )
   if None not in (attack, gp, clean):
-    ok = gp < clean + 0.5 * (attack - clean)
+    ok = removes(gp)
     out.append(
       f"* **WGAN-GP alone (defense 2)** {'removes' if ok else 'does not remove'} the backdoor here in "
       f"{_rounds(rows)} rounds: trigger rate {gp:.2f}, and its generator is the least faithful (SWD "
