@@ -283,6 +283,35 @@ def test_decay_weights_equal_a_replay_of_the_paper_code(num_clients):
   assert want[-1, 0] < 0.05 and len(set(np.round(want[:, 0], 6))) > 5  # The replay exercised the rule.
 
 
+def test_decay_never_underflows_over_2000_rounds():
+  """One random client flagged in every round (as on a benign run) for 2,000 rounds: a raw float32
+  product of decays is 0 for every client by round ~200; the renormalised factors keep the weights
+  equal to the paper code's float64 replay, summing to 1, and the global model keeps moving."""
+  rounds, c = 2000, 4
+  rng = np.random.default_rng(0)
+  flags = np.zeros((rounds, c), bool)
+  flags[np.arange(rounds), rng.integers(0, c, rounds)] = True
+  want = _paper_code_weights(flags, warmup=10, decay=0.9)
+  agg = aggregation.chain(aggregation.decay_flagged(decay=0.9, warmup_rounds=10, num_clients=c), aggregation.mean())
+  g = {"w": jnp.zeros(3)}
+  uploads = jnp.asarray(rng.normal(size=(rounds, c, 3)), jnp.float32)
+
+  def step(state, xs):
+    flagged, cp = xs
+    stats = {"num_examples": jnp.ones(c), "flagged": flagged}
+    new, state, diag = agg.aggregate(state, g, {"w": cp}, stats, jax.random.key(0))
+    return state, (diag["weights"], new["w"])
+
+  _, (weights, new_global) = jax.jit(lambda s: jax.lax.scan(step, s, (jnp.asarray(flags), uploads)))(agg.init(g))
+  weights, new_global = np.asarray(weights), np.asarray(new_global)
+  assert np.isfinite(weights).all()
+  np.testing.assert_allclose(weights.sum(1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(weights, want, rtol=1e-4, atol=1e-6)
+  moves = np.linalg.norm(np.diff(new_global, axis=0), axis=1)
+  assert moves[-100:].min() > 1e-3  # Every one of the last 100 rounds still changes the global model.
+  assert (want.max(1) > 0.99).mean() > 0.5  # The replay exercised the rule: one client ends with the weight.
+
+
 def test_detect_errors_name_the_field():
   with pytest.raises(ValueError, match="num_clients: required"):
     aggregation.get("detect")

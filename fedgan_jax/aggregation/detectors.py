@@ -327,7 +327,8 @@ class DecayState(NamedTuple):
 
   round: jax.Array  # int32[]: rounds aggregated so far.
   times_flagged: jax.Array  # int32[C]: rounds (after warm-up) each client was flagged and acted on.
-  factor: jax.Array  # f32[C]: each client's weight factor (persistent mode; product of its decays).
+  # f32[C]: each client's weight factor (persistent mode), normalised so the largest is 1 (see decay_flagged).
+  factor: jax.Array
 
 
 def check_num_clients(num_clients: Any, rule: str) -> int:
@@ -362,9 +363,17 @@ def decay_flagged(
   3. ``mode='persistent'`` (the paper's code): each such client's weight
      factor is multiplied by ``decay ** times_flagged`` and *kept*: the factor
      is the product of all its decays so far, so a client never regains weight
-     by not being flagged (the code multiplies its weight list in place and
-     renormalises). ``mode='per_round'``: only this round's flagged clients
-     get ``decay ** times_flagged``, the others their full count;
+     by not being flagged (the code multiplies its float64 weight list in place
+     and renormalises it every round). That product is
+     ``decay ** (T (T + 1) / 2)`` for a client acted on ``T`` times, so it is
+     computed from ``times_flagged`` relative to the least-flagged client's
+     (integer exponents, the largest factor is 1): a running float32 product
+     underflows (below float32's range after ~40 flags: with one client
+     flagged per round, every weight was exactly 0 at round 197 and the global
+     model stopped moving), this never does, and a client whose weight is
+     negligible now regains the lead when the others are decayed below it, as
+     in the code's float64 replay. ``mode='per_round'``: only this round's
+     flagged clients get ``decay ** times_flagged``, the others their full count;
   4. with ``block_after=k``: clients with ``times_flagged >= k`` get count 0
      (blocked) in this and every later round;
   5. ``round += 1``.
@@ -421,12 +430,15 @@ def decay_flagged(
     hit = active & flagged
     times = state.times_flagged + hit.astype(jnp.int32)
     this_round = jnp.where(hit, jnp.power(jnp.float32(decay), times.astype(jnp.float32)), 1.0)
-    factor = state.factor * this_round if mode == "persistent" else this_round
+    # Persistent: decay ** (T (T + 1) / 2) relative to the least-flagged client; exact integer exponents.
+    exponent = times * (times + 1) // 2
+    kept = jnp.power(jnp.float32(decay), (exponent - jnp.min(exponent)).astype(jnp.float32))
+    factor = kept if mode == "persistent" else this_round
     blocked = (times >= block_after) if block_after is not None else jnp.zeros((c,), bool)
     counts = jnp.asarray(client_stats["num_examples"], jnp.float32) * factor
     counts = jnp.where(blocked, 0.0, counts)
     stats = {**client_stats, "num_examples": counts}
-    new_state = DecayState(round=state.round + 1, times_flagged=times, factor=state.factor * this_round)
+    new_state = DecayState(round=state.round + 1, times_flagged=times, factor=kept)
     diagnostics = {"times_flagged": times, "blocked": blocked, "decay_active": active, "decay_factor": factor}
     return client_params, stats, new_state, diagnostics
 
