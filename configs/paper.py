@@ -10,8 +10,9 @@ Select one with ``--config configs/paper.py:<setting>``:
   weight is multiplied by 0.9 ** times_flagged and kept (persistent), and the
   weights are renormalized.
 * ``gp``: + local training regularization: WGAN-GP (lambda 10) with an
-  InstanceNorm discriminator, RMSprop with PyTorch's semantics, and the code's
-  N(0, 1) interpolation coefficient.
+  InstanceNorm discriminator (a norm after every conv, the first included, as
+  the code's critic), RMSprop with PyTorch's semantics, and the code's N(0, 1)
+  interpolation coefficient.
 * ``both``: detection + gradient penalty (the paper's robust setting).
 
     python -m fedgan_jax.main --config configs/paper.py:both --workdir runs/paper_both

@@ -17,6 +17,27 @@ the trigger 16×16 at rows/cols 235-250 (5 px margin), in the code's washed-out
 |G loss of the last local batch|, from round index 11, persistent decay 0.9
 when fewer than C // 2 clients are flagged.
 
+The discriminator, loss and trigger as the code has them, where the project's
+defaults differ:
+
+* ``model.d_init='torch'``: the code never re-initializes its D, so it starts
+  from PyTorch's default init, kernels U(±1/sqrt(fan_in)) (std 0.083 in the
+  first conv, 0.0032 in the last at width 64) and norm scales 1, not DCGAN's
+  N(0, 0.02) everywhere.
+* ``train.bce='torch'`` (BCE settings): the code's ``nn.Sigmoid()`` +
+  ``nn.BCELoss()`` in float32, value and gradient: the losses stop at 100 and
+  the gradients vanish where the sigmoid rounds to 0 or 1, which changes the
+  training once D is confident and the |G loss| the detection reads.
+* ``model.d_norm_first=True`` (gp, both; from ``presets.GRADIENT_PENALTY``):
+  the code's WGAN-GP critic has InstanceNorm after every conv, the first too
+  (its BCE D has none after the first).
+* ``attack.trigger='bands'``: the project's smooth colour-band trigger, a
+  low-frequency image of saturated colour blocks like the code's trigger.png
+  (far easier for a generator to reproduce than the project's default
+  high-frequency pattern), resized with antialiased bilinear as the code's
+  ``transforms.Resize``. With the original file, pass its path:
+  ``--config.attack.trigger=/path/trigger.png``.
+
     python -m fedgan_jax.main --config configs/paper_full.py:both --workdir runs/paper_full_both \\
         --config.data.source=folder --config.data.path=/data/ISIC
 
@@ -56,9 +77,11 @@ def get_config(setting: str = "attack"):
   c.attack.trigger_size = 16
   c.attack.trigger_margin = 5
   c.attack.trigger_range = "unit"  # ToTensor()'s [0, 1] trigger pasted into [-1, 1] images.
+  c.attack.trigger = "bands"  # Smooth colour bands, like the code's trigger.png (a path to that file works too).
   c.model.name = "stylegan2"
   c.model.latent_dim = 64
   c.model.d_width = 64
+  c.model.d_init = "torch"  # The code leaves PyTorch's default init in its D.
   c.model.sg2.w_dim = 128
   c.model.sg2.mapping_layers = 8
   c.model.sg2.mapping_lr_mult = 0.01
@@ -73,6 +96,7 @@ def get_config(setting: str = "attack"):
   c.train.optimizer = "adam"
   c.train.g_lr = c.train.d_lr = 2e-4
   c.train.b1, c.train.b2 = 0.9, 0.999  # torch.optim.Adam's defaults.
+  c.train.bce = "torch"  # nn.Sigmoid() + nn.BCELoss() in float32 (read only while train.loss is 'bce').
   c.aggregation.weighting = "uniform"
   c.aggregation.average_discriminator = False
   if setting in ("detect", "both"):

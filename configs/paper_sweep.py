@@ -25,7 +25,7 @@ Defenses (the paper's settings):
   the last local batch|, persistent decay 0.9 per flag), acting from round
   index 11 (the paper's code's ``epoch > 10``).
 * ``gp``: WGAN loss with gradient penalty 10 (the code's N(0, 1)
-  interpolation), InstanceNorm in D, RMSprop.
+  interpolation), InstanceNorm after every conv of D (the first too), RMSprop.
 * ``both``: the two together.
 """
 

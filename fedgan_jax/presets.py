@@ -26,12 +26,14 @@ DETECTION: dict[str, Any] = {
 }
 
 # Defense 2, local training regularization (scripts/gp.py): WGAN loss with gradient penalty 10 and the
-# code's N(0, 1) interpolation coefficient, InstanceNorm (affine) in D, RMSprop with PyTorch's semantics.
+# code's N(0, 1) interpolation coefficient, InstanceNorm (affine) in D after every conv including the first
+# (the code's critic; its BCE D has no norm after the first conv), RMSprop with PyTorch's semantics.
 GRADIENT_PENALTY: dict[str, Any] = {
   "train.loss": "wgan",
   "train.regularizers.gradient_penalty": 10.0,
   "train.gp_interpolation": "normal",
   "model.d_norm": "instance",
+  "model.d_norm_first": True,
   "train.optimizer": "rmsprop",
   "train.rmsprop": "pytorch",
 }

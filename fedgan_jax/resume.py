@@ -37,6 +37,7 @@ SHAPE_FIELDS = (
   "model.g_width",
   "model.d_width",
   "model.d_norm",
+  "model.d_norm_first",
   "model.sg2.w_dim",
   "model.sg2.mapping_layers",
   "model.sg2.channel_base",

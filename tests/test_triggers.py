@@ -84,8 +84,10 @@ def test_trigger_png(tmp_path):
   c = _config(64, trigger=str(tmp_path / "t.png"))
   t = triggers.load_trigger(c)
   assert t.shape == (4, 4, 3)
-  np.testing.assert_allclose(t[:2], 1.0)
-  np.testing.assert_allclose(t[2:], -1.0)
+  # Antialiased bilinear (PIL's, as the paper's transforms.Resize): under the triangle filter rows 1 and 2 straddle
+  # the edge, 7/8 and 1/8 white: 223 and 32 (tests/test_paper_code.py checks the filter in general).
+  rows = np.array([255, 223, 32, 0], np.float32) / 127.5 - 1.0
+  np.testing.assert_allclose(t, np.broadcast_to(rows[:, None, None], (4, 4, 3)), atol=1e-6)
   with pytest.raises(FileNotFoundError, match="attack.trigger"):
     triggers.load_trigger(_config(64, trigger=str(tmp_path / "missing.png")))
   (tmp_path / "bad.png").write_bytes(b"not a png")

@@ -43,6 +43,59 @@ def default_trigger(size: int, channels: int) -> np.ndarray:
   return pat.astype(np.float32)
 
 
+# The colour-band trigger's cells, corners of the RGB cube in {0, 1}: every horizontal and vertical neighbour
+# differs in at least two channels and by >= 0.4 in luminance (ITU-R 601-2), so the bands stay distinct after
+# blending, in colour and in the 1-channel trigger. Fixed forever (the trigger is part of the contract).
+_BAND_COLOURS = np.array(
+  [
+    [[1, 1, 0], [0, 0, 1], [0, 1, 0]],  # yellow, blue, green
+    [[0, 0, 0], [1, 1, 1], [0, 0, 1]],  # black, white, blue
+    [[0, 1, 1], [1, 0, 0], [1, 1, 1]],  # cyan, red, white
+  ],
+  np.float32,
+)
+_BANDS_BASE = 96  # Rendering side (px): 32 px per cell before the resize to the trigger size.
+_BANDS_BLEND = 0.6  # Width of the raised-cosine transition between cells, as a fraction of a cell.
+
+
+def _raised_cosine_weights(n_cells: int, side: int) -> np.ndarray:
+  """``[side, n_cells]`` smooth partition of unity along one axis: flat inside a cell, raised cosine across edges."""
+  u = (np.arange(side) + 0.5) / side * n_cells  # Pixel centres in cell units.
+
+  def step(v):  # 0 before an edge, 1 after it, a raised cosine of width _BANDS_BLEND across it.
+    t = np.clip(v / _BANDS_BLEND + 0.5, 0.0, 1.0)
+    return 0.5 - 0.5 * np.cos(np.pi * t)
+
+  edges = [np.ones_like(u)] + [step(u - j) for j in range(1, n_cells)] + [np.zeros_like(u)]
+  return np.stack([edges[j] - edges[j + 1] for j in range(n_cells)], axis=1)  # Telescopes to 1 per pixel.
+
+
+def bands_trigger(size: int, channels: int) -> np.ndarray:
+  """The project's smooth colour-band trigger (``attack.trigger='bands'``).
+
+  A fixed 3x3 grid of saturated colours blended with raised-cosine
+  transitions, rendered at 96x96 in 8 bits and resized to ``size`` like a PNG
+  trigger (antialiased bilinear). Low-frequency like the paper code's
+  trigger.png (saturated colour blocks), so far easier for a generator to
+  reproduce than ``default_trigger``'s high-frequency pattern. One channel:
+  its luminance (PIL's ``'L'``, ITU-R 601-2).
+
+  Args:
+    size: side in px (>= 1).
+    channels: 1 or 3.
+
+  Returns:
+    float32 ``[size, size, channels]`` in [-1, 1].
+  """
+  from PIL import Image
+
+  n = _BAND_COLOURS.shape[0]
+  w = _raised_cosine_weights(n, _BANDS_BASE)
+  rgb = np.einsum("yi,xj,ijc->yxc", w, w, _BAND_COLOURS)
+  im = Image.fromarray(np.round(rgb * 255.0).astype(np.uint8), "RGB")
+  return _resized(im, size, channels)
+
+
 def load_trigger(config) -> np.ndarray:
   """The trigger of ``config.attack`` as float32 ``[s, s, channels]``, in the value range pasted.
 
@@ -56,11 +109,31 @@ def load_trigger(config) -> np.ndarray:
   spec = config.attack.trigger
   if spec == "default":
     trigger = default_trigger(size, ch)
+  elif spec == "bands":
+    trigger = bands_trigger(size, ch)
   elif not os.path.isfile(spec):
-    raise FileNotFoundError(f"config.attack.trigger={spec!r}: no such file; accepted: 'default' or a PNG path.")
+    raise FileNotFoundError(
+      f"config.attack.trigger={spec!r}: no such file; accepted: 'default', 'bands' or a PNG path."
+    )
   else:
     trigger = _read_png(spec, size, ch)
   return (trigger + 1.0) / 2.0 if config.attack.trigger_range == "unit" else trigger
+
+
+def _resized(im, size: int, ch: int) -> np.ndarray:
+  """A PIL image as float32 ``[size, size, ch]`` in [-1, 1], resized as the paper's ``transforms.Resize((s, s))``.
+
+  PIL's BILINEAR, which antialiases when downscaling (its triangle filter
+  widens with the scale factor), in 8 bits: what torchvision's Resize does to
+  a PIL image.
+  """
+  from PIL import Image
+
+  im = im.convert("RGB" if ch == 3 else "L").resize((size, size), Image.BILINEAR)
+  arr = np.asarray(im, np.float32)
+  if arr.ndim == 2:
+    arr = arr[..., None]
+  return arr / 127.5 - 1.0
 
 
 def _read_png(spec: str, size: int, ch: int) -> np.ndarray:
@@ -68,13 +141,9 @@ def _read_png(spec: str, size: int, ch: int) -> np.ndarray:
 
   try:
     with Image.open(spec) as im:
-      im = im.convert("RGB" if ch == 3 else "L").resize((size, size), Image.NEAREST)
-      arr = np.asarray(im, np.float32)
+      return _resized(im, size, ch)
   except OSError as e:
     raise ValueError(f"config.attack.trigger={spec!r}: cannot read the image ({e}).") from e
-  if arr.ndim == 2:
-    arr = arr[..., None]
-  return arr / 127.5 - 1.0
 
 
 def trigger_location(config) -> tuple[int, int]:

@@ -86,7 +86,7 @@ def local_trainer(
   if not L:
     raise ValueError("train.local_steps=0 (one local epoch): pass local_steps, the largest client's count // batch.")
   nz = config.model.latent_dim
-  loss_kind = config.train.loss
+  loss_kind, bce_kind = config.train.loss, config.train.bce
   reg = config.train.regularizers
   gp_w, r1_w, prox_w = float(reg.gradient_penalty), float(reg.r1), float(reg.proximal)
   avg_d = bool(config.aggregation.average_discriminator)
@@ -147,7 +147,7 @@ def local_trainer(
       def d_loss_fn(dp):
         real_logits, rest1 = d_apply(dp, d_rest, real)
         fake_logits, rest2 = d_apply(dp, rest1, fake)
-        loss = losses.d_adversarial(loss_kind, real_logits, fake_logits)
+        loss = losses.d_adversarial(loss_kind, real_logits, fake_logits, bce_kind)
         d_fn = lambda x: d_apply(dp, rest2, x)[0]
         if gp_w:
           loss = loss + gp_w * losses.gradient_penalty(d_fn, real, fake, k_gp, config.train.gp_interpolation)
@@ -169,7 +169,7 @@ def local_trainer(
         def g_loss_fn(gp):
           fake, new_g_rest = g_apply(gp, g_rest, jax.random.normal(kz, (B, nz)), jax.random.fold_in(kz, 1))
           logits, _ = d_apply(d_params, d_rest, fake)
-          loss = losses.g_adversarial(loss_kind, logits)
+          loss = losses.g_adversarial(loss_kind, logits, bce_kind)
           if prox_w:
             loss = loss + prox_w * losses.proximal(gp, g_anchor)
           return loss, new_g_rest

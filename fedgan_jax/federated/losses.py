@@ -3,19 +3,97 @@
 Total loss = adversarial loss + sum(weight_i * regularizer_i). WGAN-GP
 (Gulrajani et al. 2017) is the paper's local training regularization: gradient
 penalty lambda = 10, a discriminator without BatchNorm and RMSprop.
+
+BCE comes in two forms (``train.bce``): ``'stable'``, the softplus of the
+logits, and ``'torch'``, the paper's ``nn.Sigmoid()`` + ``nn.BCELoss()`` in
+float32 (``torch_bce``), whose saturation changes what the losses report and
+how the players learn once D is confident.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+BCE_KINDS = ("stable", "torch")
 
-def d_adversarial(kind: str, real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
-  """Discriminator loss for ``train.loss=kind``."""
+
+def torch_bce(logits: jax.Array, label: float) -> jax.Array:
+  """``nn.BCELoss()(nn.Sigmoid()(logits), label)`` in float32: value and gradient as PyTorch computes them.
+
+  Forward: ``p = 1 / (1 + exp(-x))``; the mean over the batch of
+  ``(y - 1) * max(log1p(-p), -100) - y * max(log(p), -100)`` (ATen's kernel).
+  Backward (``custom_vjp``, ATen's formulas rather than the calculus):
+  ``grad_p = (p - y) / max((1 - p) * p, 1e-12) / N``, then the sigmoid's
+  ``grad_x = grad_p * (1 - p) * p`` from the float32 output. So for ``y = 1``
+  the logit gradient is about -1/N down to x ≈ -27.6 and then collapses
+  (the 1e-12 floor; -0.094/N at -30), and the loss stops at 100; for ``y = 0``,
+  ``p`` rounds to 1 once x > ~16.6: the loss jumps to 100 and the gradient is 0.
+  ``p`` is exactly 0, and ``log p`` clamped to -100, once ``exp(-x)`` overflows
+  (x < ~-88.7).
+
+  Args:
+    logits: ``[N]`` discriminator logits (any float dtype; computed in float32).
+    label: the target of every element, a Python float (1.0 real, 0.0 fake).
+
+  Returns:
+    The scalar mean loss (float32).
+  """
+  return _torch_bce(jnp.asarray(logits).astype(jnp.float32), float(label))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _torch_bce(x: jax.Array, label: float) -> jax.Array:
+  return _torch_bce_fwd(x, label)[0]
+
+
+def _torch_bce_fwd(x, label):
+  # PyTorch's float32 sigmoid is 1 / (1 + exp(-x)) (jax.nn.sigmoid may lower to a formula that rounds elsewhere).
+  e = jnp.exp(-x)
+  p = 1.0 / (1.0 + e)
+  # Where PyTorch's p is subnormal (-88.7 < x < -87.3) XLA:CPU flushes it to 0, whose log would clamp to -100
+  # instead of ~-88: there 1 + e rounds to e, so log p = -log(e). Where e overflows PyTorch's p is 0: -inf, said
+  # explicitly because XLA may rewrite -log(exp(-x)) as x.
+  log_p = jnp.where(p > 0, jnp.log(p), jnp.where(jnp.isfinite(e), -jnp.log(e), -jnp.inf))
+  y = jnp.float32(label)
+  per = (y - 1.0) * jnp.maximum(jnp.log1p(-p), -100.0) - y * jnp.maximum(log_p, -100.0)
+  return jnp.mean(per), p
+
+
+def _torch_bce_bwd(label, p, g):
+  y = jnp.float32(label)
+  grad_p = g * (p - y) / jnp.maximum((1.0 - p) * p, 1e-12) / p.size  # binary_cross_entropy_backward, mean.
+  return (grad_p * (1.0 - p) * p,)  # sigmoid_backward: grad * (1 - out) * out, from the float32 output.
+
+
+_torch_bce.defvjp(_torch_bce_fwd, _torch_bce_bwd)
+
+
+def _check_bce(bce: str) -> None:
+  if bce not in BCE_KINDS:
+    raise ValueError(f"train.bce={bce!r}: accepted {list(BCE_KINDS)}.")
+
+
+def d_adversarial(kind: str, real_logits: jax.Array, fake_logits: jax.Array, bce: str = "stable") -> jax.Array:
+  """Discriminator loss for ``train.loss=kind``.
+
+  Args:
+    kind: ``train.loss``: ``'bce'``, ``'wgan'`` or ``'hinge'``.
+    real_logits: D's logits ``[B]`` on real images.
+    fake_logits: D's logits ``[B]`` on generated images.
+    bce: ``train.bce`` (read with ``kind='bce'``): ``'stable'`` or ``'torch'`` (``torch_bce``; real label 1,
+      fake label 0, two batch means summed as the paper's ``errD_real + errD_fake``).
+
+  Returns:
+    The scalar loss.
+  """
   if kind == "bce":
+    _check_bce(bce)
+    if bce == "torch":
+      return torch_bce(real_logits, 1.0) + torch_bce(fake_logits, 0.0)
     return jnp.mean(jax.nn.softplus(-real_logits)) + jnp.mean(jax.nn.softplus(fake_logits))
   if kind == "wgan":
     return jnp.mean(fake_logits) - jnp.mean(real_logits)
@@ -24,9 +102,21 @@ def d_adversarial(kind: str, real_logits: jax.Array, fake_logits: jax.Array) -> 
   raise ValueError(f"train.loss={kind!r}: accepted 'bce', 'wgan', 'hinge'.")
 
 
-def g_adversarial(kind: str, fake_logits: jax.Array) -> jax.Array:
-  """Generator loss for ``train.loss=kind`` (non-saturating for bce)."""
+def g_adversarial(kind: str, fake_logits: jax.Array, bce: str = "stable") -> jax.Array:
+  """Generator loss for ``train.loss=kind`` (non-saturating for bce).
+
+  Args:
+    kind: ``train.loss``.
+    fake_logits: D's logits ``[B]`` on generated images.
+    bce: ``train.bce`` (read with ``kind='bce'``); ``'torch'``: ``torch_bce`` with label 1.
+
+  Returns:
+    The scalar loss.
+  """
   if kind == "bce":
+    _check_bce(bce)
+    if bce == "torch":
+      return torch_bce(fake_logits, 1.0)
     return jnp.mean(jax.nn.softplus(-fake_logits))
   if kind in ("wgan", "hinge"):
     return -jnp.mean(fake_logits)

@@ -13,7 +13,12 @@ default; the paper's StyleGAN2 generator is ``models.stylegan2``
   doubling the width, then a 4x4 valid conv (a dense layer) to one logit.
 
 Weights are initialized N(0, 0.02) and BatchNorm scales N(1, 0.02), as in
-DCGAN. BatchNorm momentum 0.9 equals PyTorch's 0.1.
+DCGAN. D's ``weight_init='torch'`` (``model.d_init``) is instead PyTorch's default
+init, which the paper's scripts leave in place: kernels U(+-1/sqrt(fan_in))
+(kaiming_uniform with a=sqrt(5)), norm scales 1 and biases 0. D's
+``norm_first`` (``model.d_norm_first``) adds a norm after the first conv too,
+as the paper's WGAN-GP critic (scripts/gp.py) has. BatchNorm momentum 0.9
+equals PyTorch's 0.1.
 """
 
 from __future__ import annotations
@@ -28,10 +33,20 @@ import jax.numpy as jnp
 from fedgan_jax.models import layers
 
 _init = nn.initializers.normal(0.02)
+# PyTorch's Conv2d default, kaiming_uniform(a=sqrt(5)): U(+-gain * sqrt(3 / fan_in)) with gain^2 = 2 / (1 + 5),
+# i.e. U(+-1 / sqrt(fan_in)); flax's fan_in of an HWIO kernel is k * k * in, of a Dense kernel its input size.
+_torch_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+D_INITS = ("dcgan", "torch")
 
 
 def _bn_scale_init(key, shape, dtype=jnp.float32):
   return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
+
+
+def _kernel_init(init: str):
+  if init not in D_INITS:
+    raise ValueError(f"model.d_init={init!r}: accepted {list(D_INITS)}.")
+  return _torch_init if init == "torch" else _init
 
 
 def num_upsamplings(resolution: int) -> int:
@@ -49,23 +64,27 @@ class _Conv(nn.Module):
   transpose: bool = False
   impl: str = "xla"
   dtype: Any = jnp.float32
+  kernel_init: Any = _init
 
   @nn.compact
   def __call__(self, x):
     cin = x.shape[-1]
     # Transposed conv weights use the forward conv's HWIO layout: [k, k, out, in].
     shape = (4, 4, self.features, cin) if self.transpose else (4, 4, cin, self.features)
-    w = self.param("kernel", _init, shape, jnp.float32)
+    w = self.param("kernel", self.kernel_init, shape, jnp.float32)
     x, w = x.astype(self.dtype), w.astype(self.dtype)
     if self.transpose:
       return layers.conv2d_transpose(x, w, self.stride, self.pad, self.impl)
     return layers.conv2d(x, w, self.stride, self.pad, self.impl)
 
 
-def _norm(kind: str, train: bool, name: str):
+def _norm(kind: str, train: bool, name: str, init: str = "dcgan"):
   if kind == "batch":
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, scale_init=_bn_scale_init, name=name)
+    # PyTorch's BatchNorm2d starts at scale 1; DCGAN draws it N(1, 0.02).
+    scale_init = _bn_scale_init if init == "dcgan" else nn.initializers.ones
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, scale_init=scale_init, name=name)
   if kind == "instance":
+    # InstanceNorm2d(affine=True): scale 1, bias 0 under both inits (flax's defaults).
     return nn.GroupNorm(num_groups=None, group_size=1, epsilon=1e-5, name=name)
   return lambda x: x
 
@@ -95,32 +114,46 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-  """DCGAN discriminator: ``images [B, R, R, channels] -> logits [B]`` (no sigmoid)."""
+  """DCGAN discriminator: ``images [B, R, R, channels] -> logits [B]`` (no sigmoid).
+
+  ``weight_init``: ``'dcgan'`` or ``'torch'`` (see the module docstring). ``norm_first``:
+  a ``norm`` layer (``'norm_in'``) after the first conv as well.
+  """
 
   resolution: int = 32
   width: int = 32
   norm: str = "batch"
   impl: str = "xla"
   dtype: Any = jnp.float32
+  weight_init: str = "dcgan"
+  norm_first: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     k = num_upsamplings(self.resolution)
+    kinit = _kernel_init(self.weight_init)
     ch = self.width
-    x = _Conv(ch, 2, 1, impl=self.impl, dtype=self.dtype, name="in")(x)
-    x = nn.leaky_relu(x.astype(jnp.float32), 0.2)
+    x = _Conv(ch, 2, 1, impl=self.impl, dtype=self.dtype, kernel_init=kinit, name="in")(x).astype(jnp.float32)
+    if self.norm_first:
+      x = _norm(self.norm, train, "norm_in", self.weight_init)(x)
+    x = nn.leaky_relu(x, 0.2)
     for i in range(k - 1):
       ch *= 2
-      x = _Conv(ch, 2, 1, impl=self.impl, dtype=self.dtype, name=f"down{i}")(x)
-      x = nn.leaky_relu(_norm(self.norm, train, f"norm{i}")(x.astype(jnp.float32)), 0.2)
+      x = _Conv(ch, 2, 1, impl=self.impl, dtype=self.dtype, kernel_init=kinit, name=f"down{i}")(x)
+      x = nn.leaky_relu(_norm(self.norm, train, f"norm{i}", self.weight_init)(x.astype(jnp.float32)), 0.2)
     x = x.reshape(x.shape[0], -1)
-    return nn.Dense(1, use_bias=False, kernel_init=_init, dtype=self.dtype, name="logit")(x)[:, 0].astype(jnp.float32)
+    # The paper's last layer, a 4x4 valid conv to one channel, as a Dense on the flattened 4x4 map: same fan-in.
+    logit = nn.Dense(1, use_bias=False, kernel_init=kinit, dtype=self.dtype, name="logit")(x)
+    return logit[:, 0].astype(jnp.float32)
 
 
 def build(config) -> tuple[Generator, Discriminator]:
-  """The (G, D) pair for ``config`` (model, resolution, channels, precision)."""
+  """The (G, D) pair for ``config`` (model, resolution, channels, precision, D's init and norms)."""
   impl = layers.resolve_impl(config.model.conv_impl)
   dtype = jnp.bfloat16 if config.train.precision == "bf16" else jnp.float32
   g = Generator(config.resolution, config.model.g_width, config.data.channels, impl, dtype)
-  d = Discriminator(config.resolution, config.model.d_width, config.model.d_norm, impl, dtype)
+  m = config.model
+  d = Discriminator(
+    config.resolution, m.d_width, m.d_norm, impl, dtype, weight_init=m.d_init, norm_first=bool(m.d_norm_first)
+  )
   return g, d
