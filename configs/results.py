@@ -36,6 +36,7 @@ from fedgan_jax import config_lib, presets
 from launch.sweep import product
 
 NUM_ROUNDS = 150
+NUM_SEEDS = 8  # Trained as one vmapped program per setting; 8 vs 8 lets a rank test reach p < 0.001.
 WARMUP = 10  # The paper code's ``warmup``: flags acted on from round index 11.
 
 _DETECT = dict(presets.DETECTION, **{"aggregation.kwargs.warmup_rounds": WARMUP})
@@ -61,12 +62,13 @@ SETTINGS = [
 def get_config():
   config = config_lib.base_config()
   config.num_rounds = NUM_ROUNDS
-  config.eval_every = 10  # The trigger comes and goes between rounds: the tables average the second half.
+  config.eval_every = 10  # The implant comes and goes between rounds: the tables average the second half.
   config.ckpt_every = 50
   config.eval.extractor = "none"
+  config.eval.implant_sizes = (2, 4, 8)  # Every run, clean ones included, read with every template used here.
   config.aggregation.weighting = "uniform"  # The paper's code: 1/C before the defense changes it.
   return config
 
 
 def get_sweep():
-  return product(SETTINGS, {"seed": [0, 1, 2]})
+  return product(SETTINGS, {"seed": list(range(NUM_SEEDS))})

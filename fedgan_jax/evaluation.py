@@ -3,12 +3,20 @@
 Every ``eval_every`` rounds (and at the first and last round):
 
 * a sample grid at fixed noise (``samples/round_NNNNNN.png``);
-* backdoor success: ``eval/trigger_rate`` (normalized correlation of the
-  trigger region with the trigger above a threshold calibrated so that clean
-  held-out real images score <= 1 %) and ``eval/trigger_strength`` (median
-  regression coefficient of the patch on the trigger: 1 = fully pasted, 0 =
-  absent); with ``attack.trigger_location='random'`` also
-  ``eval/trigger_rate_any`` (best position anywhere in the image);
+* the implant (``metrics.trigger``): ``eval/implant_amplitude``, the median
+  per-image amount of the trigger blended into its region (0 = none, 1 =
+  pasted) in generated images minus the same on clean held-out real images
+  (the template's baseline), with a 95 % bootstrap CI
+  (``eval/implant_amplitude_lo`` / ``_hi``), and ``eval/implant_above_p99``,
+  the fraction of generated images above the clean images' 99th percentile
+  (calibrated on one half of them; ``trigger_calibration.json`` holds its
+  false-positive rate on the other half and each template's noise floor).
+  ``eval.implant_sizes`` scores further trigger sizes of the same pattern
+  (keys suffixed ``@<s>px``), so a clean run is read against every template
+  an attack uses. With ``attack.trigger_location='random'`` the amplitude is
+  read where the trigger correlates best, on both sides;
+* mode collapse: ``eval/diversity`` (``metrics.diversity``: 1 = as diverse
+  as the real images, near 0 = one image);
 * fidelity against clean held-out images: ``eval/swd`` (no network; the real
   side is computed once, and on accelerators it runs on the device) and, in
   the feature space of ``eval.extractor`` every ``eval.fid_every`` rounds (0 =
@@ -22,16 +30,73 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from fedgan_jax import config_lib
+from fedgan_jax.data import triggers
 from fedgan_jax.io import images as image_io
-from fedgan_jax.metrics import extractors, fidelity, swd
+from fedgan_jax.metrics import diversity, extractors, fidelity, swd
 from fedgan_jax.metrics import trigger as trigger_metrics
+
+_MAX_FPR = 0.01  # The above-threshold fraction's target false-positive rate on clean images.
+
+
+class Template(NamedTuple):
+  """One trigger template scored at every evaluation, with its clean baseline."""
+
+  suffix: str  # '' for the run's own trigger, '@<s>px' for an extra size.
+  trigger: np.ndarray  # [s, s, ch], in the images' [-1, 1] range as pasted.
+  location: Any  # (top, left), or 'any' for random trigger locations.
+  clean: np.ndarray  # f32[M]: implant_amplitude of the clean held-out images (the baseline).
+  exceed: trigger_metrics.Exceedance
+
+
+def templates(config, trigger: np.ndarray, trigger_loc: tuple[int, int], real: np.ndarray) -> list[Template]:
+  """The run's own trigger and one per ``eval.implant_sizes`` entry, each with its clean baseline.
+
+  Args:
+    config: the run config.
+    trigger: the run's trigger as pasted.
+    trigger_loc: its (top, left).
+    real: clean held-out images in [-1, 1] (at least 2).
+
+  Returns:
+    The templates, the run's own first.
+  """
+  loc = "any" if config.attack.trigger_location == "random" else tuple(trigger_loc)
+  specs = [("", trigger, loc)]
+  own = config_lib.trigger_geometry(config)[0]
+  for size in sorted(set(config.eval.implant_sizes) - {own}):
+    other = config_lib.copy_with(config, {"attack.trigger_size": int(size)})
+    other_loc = "any" if loc == "any" else triggers.trigger_location(other)
+    specs.append((f"@{size}px", triggers.load_trigger(other), other_loc))
+  out = []
+  for suffix, t, where in specs:
+    clean = trigger_metrics.implant_amplitude(real, t, where)
+    out.append(Template(suffix, t, where, clean, trigger_metrics.exceedance_threshold(clean, _MAX_FPR)))
+  return out
+
+
+def noise_floor(template: Template) -> dict[str, Any]:
+  """What clean real images read with a template: the measure's noise floor (``trigger_calibration.json``)."""
+  c = template.clean.astype(np.float64)
+  return {
+    "trigger_px": int(template.trigger.shape[0]),
+    "baseline_median": float(np.median(c)),
+    "baseline_std": float(np.std(c)),
+    "baseline_p05": float(np.percentile(c, 5)),
+    "baseline_p95": float(np.percentile(c, 95)),
+    "threshold_p99": template.exceed.threshold,
+    "max_fpr": _MAX_FPR,
+    "fpr_out_of_sample": template.exceed.fpr,
+    "num_calibration": template.exceed.num_calibration,
+    "num_test": template.exceed.num_test,
+  }
 
 
 class Evaluator:
@@ -46,7 +111,7 @@ class Evaluator:
     key: PRNG key for the fixed noise.
     workdir: the run directory.
     poisoned: float images of the malicious clients as they train on them
-      (trigger pasted), for the ``trigger_rate_real_poisoned`` sanity check.
+      (trigger pasted), for the ``real_poisoned_amplitude`` sanity check (1 = the measure sees pasted triggers).
     write: save files (False on non-primary processes of a multi-host run).
   """
 
@@ -73,29 +138,23 @@ class Evaluator:
     self.z_eval = jax.random.normal(k_eval, (config.eval.num_samples, nz))
     self._sample = jax.jit(sample_fn)
     self.real = heldout.images.astype(np.float32) / 127.5 - 1.0
-    self.random_loc = config.attack.trigger_location == "random"
     self.last_grid: np.ndarray | None = None
-    self.threshold = self.threshold_any = None
+    self.templates: list[Template] = []
+    self.real_variance = None
     self.calibration: dict[str, Any] = {}
-    if len(self.real):
-      self.threshold = trigger_metrics.calibrate_threshold(self.real, trigger, trigger_loc, max_fpr=0.01)
-      corr, strength = trigger_metrics.trigger_scores(self.real, trigger, trigger_loc)
+    if len(self.real) >= 2:
+      self.templates = templates(config, trigger, trigger_loc, self.real)
+      self.real_variance = diversity.total_variance(self.real)
       self.calibration = {
-        "threshold": float(self.threshold),
-        "max_fpr": 0.01,
-        "clean_real_rate": float(np.mean(corr > self.threshold)),
-        "clean_real_strength": float(np.median(strength)),
         "num_clean_real": int(len(self.real)),
-        "location": list(trigger_loc),
+        "location": "any" if self.templates[0].location == "any" else list(trigger_loc),
+        "templates": {t.suffix or "run": noise_floor(t) for t in self.templates},
       }
-      if self.random_loc:
-        self.threshold_any = trigger_metrics.calibrate_threshold(self.real, trigger, "any", max_fpr=0.01)
-        self.calibration["threshold_any"] = float(self.threshold_any)
       if poisoned is not None and len(poisoned):
-        loc = "any" if self.random_loc else trigger_loc
-        thr = self.threshold_any if self.random_loc else self.threshold
-        self.calibration["trigger_rate_real_poisoned"] = trigger_metrics.trigger_rate(poisoned, trigger, loc, thr)
-      logging.info("trigger threshold calibrated on %d clean held-out images: %s", len(self.real), self.calibration)
+        own = self.templates[0]
+        amp = trigger_metrics.implant_amplitude(poisoned, own.trigger, own.location)
+        self.calibration["real_poisoned_amplitude"] = float(np.median(amp))
+      logging.info("implant baselines on %d clean held-out images: %s", len(self.real), self.calibration)
     # The real side of the SWD (patch draws, directions, sorted projections) is
     # the same at every evaluation: computed once here. On accelerators the
     # SWD runs on the device (jitted float32), on the samples where they are.
@@ -136,12 +195,15 @@ class Evaluator:
     finite = np.isfinite(fake).all(axis=(1, 2, 3))
     out: dict[str, Any] = {"eval/nonfinite_samples": int(np.sum(~finite))}
     fake = np.where(finite[:, None, None, None], fake, 0.0)
-    corr, strength = trigger_metrics.trigger_scores(fake, self.trigger, self.loc)
-    out["eval/trigger_strength"] = float(np.median(strength))
-    if self.threshold is not None:
-      out["eval/trigger_rate"] = float(np.mean(corr > self.threshold))
-      if self.random_loc:
-        out["eval/trigger_rate_any"] = trigger_metrics.trigger_rate(fake, self.trigger, "any", self.threshold_any)
+    for t in self.templates:
+      amp = trigger_metrics.implant_amplitude(fake, t.trigger, t.location)
+      head = trigger_metrics.implant_summary(amp, t.clean)
+      out[f"eval/implant_amplitude{t.suffix}"] = head["amplitude"]
+      out[f"eval/implant_amplitude_lo{t.suffix}"] = head["lo"]
+      out[f"eval/implant_amplitude_hi{t.suffix}"] = head["hi"]
+      out[f"eval/implant_above_p99{t.suffix}"] = float(np.mean(amp > t.exceed.threshold))
+    if self.real_variance is not None:
+      out["eval/diversity"] = diversity.diversity(fake, self.real_variance)
     if len(self.real):
       if self.swd_ref is not None:
         if self.swd_backend == "jax":

@@ -20,6 +20,7 @@ from typing import Any
 from absl import logging
 
 from fedgan_jax.io import writers
+from fedgan_jax.metrics import diversity
 from fedgan_jax.report.labels import format_value
 
 # The key results of summary.json, in the order they are printed ("@" keys match any extractor).
@@ -29,8 +30,9 @@ _KEY_METRICS = (
   "eval/kid@",
   "eval/precision@",
   "eval/recall@",
-  "eval/trigger_rate",
-  "eval/trigger_strength",
+  "eval/implant_amplitude",
+  "eval/implant_above_p99",
+  "eval/diversity",
 )
 _MAX_DEVICES_SHOWN = 4
 
@@ -76,7 +78,7 @@ def devices_text(devices: Sequence[Any]) -> str:
 
 
 def key_metrics(summary: dict[str, Any]) -> str:
-  """``swd 51.2  trigger_rate 0  ...  first_flag_round 12``: the results a person looks at first."""
+  """``swd 51.2  implant_amplitude 0.004  ...  first_flag_round 12``: the results a person looks at first."""
   final = summary.get("final", {})
   parts = []
   for want in _KEY_METRICS:
@@ -166,6 +168,9 @@ class Console:
     for label, summary, workdir, report_ok in results:
       prefix = f"{label}: " if label else ""
       self._print(f"{prefix}final: {key_metrics(summary) or 'no metrics'}")
+      collapsed = diversity.collapse_warning(summary.get("final", {}))
+      if collapsed:  # A result, beside the metrics it qualifies (stderr is for problems of the run itself).
+        self._print(f"{prefix}note: {collapsed}")
       self._print(f"{prefix}summary: {os.path.join(workdir, 'summary.json')}")
       if report_ok:
         self._print(f"{prefix}report: {os.path.join(workdir, 'report', 'report.html')}")

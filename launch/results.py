@@ -32,6 +32,7 @@ from fedgan_jax.io import rundir
 from launch import results_page, sweep
 
 CONFIG = "configs/results.py"
+SIZES = (2, 4, 8)  # The templates every run is scored with (configs/results.py: eval.implant_sizes).
 COLUMNS = (
   "setting",
   "seed",
@@ -39,18 +40,28 @@ COLUMNS = (
   "resolution",
   "trigger_px",
   "trigger_area_pct",
-  "trigger_rate",
-  "trigger_strength",
+  # The run's own trigger: eval/implant_amplitude, mean over the second half's evaluations, and final.
+  "implant",
+  "implant_final",
+  "implant_lo_final",
+  "implant_hi_final",
+  # Every template, second-half mean (the run's own size equals ``implant``): a clean run's noise floor per size.
+  *(f"implant_{s}px" for s in SIZES),
+  "above_p99",
+  "above_p99_clean_fpr",
+  "diversity",
+  "diversity_final",
   "swd",
-  "trigger_rate_late",
-  "trigger_strength_late",
-  "swd_late",
+  "swd_final",
   "attacker_weight",
   "honest_weight_min",
   "honest_weight_max",
-  "detect_tpr_after_warmup",
-  "detect_fpr_after_warmup",
-  "rounds_with_a_flag_after_warmup",
+  "tpr_flagged",
+  "fpr_flagged",
+  "rounds_flagged",
+  "tpr_acted",
+  "fpr_acted",
+  "rounds_acted",
   "attacker_first_flagged",
   "wall_sec",
 )
@@ -72,8 +83,10 @@ def run_row(setting: str, config, run_dir: str) -> dict[str, Any] | None:
   is_mal = np.zeros(config.num_clients, bool)
   is_mal[list(config.attack.malicious)] = True
   weights = np.asarray(records[-1]["agg/weights"], float)
-  # The second half's evaluations: the trigger comes and goes between rounds, one snapshot is noisy.
-  late = [r for r in records if r["round"] > config.num_rounds // 2 and "eval/trigger_rate" in r]
+  # The second half's evaluations: the implant comes and goes between rounds, one snapshot is noisy.
+  late = [r for r in records if r["round"] > config.num_rounds // 2 and "eval/implant_amplitude" in r]
+  late_mean = lambda key: _mean([r.get(key) for r in late])
+  floor = ((summary.get("trigger_calibration") or {}).get("templates") or {}).get("run") or {}
   row: dict[str, Any] = {
     "setting": setting,
     "seed": config.seed,
@@ -81,30 +94,37 @@ def run_row(setting: str, config, run_dir: str) -> dict[str, Any] | None:
     "resolution": config.resolution,
     "trigger_px": size,
     "trigger_area_pct": round(100.0 * size * size / config.resolution**2, 3),
-    "trigger_rate": final.get("eval/trigger_rate"),
-    "trigger_strength": final.get("eval/trigger_strength"),
-    "swd": final.get("eval/swd"),
-    "trigger_rate_late": _mean([r.get("eval/trigger_rate") for r in late]),
-    "trigger_strength_late": _mean([r.get("eval/trigger_strength") for r in late]),
-    "swd_late": _mean([r.get("eval/swd") for r in late]),
+    "implant": late_mean("eval/implant_amplitude"),
+    "implant_final": final.get("eval/implant_amplitude"),
+    "implant_lo_final": final.get("eval/implant_amplitude_lo"),
+    "implant_hi_final": final.get("eval/implant_amplitude_hi"),
+    "above_p99": late_mean("eval/implant_above_p99"),
+    "above_p99_clean_fpr": floor.get("fpr_out_of_sample"),
+    "diversity": late_mean("eval/diversity"),
+    "diversity_final": final.get("eval/diversity"),
+    "swd": late_mean("eval/swd"),
+    "swd_final": final.get("eval/swd"),
     "attacker_weight": float(weights[is_mal].max()) if is_mal.any() else None,
     "honest_weight_min": float(weights[~is_mal].min()),
     "honest_weight_max": float(weights[~is_mal].max()),
     "wall_sec": round(summary.get("wall_sec") or 0.0, 1),
   }
+  for s in SIZES:
+    row[f"implant_{s}px"] = row["implant"] if s == size else late_mean(f"eval/implant_amplitude@{s}px")
   if config.aggregation.name == "detect":
     det = summary.get("detection") or {}
-    row["detect_tpr_after_warmup"] = det.get("tpr_after_warmup")
-    row["detect_fpr_after_warmup"] = det.get("fpr_after_warmup")
-    row["rounds_with_a_flag_after_warmup"] = det.get("rounds_with_a_flag_after_warmup")
+    for k in ("tpr_flagged", "fpr_flagged", "rounds_flagged", "tpr_acted", "fpr_acted", "rounds_acted"):
+      row[k] = det.get(k)
     first = (summary.get("first_flag_round") or {}).values()
     row["attacker_first_flagged"] = min((v for v in first if v is not None), default=None) if is_mal.any() else None
   return row
 
 
-def collect(workdir: str, config_path: str = CONFIG) -> list[dict[str, Any]]:
+def collect(
+  workdir: str, config_path: str = CONFIG, base_overrides: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
   """The rows of every finished run of the sweep (in the sweep's order)."""
-  plan = sweep.plan_sweep(config_path, workdir, batch_seeds=True)
+  plan = sweep.plan_sweep(config_path, workdir, batch_seeds=True, base_overrides=base_overrides)
   rows = []
   for point, config, run_dir in zip(plan.points, plan.configs, plan.dirs):
     row = run_row(point.get("_setting", os.path.basename(run_dir)), config, run_dir)
@@ -171,16 +191,24 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--out", default="docs", help="folder for results.csv and results.md")
   p.add_argument("--no-run", action="store_true", help="do not train; rewrite the files from finished runs")
   p.add_argument("--config", default=CONFIG, help="the sweep (get_config + get_sweep)")
+  p.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="FIELD=VALUE",
+    help="a config override under every setting, e.g. --set data.source=folder --set data.path=/data/ISIC",
+  )
   args = p.parse_args(argv)
   wall = None
   try:
+    base = sweep.parse_sets(args.set)
     if not args.no_run:
-      finished_before = len(collect(args.workdir, args.config))
+      finished_before = len(collect(args.workdir, args.config, base))
       t0 = time.perf_counter()
-      sweep.run_sweep(args.config, args.workdir, batch_seeds=True)
+      sweep.run_sweep(args.config, args.workdir, batch_seeds=True, base_overrides=base)
       # End to end only when this call trained everything (a resumed call's time says nothing).
       wall = None if finished_before else time.perf_counter() - t0
-    rows = collect(args.workdir, args.config)
+    rows = collect(args.workdir, args.config, base)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -189,7 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   os.makedirs(args.out, exist_ok=True)
   write_csv(os.path.join(args.out, "results.csv"), rows)
-  page = results_page.render(rows, provenance(args.workdir, wall))
+  prov = provenance(args.workdir, wall)
+  prov["command"] += "".join(f" --set {s}" for s in args.set)
+  prov["data"] = base.get("data.source", "synthetic")
+  page = results_page.render(rows, prov)
   with open(os.path.join(args.out, "results.md"), "w") as f:
     f.write(page)
   print(f"wrote {len(rows)} runs to {os.path.join(args.out, 'results.csv')} and results.md")

@@ -96,11 +96,29 @@ def _cli_value(v: Any) -> str:
   return str(v)
 
 
-def command(config_path: str, workdir: str, point: Point, python: str = "python") -> list[str]:
-  """The ``python -m fedgan_jax.main`` argv that runs ``point``."""
+def command(
+  config_path: str, workdir: str, point: Point, python: str = "python", base: dict[str, Any] | None = None
+) -> list[str]:
+  """The ``python -m fedgan_jax.main`` argv that runs ``point`` (after the sweep-wide ``base`` overrides)."""
   argv = [python, "-m", "fedgan_jax.main", f"--config={config_path}", f"--workdir={workdir}"]
-  argv += [f"--config.{k}={_cli_value(v)}" for k, v in overrides(point).items()]
+  argv += [f"--config.{k}={_cli_value(v)}" for k, v in {**(base or {}), **overrides(point)}.items()]
   return argv
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+  """``--set field=value`` arguments as ``{field: value}`` (values parsed as on the command line of a run).
+
+  Raises:
+    ValueError: an item without ``=`` or naming an unknown field.
+  """
+  out = {}
+  for item in items:
+    field, eq, text = item.partition("=")
+    if not eq or not field:
+      raise ValueError(f"--set {item!r}: expected field=value, e.g. --set data.source=folder.")
+    config_lib.check_field(field)
+    out[field] = config_lib.parse_value(text)
+  return out
 
 
 # --------------------------------------------------------------------------- status and results
@@ -191,6 +209,7 @@ class SweepPlan(NamedTuple):
 
   Attributes:
     points: the points of ``get_sweep()``.
+    base: sweep-wide overrides (``--set``) applied to ``get_config()`` under every point.
     names: each point's directory name.
     configs: each point's validated config.
     seeds: each point's seed.
@@ -201,6 +220,7 @@ class SweepPlan(NamedTuple):
   """
 
   points: list[Point]
+  base: dict[str, Any]
   names: list[str]
   configs: list[Any]
   seeds: list[int]
@@ -209,14 +229,26 @@ class SweepPlan(NamedTuple):
   dirs: list[str]
 
 
-def plan_sweep(config_path: str, workdir: str, batch_seeds: bool = False) -> SweepPlan:
+def plan_sweep(
+  config_path: str, workdir: str, batch_seeds: bool = False, base_overrides: dict[str, Any] | None = None
+) -> SweepPlan:
   """Expands the sweep of ``config_path`` into validated points and their run directories.
+
+  Args:
+    config_path: file with ``get_config()`` and ``get_sweep()``.
+    workdir: the sweep directory.
+    batch_seeds: group consecutive seeds of a point into one program.
+    base_overrides: ``{field: value}`` set on ``get_config()`` before every point's own overrides
+      (e.g. ``data.source`` and ``data.path`` to run the same settings on a folder of real images).
 
   Raises:
     ValueError: bad config file, overrides or names.
   """
   mod = load_module(config_path)
   base = mod.get_config()
+  base_overrides = dict(base_overrides or {})
+  for dotted, value in base_overrides.items():
+    config_lib.set_field(base, dotted, value)
   points = list(mod.get_sweep())
   if not points:
     raise ValueError(f"--config={config_path!r}: get_sweep() returned no points.")
@@ -239,7 +271,7 @@ def plan_sweep(config_path: str, workdir: str, batch_seeds: bool = False) -> Swe
     groups = [[i] for i in range(len(points))]
     group_dirs = [os.path.join(workdir, n) for n in names]
     dirs = list(group_dirs)
-  return SweepPlan(points, names, configs, seeds, groups, group_dirs, dirs)
+  return SweepPlan(points, base_overrides, names, configs, seeds, groups, group_dirs, dirs)
 
 
 def run_sweep(
@@ -251,6 +283,7 @@ def run_sweep(
   batch_seeds: bool = False,
   python: str = sys.executable,
   out=sys.stdout,
+  base_overrides: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
   """Expands, runs (skipping finished points) and summarizes a sweep.
 
@@ -263,6 +296,7 @@ def run_sweep(
     batch_seeds: run points differing only in seed as replicas of one program.
     python: interpreter for subprocesses and printed commands.
     out: where commands and the table are printed.
+    base_overrides: sweep-wide ``{field: value}`` set under every point (``--set``).
 
   Returns:
     The results rows (also written to ``<workdir>/results.csv``), or ``[]`` on a dry run.
@@ -272,7 +306,7 @@ def run_sweep(
   """
   if parallel < 1:
     raise ValueError(f"--parallel={parallel} must be >= 1.")
-  plan = plan_sweep(config_path, workdir, batch_seeds)
+  plan = plan_sweep(config_path, workdir, batch_seeds, base_overrides)
   points, names, configs, seeds = plan.points, plan.names, plan.configs, plan.seeds
   groups, group_dirs, dirs = plan.groups, plan.group_dirs, plan.dirs
 
@@ -283,7 +317,7 @@ def run_sweep(
 
   if dry_run:
     for g, gdir in zip(groups, group_dirs):
-      print(shlex.join(command(config_path, gdir, group_point(g), "python")), file=out)
+      print(shlex.join(command(config_path, gdir, group_point(g), "python", plan.base)), file=out)
     return []
 
   os.makedirs(workdir, exist_ok=True)
@@ -317,7 +351,7 @@ def run_sweep(
         k = queue.pop(0)
         os.makedirs(group_dirs[k], exist_ok=True)
         log = open(os.path.join(group_dirs[k], "sweep.log"), "a")
-        argv = command(config_path, group_dirs[k], group_point(groups[k]), python)
+        argv = command(config_path, group_dirs[k], group_point(groups[k]), python, plan.base)
         print(f"start {os.path.basename(group_dirs[k])}: {shlex.join(argv)}", file=out, flush=True)
         running.append((k, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env), log))
       time.sleep(0.5)
@@ -349,9 +383,13 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--dry-run", action="store_true", help="print the commands, one per line; run nothing")
   p.add_argument("--subprocess", action="store_true", help="run each point in its own process")
   p.add_argument("--batch-seeds", action="store_true", help="run the seeds of a point as replicas of one program")
+  p.add_argument(
+    "--set", action="append", default=[], metavar="FIELD=VALUE", help="a config override under every point"
+  )
   a = p.parse_args(argv)
   try:
-    rows = run_sweep(a.config, a.workdir, a.parallel, a.dry_run, a.subprocess, a.batch_seeds)
+    base = parse_sets(a.set)
+    rows = run_sweep(a.config, a.workdir, a.parallel, a.dry_run, a.subprocess, a.batch_seeds, base_overrides=base)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

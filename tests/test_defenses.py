@@ -47,7 +47,7 @@ def test_benign_run_with_detection_reports_its_false_positives(tmp_path):
   )
   summary = experiment.run(config, str(tmp_path / "benign"))
   det = summary["detection"]
-  assert det["tpr_after_warmup"] is None  # No attacker: undefined, not 0.
-  assert det["fpr_after_warmup"] is not None and 0.0 <= det["fpr_after_warmup"] <= 1.0
-  assert 0.0 <= det["rounds_with_a_flag_after_warmup"] <= 1.0
+  assert det["tpr_flagged"] is None and det["tpr_acted"] is None  # No attacker: undefined, not 0.
+  assert det["fpr_flagged"] is not None and 0.0 <= det["fpr_acted"] <= det["fpr_flagged"] <= 1.0
+  assert 0.0 <= det["rounds_acted"] <= det["rounds_flagged"] <= 1.0
   assert det["attacker_final_weights"] == [] and np.isclose(sum(det["honest_final_weights"]), 1.0)

@@ -41,8 +41,29 @@ def test_after_warmup_counts_only_rounds_that_can_be_acted_on():
   records = [{"round": r + 1, "agg/flagged": f, "agg/weights": [0.2, 0.8]} for r, f in enumerate(flags)]
   out = after_warmup(records, [False, True], 1)
   assert out["warmup_rounds"] == 1
-  assert out["tpr_after_warmup"] == 0.5 and out["fpr_after_warmup"] == 0.0
-  assert out["rounds_with_a_flag_after_warmup"] == 0.5
+  assert out["tpr_flagged"] == 0.5 and out["fpr_flagged"] == 0.0
+  assert out["rounds_flagged"] == 0.5
+  assert (out["tpr_acted"], out["fpr_acted"], out["rounds_acted"]) == (0.5, 0.0, 0.5)  # No gate logged: all act.
   assert out["attacker_final_weights"] == [0.8] and out["honest_final_weights"] == [0.2]
   benign = after_warmup(records, [False, False], 1)  # A clean run: the false positives, TPR undefined.
-  assert benign["tpr_after_warmup"] is None and benign["fpr_after_warmup"] == 0.25
+  assert benign["tpr_flagged"] is None and benign["fpr_flagged"] == 0.25
+
+
+def test_acted_flags_are_the_flags_of_rounds_the_gate_let_act():
+  """The paper's rule ignores a round's flags when C // 2 or more are flagged (agg/decay_active False)."""
+  rows = [
+    ([True, True, True, True], False),  # Round 1, index 0: the warm-up, not counted.
+    ([True, False, False, False], True),  # One flag, acted on.
+    ([True, True, False, False], False),  # Two of four: the rule does nothing.
+    ([False, True, False, False], True),
+    ([False, False, False, False], True),
+  ]
+  records = [
+    {"round": r + 1, "agg/flagged": f, "agg/decay_active": a, "agg/weights": [0.25] * 4}
+    for r, (f, a) in enumerate(rows)
+  ]
+  out = after_warmup(records, [True, False, False, False], 0)
+  assert out["tpr_flagged"] == 0.5 and out["tpr_acted"] == 0.25
+  np.testing.assert_allclose(out["fpr_flagged"], (0 + 1 / 3 + 1 / 3 + 0) / 4)
+  np.testing.assert_allclose(out["fpr_acted"], (0 + 0 + 1 / 3 + 0) / 4)
+  assert out["rounds_flagged"] == 0.75 and out["rounds_acted"] == 0.5

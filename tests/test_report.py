@@ -21,8 +21,9 @@ from fedgan_jax.io import images as image_io
 
 # The final metrics a run's report shows (its page and the sweep's comparison table).
 FINAL_METRICS = (
-  "eval/trigger_rate",
-  "eval/trigger_strength",
+  "eval/implant_amplitude",
+  "eval/implant_above_p99",
+  "eval/diversity",
   "eval/swd",
   "eval/fid@effnet_lite0",
   "eval/kid@effnet_lite0",
@@ -100,8 +101,10 @@ def make_run(
       rec["train/g_loss"][-1] = None
       rec["eval/detect_tpr"] = None
     if with_eval and (r % eval_every == 0 or r in (1, num_rounds)):
-      rec["eval/trigger_rate"] = min(1.0, 0.15 * r)
-      rec["eval/trigger_strength"] = 0.05 * r
+      rec["eval/implant_amplitude"] = 0.01 * r
+      rec["eval/implant_amplitude_lo"], rec["eval/implant_amplitude_hi"] = 0.01 * r - 0.005, 0.01 * r + 0.005
+      rec["eval/implant_above_p99"] = min(1.0, 0.15 * r)
+      rec["eval/diversity"] = 0.9
       rec["eval/swd"] = 300.0 / r + rng.uniform(0, 5)
       rec[f"eval/fid@{extractor}"] = 80.0 / r
       rec[f"eval/kid@{extractor}"] = 0.05 / r
@@ -135,7 +138,7 @@ def make_run(
   with open(os.path.join(path, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   with open(os.path.join(path, "trigger_calibration.json"), "w") as f:
-    json.dump({"threshold": 0.3, "clean_real_rate": 0.0, "num_clean_real": 64}, f)
+    json.dump({"num_clean_real": 64, "templates": {"run": {"threshold_p99": 0.03, "fpr_out_of_sample": 0.01}}}, f)
   return summary
 
 

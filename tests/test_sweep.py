@@ -128,8 +128,8 @@ def _summary(rounds, rate, tpr=None):
   return {
     "rounds": rounds,
     "final": {
-      "eval/trigger_rate": rate,
-      "eval/trigger_strength": rate / 2,
+      "eval/implant_amplitude": rate,
+      "eval/implant_above_p99": rate / 2,
       "eval/swd": 0.1,
       "train/g_loss": [1.0, 2.0],
       "round": rounds,
@@ -170,10 +170,10 @@ def test_finished_points_are_skipped_and_results_written(tmp_path, monkeypatch):
   assert [r["name"] for r in table] == names
   row = table[2]
   assert row["attack.malicious"] == "0" and row["seed"] == "0"
-  assert float(row["eval/trigger_rate"]) == 0.25 and float(row["eval/swd"]) == 0.1
+  assert float(row["eval/implant_amplitude"]) == 0.25 and float(row["eval/swd"]) == 0.1
   assert float(row["detect_tpr_mean"]) == 1.0 and json.loads(row["first_flag_round"]) == {"0": 2}
   assert "train/g_loss" not in row  # Per-client lists stay in summary.json.
-  assert "trigger_rate" in out.getvalue()  # The printed table.
+  assert "implant_amplitude" in out.getvalue()  # The printed table.
 
   # Rerunning runs nothing: every point is finished now.
   ran.clear()
@@ -185,7 +185,7 @@ def test_missing_results_are_reported(tmp_path):
   row = sweep.result_row("x", {"_defense": "gp", "seed": 0}, None)
   assert row == {"name": "x", "defense": "gp", "seed": 0, "status": "missing"}  # Labels lose their "_".
   cols = sweep.write_results(str(tmp_path / "r.csv"), [row, sweep.result_row("y", {"seed": 1}, _summary(3, 0.5))])
-  assert cols[:4] == ["name", "defense", "seed", "status"] and "eval/trigger_rate" in cols
+  assert cols[:4] == ["name", "defense", "seed", "status"] and "eval/implant_amplitude" in cols
 
 
 def test_seed_groups_for_batched_seeds():
@@ -251,4 +251,4 @@ def test_one_tiny_point_end_to_end(tmp_path):
   )
   rows = sweep.run_sweep(str(cfg), str(tmp_path / "sw"), out=io.StringIO())
   assert rows[0]["status"] == "done" and rows[0]["rounds"] == 1
-  assert "eval/trigger_rate" in rows[0]
+  assert "eval/implant_amplitude" in rows[0]

@@ -10,10 +10,14 @@
 * :mod:`~fedgan_jax.metrics.extractors` -- named feature extractors
   (``effnet_lite0`` default, ``inception_v3``) in Flax, with torch-free weight
   loading (:mod:`~fedgan_jax.metrics.torch_pickle`).
-* :mod:`~fedgan_jax.metrics.trigger` -- trigger correlation/strength, threshold
-  calibration on clean images, ``eval/trigger_rate`` and ``eval/trigger_strength``.
+* :mod:`~fedgan_jax.metrics.trigger` -- the implant: per-image amplitude of the
+  trigger (0 = none, 1 = pasted), generated minus clean with a bootstrap CI,
+  the above-clean-p99 fraction with its out-of-sample false-positive rate.
+* :mod:`~fedgan_jax.metrics.diversity` -- spread of generated images relative
+  to real ones (mode collapse), with no feature network.
 
-Importing this package does not load any weights.
+Importing this package does not load any weights. (``metrics.diversity`` is the
+module; its function is ``metrics.diversity.diversity``.)
 """
 
 from fedgan_jax.metrics.extractors import EXTRACTORS, Extractor, get_extractor
@@ -26,10 +30,11 @@ from fedgan_jax.metrics.fidelity import (
 )
 from fedgan_jax.metrics.swd import SlicedWasserstein, SwdReference, sliced_wasserstein, swd_reference
 from fedgan_jax.metrics.trigger import (
-  calibrate_threshold,
-  trigger_rate,
+  Exceedance,
+  exceedance_threshold,
+  implant_amplitude,
+  implant_summary,
   trigger_scores,
-  trigger_strength,
 )
 
 __all__ = [
@@ -37,7 +42,8 @@ __all__ = [
   "Extractor",
   "SlicedWasserstein",
   "SwdReference",
-  "calibrate_threshold",
+  "Exceedance",
+  "exceedance_threshold",
   "feature_stats",
   "frechet_distance",
   "frechet_distance_from_stats",
@@ -46,7 +52,7 @@ __all__ = [
   "precision_recall",
   "sliced_wasserstein",
   "swd_reference",
-  "trigger_rate",
+  "implant_amplitude",
+  "implant_summary",
   "trigger_scores",
-  "trigger_strength",
 ]

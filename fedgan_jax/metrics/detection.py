@@ -74,33 +74,60 @@ def mean_rate(values: Iterable[Any]) -> float | None:
   return float(np.mean(xs)) if xs else None
 
 
+def acted_flags(record: dict) -> np.ndarray:
+  """The flags of one round that changed weights.
+
+  The paper's detection acts on a round's flags only when fewer than C // 2
+  clients are flagged (and after its warm-up): its ``decay`` stage logs that
+  as ``agg/decay_active``. Rules without such a gate act on every flag.
+
+  Args:
+    record: a ``metrics.jsonl`` record with ``agg/flagged``.
+
+  Returns:
+    ``bool[C]``.
+  """
+  flagged = np.asarray(record["agg/flagged"], bool)
+  active = record.get("agg/decay_active")
+  return flagged if active is None else flagged & bool(active)
+
+
 def after_warmup(records: Sequence[dict], is_malicious, warmup_rounds: int) -> dict[str, Any]:
   """Detection over the rounds whose flags can change weights, and the final weights.
 
   The paper's code acts on flags from round index ``warmup_rounds + 1`` on
   (``epoch > warmup``); ``metrics.jsonl`` numbers rounds from 1, so these are
   the records with ``round - 1 > warmup_rounds``. This is what a benign run's
-  false positives are read from.
+  false positives are read from. Two kinds of rate, named for what they
+  count: ``*_flagged`` counts the detector's flags, ``*_acted`` only the flags
+  that changed weights (:func:`acted_flags`: the paper's rule ignores a
+  round's flags when C // 2 or more clients are flagged).
 
   Args:
-    records: ``metrics.jsonl`` records (``agg/flagged``, ``agg/weights``).
+    records: ``metrics.jsonl`` records (``agg/flagged``, ``agg/weights``,
+      ``agg/decay_active`` where the rule has it).
     is_malicious: ``bool[C]`` ground truth.
     warmup_rounds: the detector's warm-up (0 for rules without one).
 
   Returns:
-    ``{'warmup_rounds', 'tpr_after_warmup', 'fpr_after_warmup',
-    'rounds_with_a_flag_after_warmup', 'attacker_final_weights',
-    'honest_final_weights'}`` (rates None when undefined).
+    ``{'warmup_rounds', 'tpr_flagged', 'fpr_flagged', 'rounds_flagged',
+    'tpr_acted', 'fpr_acted', 'rounds_acted', 'attacker_final_weights',
+    'honest_final_weights'}``: TPR / FPR of the flags (mean over rounds;
+    None when undefined), the fraction of rounds with at least one flag, the
+    same for the acted-on flags, and the last round's weights.
   """
   mal = np.asarray(is_malicious, bool)
   after = [r for r in records if r["round"] - 1 > warmup_rounds]
-  rates = [detection_rates(r["agg/flagged"], mal) for r in after]
+  out: dict[str, Any] = {"warmup_rounds": int(warmup_rounds)}
+  for kind, flags in (
+    ("flagged", [np.asarray(r["agg/flagged"], bool) for r in after]),
+    ("acted", [acted_flags(r) for r in after]),
+  ):
+    rates = [detection_rates(f, mal) for f in flags]
+    out[f"tpr_{kind}"] = mean_rate(t for t, _ in rates)
+    out[f"fpr_{kind}"] = mean_rate(f for _, f in rates)
+    out[f"rounds_{kind}"] = mean_rate(float(f.any()) for f in flags)
   weights = np.asarray(records[-1]["agg/weights"], float) if records else np.zeros(mal.shape)
-  return {
-    "warmup_rounds": int(warmup_rounds),
-    "tpr_after_warmup": mean_rate(t for t, _ in rates),
-    "fpr_after_warmup": mean_rate(f for _, f in rates),
-    "rounds_with_a_flag_after_warmup": mean_rate(float(any(r["agg/flagged"])) for r in after),
-    "attacker_final_weights": weights[mal].tolist(),
-    "honest_final_weights": weights[~mal].tolist(),
-  }
+  out["attacker_final_weights"] = weights[mal].tolist()
+  out["honest_final_weights"] = weights[~mal].tolist()
+  return out

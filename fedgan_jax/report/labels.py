@@ -14,8 +14,9 @@ from typing import Any
 # Fixed names, looked up by the key without its "eval/" prefix first, then by the full key.
 _FIXED = {
   "swd": "SWD ×1e3 (Laplacian-pyramid patches)",
-  "trigger_rate": "trigger rate",
-  "trigger_strength": "trigger strength",
+  "implant_amplitude": "implant (trigger amplitude, generated − clean)",
+  "implant_above_p99": "fraction of samples above the clean 99th percentile",
+  "diversity": "diversity (1 = as diverse as real images)",
   "detect_tpr": "detection TPR",
   "detect_fpr": "detection FPR",
   "detect_tpr_mean": "detection TPR (mean over rounds)",

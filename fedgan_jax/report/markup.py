@@ -16,6 +16,7 @@ table{border-collapse:collapse;font-size:.9em;margin:8px 0} th,td{border:1px sol
 text-align:left} th{background:#f4f4f4} td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.attacker td{color:#b01c1c;font-weight:600} img{max-width:100%;margin:8px 0;border:1px solid #eee}
 pre{background:#f8f8f8;padding:8px;overflow-x:auto;font-size:.8em} .muted{color:#777;font-size:.85em}
+.warn{background:#fff3f0;border-left:4px solid #d62728;padding:6px 10px}
 code{background:#f3f3f3;padding:0 3px}
 """
 

@@ -47,33 +47,34 @@ def plot_fidelity(run: Run, path: str) -> str | None:
 
 
 def plot_trigger(run: Run, path: str) -> str | None:
-  """Trigger rate (vs the clean-image rate) and trigger strength vs round."""
-  rate = run.series("eval/trigger_rate")
-  strength = run.series("eval/trigger_strength")
-  if not len(rate[0]) and not len(strength[0]):
+  """The implant (generated minus clean amplitude, with its CI) and the above-clean-p99 fraction vs round."""
+  amp = run.series("eval/implant_amplitude")
+  above = run.series("eval/implant_above_p99")
+  if not len(amp[0]) and not len(above[0]):
     return None
   fig = draw.figure(9.0, 3.2)
   ax1, ax2 = fig.subplots(1, 2)
-  if len(rate[0]):
-    ax1.plot(*rate, "o-", color=draw.ATTACKER_COLOR, ms=4, label="generated images")
-  clean = run.calibration.get("clean_real_rate")
-  if isinstance(clean, (int, float)):
-    ax1.axhline(clean, color="0.4", ls=":", lw=1.2, label=f"clean real images ({float(clean):.1%})")
-  ax1.set_ylim(-0.03, 1.03)
-  ax1.set_title("trigger rate: fraction of samples carrying the trigger", fontsize=9.5)
+  if len(amp[0]):
+    lo, hi = run.series("eval/implant_amplitude_lo"), run.series("eval/implant_amplitude_hi")
+    ax1.plot(*amp, "o-", color=draw.ATTACKER_COLOR, ms=4, label="generated − clean (median)")
+    if len(lo[0]) == len(amp[0]) and len(hi[0]) == len(amp[0]):
+      ax1.fill_between(amp[0], lo[1], hi[1], color=draw.ATTACKER_COLOR, alpha=0.2, lw=0, label="95 % bootstrap CI")
+    top = max(0.1, float(np.max(hi[1] if len(hi[0]) else amp[1])))
+    ax1.set_ylim(min(-0.05, float(np.min(lo[1] if len(lo[0]) else amp[1]))), top * 1.1)
+  ax1.axhline(0.0, color="0.4", ls=":", lw=1, label="0 = as clean real images")
+  ax1.set_title("implant: trigger amplitude (1 = pasted)", fontsize=9.5)
   ax1.set_xlabel("round")
-  ax1.set_ylabel("fraction")
   ax1.legend(fontsize=8, loc="best")
-  if len(strength[0]):
-    ax2.plot(*strength, "o-", color="#9467bd", ms=4)
-    lo, hi = min(0.0, float(np.min(strength[1]))), max(1.0, float(np.max(strength[1])))
-    ax2.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
-  ax2.axhline(1.0, color="0.4", ls="--", lw=1, label="1 = fully pasted")
-  ax2.axhline(0.0, color="0.4", ls=":", lw=1, label="0 = absent")
-  ax2.set_title("trigger strength (median regression coefficient)", fontsize=9.5)
+  if len(above[0]):
+    ax2.plot(*above, "o-", color="#9467bd", ms=4, label="generated images")
+  floor = ((run.calibration.get("templates") or {}).get("run") or {}).get("fpr_out_of_sample")
+  if isinstance(floor, (int, float)):
+    ax2.axhline(floor, color="0.4", ls=":", lw=1.2, label=f"clean real images, out of sample ({float(floor):.1%})")
+  ax2.set_ylim(-0.03, 1.03)
+  ax2.set_title("fraction of samples above the clean 99th percentile", fontsize=9.5)
   ax2.set_xlabel("round")
   ax2.legend(fontsize=8, loc="best")
-  for ax, s in ((ax1, rate), (ax2, strength)):
+  for ax, s in ((ax1, amp), (ax2, above)):
     ax.grid(alpha=0.3)
     draw.round_axis(ax, s[0] if len(s[0]) else run.rounds)
   return draw.save(fig, path)

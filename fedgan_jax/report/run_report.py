@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from fedgan_jax.metrics import diversity
 from fedgan_jax.report import markup, plots
 from fedgan_jax.report.labels import clients_phrase, metric_label
 from fedgan_jax.report.runs import REPORT_DIR, Run
@@ -18,10 +19,11 @@ from fedgan_jax.report.samples import plot_strip, write_gif
 # Figure file -> caption on the page, in page order.
 CAPTIONS = {
   "fidelity.png": "Fidelity vs round (evaluation rounds only).",
-  "trigger.png": "Backdoor trigger in the global generator's samples: the rate counts samples in which "
-  "the trigger is detectable at its location (threshold calibrated so that at most 1 % of "
-  "clean real images pass); the strength says how strongly it is there (1 = fully pasted, "
-  "0 = absent). A high rate with a low strength is a faint ghost of the trigger.",
+  "trigger.png": "The backdoor in the global generator's samples. Left: the implant, the median amount of "
+  "the trigger blended into its region (0 = none, 1 = fully pasted) in generated images minus the same "
+  "on clean real images, with its 95 % bootstrap CI. Right: the fraction of samples whose amount exceeds "
+  "the clean images' 99th percentile (a steep function of the amount: a faint ghost in every sample can "
+  "read anywhere from a few % to nearly all), with the clean images' own out-of-sample rate.",
   "weights.png": "Aggregation weights.",
   "losses.png": "True local losses (train/g_loss, train/d_loss) and update norms per client; where clients "
   "reported other G losses to the server (train/reported_g_loss, e.g. a mimic attacker), "
@@ -43,7 +45,7 @@ _NOT_DRAWN = {
 
 
 def _final_metric_keys(final: dict[str, Any]) -> list[str]:
-  first = ["eval/trigger_rate", "eval/trigger_strength", "eval/swd"]
+  first = ["eval/implant_amplitude", "eval/implant_above_p99", "eval/diversity", "eval/swd"]
   keys = [k for k in first if k in final]
   keys += sorted(k for k in final if k.startswith(("eval/fid@", "eval/kid@", "eval/precision@", "eval/recall@")))
   keys += [k for k in ("eval/detect_tpr", "eval/detect_fpr", "eval/nonfinite_samples") if k in final]
@@ -194,6 +196,9 @@ def run_html(run: Run, images: dict[str, str]) -> str:
     f"<div class='muted'>{html.escape(os.path.abspath(run.workdir))}</div>",
     "<table>" + "".join(markup.row([html.escape(k), html.escape(str(v))]) for k, v in _facts(run)) + "</table>",
   ]
+  collapsed = diversity.collapse_warning(run.summary.get("final") or {})
+  if collapsed:
+    out.append(f"<p class='warn'><b>Warning:</b> {html.escape(collapsed)}.</p>")
   out += _final_metrics_section(run)
   out += _detection_section(run)
   out += _clients_section(run)

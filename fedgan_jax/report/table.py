@@ -32,7 +32,8 @@ from fedgan_jax.metrics.detection import mean_rate
 
 Row = dict[str, Any]
 
-SUMMARY_COLUMNS = ("eval/trigger_rate", "eval/trigger_strength", "eval/swd")  # The headline metrics, in order.
+# The headline metrics, in order.
+SUMMARY_COLUMNS = ("eval/implant_amplitude", "eval/implant_above_p99", "eval/diversity", "eval/swd")
 DETECTION_MEANS = ("detect_tpr_mean", "detect_fpr_mean")
 _TIMES = ("wall_sec", "first_round_sec")
 # Feature-space metrics, one column per extractor found (sorted), after the headline ones.
