@@ -38,6 +38,7 @@ COLUMNS = (
   "seed",
   "rounds",
   "resolution",
+  "width",
   "trigger_px",
   "trigger_area_pct",
   # The run's own trigger: eval/implant_amplitude, mean over the second half's evaluations, and final.
@@ -92,6 +93,7 @@ def run_row(setting: str, config, run_dir: str) -> dict[str, Any] | None:
     "seed": config.seed,
     "rounds": summary["rounds"],
     "resolution": config.resolution,
+    "width": config.model.g_width,
     "trigger_px": size,
     "trigger_area_pct": round(100.0 * size * size / config.resolution**2, 3),
     "implant": late_mean("eval/implant_amplitude"),

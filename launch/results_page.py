@@ -243,6 +243,11 @@ def _rounds(rows: Sequence[Row]) -> int:
   return int(max((r.get("rounds") or 0) for r in rows)) if rows else 0
 
 
+def _width(rows: Sequence[Row]) -> str:
+  widths = sorted({int(r["width"]) for r in rows if r.get("width")})
+  return "/".join(map(str, widths)) or "?"
+
+
 def render(rows: Sequence[Row], prov: dict[str, Any], collapsed_below: float = 0.25) -> str:
   """The whole page."""
   wall = prov.get("wall_sec")
@@ -261,9 +266,10 @@ def render(rows: Sequence[Row], prov: dict[str, Any], collapsed_below: float = 0
     + (f"; this regeneration took {wall / 60:.0f} min end to end" if wall else "")
     + ". `configs/results.py` defines the settings: "
     + ("32 px synthetic dermoscopy data" if data == "synthetic" else f"data from `data.source={data}`")
-    + ", 4 clients (client 0 malicious unless the setting has no attacker), DCGAN G/D of width 32, batch 32, 5 local "
-    f"steps, {_rounds(rows)} rounds; detection is the paper's code's rule (Isolation Forest on |G loss of the last "
-    "local batch|, acted on from round index 11 when fewer than C // 2 clients are flagged, persistent decay 0.9); "
+    + ", 4 clients (client 0 malicious unless the setting has no attacker), DCGAN G/D of width "
+    f"{_width(rows)}, batch 32, 5 local steps, {_rounds(rows)} rounds; detection is the paper's code's rule "
+    "(Isolation Forest on |G loss of the last local batch|, acted on from round index 11 when fewer than C // 2 "
+    "clients are flagged, persistent decay 0.9); "
     "WGAN-GP is λ = 10, InstanceNorm D (also after its first conv, as the code's critic), RMSprop with PyTorch's "
     "semantics and the code's N(0, 1) interpolation.",
     "",

@@ -8,6 +8,7 @@ import scipy.stats
 
 from conftest import tiny_config
 from fedgan_jax import experiment
+from fedgan_jax.io import rundir
 from launch import results, results_page, results_stats
 
 SEEDS = 8
@@ -117,8 +118,11 @@ def test_run_row_reads_a_finished_run(tmp_path):
   assert row["trigger_area_pct"] == pytest.approx(100 * 16 / 32**2, abs=1e-3)
   assert 0.0 <= row["attacker_weight"] <= 1.0 and row["honest_weight_min"] <= row["honest_weight_max"]
   assert row["tpr_flagged"] in (0.0, 0.5, 1.0)  # Rounds 2 and 3 (indices 1, 2 > warm-up 0).
-  assert row["tpr_acted"] <= row["tpr_flagged"] and row["implant"] is None  # No evaluation in the second half.
-  assert row["implant_final"] is not None and row["diversity_final"] > 0
+  assert row["tpr_acted"] <= row["tpr_flagged"] and row["implant_final"] is not None and row["diversity_final"] > 0
+  # The mean over the second half's evaluations (rounds 2 and 3 of 3).
+  late = [r for r in rundir.read_records(str(tmp_path / "run" / "metrics.jsonl")) if r["round"] > 1]
+  assert [r["round"] for r in late] == [2, 3] and late[-1]["eval/implant_amplitude"] == row["implant_final"]
+  assert row["implant"] == pytest.approx(np.mean([r["eval/implant_amplitude"] for r in late]), rel=1e-9)
   assert results.run_row("attack", tiny_config(num_rounds=5), str(tmp_path / "run")) is None  # Not finished.
   results.write_csv(str(tmp_path / "r.csv"), [row])
   back = results.read_csv(str(tmp_path / "r.csv"))[0]
