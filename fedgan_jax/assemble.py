@@ -20,6 +20,7 @@ from fedgan_jax.data import partition as partition_lib
 from fedgan_jax.data import sources, triggers
 from fedgan_jax.federated import program as program_lib
 from fedgan_jax.federated import replicas as replicas_lib
+from fedgan_jax.federated import upload_attacks
 from fedgan_jax.federated.state import Program, RoundData
 
 
@@ -97,6 +98,7 @@ def round_data(config, images, counts, poison_flags=None) -> RoundData:
     trigger=jnp.asarray(triggers.load_trigger(config)),
     trigger_loc=jnp.asarray(triggers.trigger_location(config), jnp.int32),
     mimic=jnp.asarray(config.attack.report_losses == "mimic"),
+    upload=upload_attacks.from_config(config),
   )
 
 

@@ -60,6 +60,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.attack.trigger_location = "bottom_right"  # bottom_right | random.
   c.attack.poison_rate = 1.0  # Fraction of a malicious client's images that carry the trigger.
   c.attack.report_losses = "honest"  # honest | mimic (reports the honest median loss).
+  # Attack on the uploaded generator (federated/upload_attacks.py): none | scale | sign_flip | alie | ipm | pgd;
+  # strength 0 = the kind's default (scale: C, sign_flip: 1, alie: z_max of Baruch et al., ipm: 0.1);
+  # pgd: the L2 bound its projection keeps the update in (required).
+  c.attack.upload = "none"
+  c.attack.upload_strength = 0.0
+  # The attack window in 1-based round numbers: attack in rounds start..end (0 = to the last round), every k-th.
+  c.attack.start_round = 1
+  c.attack.end_round = 0
+  c.attack.every = 1
   # images: the trigger spans the images' [-1, 1]; unit: a [0, 1] trigger pasted into [-1, 1] images
   # (the paper's code: a washed-out patch).
   c.attack.trigger_range = "images"
@@ -117,6 +126,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.aggregation.average_discriminator = False  # Paper's code averages generators only.
   c.aggregation.weighting = "examples"  # examples: weights by image count | uniform: 1/C (the paper's code).
 
+  # The (epsilon, delta) reported for aggregation.name='dp_mean' (client-level DP, fedgan_jax/privacy.py).
+  c.privacy = ml_collections.ConfigDict()
+  c.privacy.delta = 1e-5  # delta of the reported guarantee: in (0, 1), and below 1/num_clients with dp_mean.
+  c.privacy.accountant = "rdp"  # rdp (Renyi DP, an upper bound; instant) | pld (privacy loss distributions; tight).
+
   c.eval = ml_collections.ConfigDict()
   c.eval.num_samples = 512  # Generated images per evaluation.
   c.eval.grid_size = 8  # Sample grid is grid_size x grid_size (fixed noise).
@@ -144,6 +158,43 @@ def _check_choice(config, field: str, choices) -> None:
     value = value[part]
   if value not in choices:
     _fail(field, value, f"accepted values are {sorted(choices)}")
+
+
+# The accountants of ``privacy.accountant`` (fedgan_jax.privacy.ACCOUNTANTS, kept equal by a test).
+PRIVACY_ACCOUNTANTS = ("rdp", "pld")
+
+
+def _check_privacy(config) -> None:
+  delta = config.privacy.delta
+  if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+    _fail("privacy.delta", delta, "must be a number in (0, 1), e.g. 1e-5")
+  if config.aggregation.name == "dp_mean" and delta >= 1 / config.num_clients:
+    _fail(
+      "privacy.delta",
+      delta,
+      f"with aggregation.name='dp_mean' it must be below 1/num_clients = {1 / config.num_clients:.3g} "
+      "(a delta of 1/n allows publishing one client's data outright), e.g. 1e-5",
+    )
+  _check_choice(config, "privacy.accountant", set(PRIVACY_ACCOUNTANTS))
+
+
+# The kinds of ``attack.upload`` (fedgan_jax.federated.upload_attacks.KINDS, kept equal by a test).
+UPLOAD_ATTACKS = ("none", "scale", "sign_flip", "alie", "ipm", "pgd")
+
+
+def _check_window(config) -> None:
+  a = config.attack
+  for name, low in (("start_round", 1), ("end_round", 0), ("every", 1)):
+    v = a[name]
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+      _fail(f"attack.{name}", v, f"must be an integer >= {low}")
+  if a.end_round and a.end_round < a.start_round:
+    _fail("attack.end_round", a.end_round, f"must be 0 (no end) or >= attack.start_round={a.start_round}")
+  s = a.upload_strength
+  if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
+    _fail("attack.upload_strength", s, "must be a finite number >= 0 (0 = the attack's default strength)")
+  if a.upload == "pgd" and not s > 0:
+    _fail("attack.upload_strength", s, "attack.upload='pgd' needs the L2 bound of its projection (a number > 0)")
 
 
 def _check_positive(config, field: str) -> None:
@@ -230,10 +281,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_choice(config, "train.precision", {"f32", "bf16"})
   _check_choice(config, "attack.trigger_location", {"bottom_right", "random"})
   _check_choice(config, "attack.report_losses", {"honest", "mimic"})
+  _check_choice(config, "attack.upload", set(UPLOAD_ATTACKS))
+  _check_window(config)
   _check_choice(config, "attack.trigger_range", {"images", "unit"})
   _check_choice(config, "train.rmsprop", {"pytorch", "optax"})
   _check_choice(config, "train.gp_interpolation", {"uniform", "normal"})
   _check_choice(config, "aggregation.weighting", {"examples", "uniform"})
+  _check_privacy(config)
   _check_choice(config, "model.sg2.noise_mode", {"random", "const", "none"})
   steps = config.train.local_steps
   if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:

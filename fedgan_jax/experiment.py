@@ -24,9 +24,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from fedgan_jax import assemble, config_lib, distributed, evaluation, report, resume, run_console
+from fedgan_jax import assemble, config_lib, distributed, evaluation, privacy, report, resume, run_console
 from fedgan_jax.federated import replicas as replicas_lib
-from fedgan_jax.federated import sharding
+from fedgan_jax.federated import sharding, upload_attacks
 from fedgan_jax.io import checkpoint as ckpt_lib
 from fedgan_jax.io import lock as lock_lib
 from fedgan_jax.io import rundir, tensorboard, writers
@@ -312,6 +312,25 @@ def _finish(config, workdir, b, outputs, progress, start, t_start, console, prim
   return {"replicas": summaries} if replicated else summaries[0]
 
 
+def _attack_summary(config, records) -> dict[str, Any]:
+  """The attack on the uploads, its window, and the backdoor's durability after a window that ends."""
+  a = config.attack
+  n_rounds = records[-1]["round"] if records else 0
+  rounds = upload_attacks.window_rounds(a.start_round, a.end_round, a.every, n_rounds)
+  ua = upload_attacks.from_config(config)
+  out = {
+    "upload": a.upload,
+    "upload_strength": float(ua.strength) if a.upload != "none" else None,
+    "start_round": a.start_round,
+    "end_round": a.end_round,
+    "every": a.every,
+    "rounds_attacked": int(len(rounds)) if a.malicious else 0,
+  }
+  if a.malicious and 0 < a.end_round < n_rounds:
+    out["durability_rounds"] = upload_attacks.durability(records, a.end_round)
+  return out
+
+
 def _summary(config, records, info, is_mal, wall, t_compile, start) -> dict[str, Any]:
   final = {}
   for rec in records:  # The last value of every metric (eval metrics only exist on eval rounds).
@@ -320,7 +339,7 @@ def _summary(config, records, info, is_mal, wall, t_compile, start) -> dict[str,
     [rec["agg/flagged"] for rec in records], is_mal, [rec["round"] for rec in records]
   )
   n = max(len(records), 1)
-  return {
+  out = {
     "final": final,
     "rounds": records[-1]["round"] if records else 0,
     "resumed_from": start,
@@ -330,8 +349,13 @@ def _summary(config, records, info, is_mal, wall, t_compile, start) -> dict[str,
     "detect_fpr_mean": detection.mean_rate(r["eval/detect_fpr"] for r in records),
     # Over the rounds whose flags can change weights: a benign run's false positives are read here.
     "detection": detection.after_warmup(records, is_mal, int(config.aggregation.kwargs.get("warmup_rounds", 0))),
+    "attack": _attack_summary(config, records),
     "data": info,
     "wall_sec": wall,
     "first_round_sec": t_compile,
     "num_records": n,
   }
+  block = privacy.summary_block(config, records)  # aggregation.name='dp_mean' only.
+  if block is not None:
+    out["privacy"] = block
+  return out

@@ -49,7 +49,7 @@ SHAPE_FIELDS = (
   "aggregation.average_discriminator",
 )
 # Fields that never change what a checkpoint holds (left out when no shape field explains a mismatch).
-_RUNTIME_FIELDS = ("num_rounds", "eval_every", "ckpt_every", "log_every", "eval.", "data.cache_dir")
+_RUNTIME_FIELDS = ("num_rounds", "eval_every", "ckpt_every", "log_every", "eval.", "data.cache_dir", "privacy.")
 
 
 class ConfigMismatchError(ValueError):

@@ -19,6 +19,7 @@ from typing import Any
 
 from absl import logging
 
+from fedgan_jax import privacy
 from fedgan_jax.io import writers
 from fedgan_jax.metrics import diversity
 from fedgan_jax.report.labels import format_value
@@ -168,6 +169,8 @@ class Console:
     for label, summary, workdir, report_ok in results:
       prefix = f"{label}: " if label else ""
       self._print(f"{prefix}final: {key_metrics(summary) or 'no metrics'}")
+      if summary.get("privacy"):  # aggregation.name='dp_mean': the guarantee of what was released.
+        self._print(f"{prefix}privacy: {privacy.guarantee_text(summary['privacy'])}")
       collapsed = diversity.collapse_warning(summary.get("final", {}))
       if collapsed:  # A result, beside the metrics it qualifies (stderr is for problems of the run itself).
         self._print(f"{prefix}note: {collapsed}")

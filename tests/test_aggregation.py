@@ -39,6 +39,7 @@ RULE_KWARGS = {
     )
   },
   "detect": {"warmup_rounds": 0, "num_trees": 50, "inner": "median"},
+  "dp_mean": {"clip_norm": 1.0, "noise_multiplier": 0.0},  # Noise-free: the contract's range check holds.
 }
 ROBUST = ["median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "norm_clip", "chain", "detect"]
 

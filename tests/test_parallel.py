@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT, tiny_config
 from fedgan_jax import assemble, distributed, experiment
-from fedgan_jax.federated import replicas, sharding
+from fedgan_jax.federated import replicas, sharding, upload_attacks
 from fedgan_jax.federated.state import RoundData
 from fedgan_jax.io import rundir
 
@@ -125,6 +125,7 @@ def test_stack_replicas_pads_client_shards():
       trigger=jnp.zeros((2, 2, 3)),
       trigger_loc=jnp.asarray([1, 1], jnp.int32),
       mimic=jnp.asarray(False),
+      upload=upload_attacks.from_config(tiny_config()),
     )
     return RoundData(**fields)
 

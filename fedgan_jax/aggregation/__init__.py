@@ -7,7 +7,8 @@ package is named ``'module:factory'`` (``registry``). Stages for ``chain`` are
 in ``STAGES``, detectors in ``DETECTORS``. Modules: ``base`` (the contract,
 shared helpers, FedAvg), ``robust`` (median, trimmed mean, Krum, geometric
 median), ``compose`` (stages and ``chain`` of built elements), ``detectors``
-(Isolation Forest, robust z-score, the detect and decay stages), ``stats``
+(Isolation Forest, robust z-score, the detect and decay stages), ``privacy``
+(DP-FedAvg's clipped, noised mean), ``stats``
 (server statistics of the uploads), ``registry`` (names).
 """
 
@@ -32,6 +33,7 @@ from fedgan_jax.aggregation.detectors import (
   isolation_forest,
   robust_zscore,
 )
+from fedgan_jax.aggregation.privacy import dp_mean
 from fedgan_jax.aggregation.registry import AGGREGATORS, STAGES, chain, detect_and_decay, get, norm_clip
 from fedgan_jax.aggregation.robust import geometric_median, krum, median, multi_krum, trimmed_mean
 from fedgan_jax.aggregation.stats import server_stats
@@ -49,6 +51,7 @@ __all__ = [
   "decay_flagged",
   "detect",
   "detect_and_decay",
+  "dp_mean",
   "finite_mask",
   "geometric_median",
   "get",

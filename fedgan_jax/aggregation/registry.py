@@ -25,6 +25,7 @@ from fedgan_jax.aggregation import compose
 from fedgan_jax.aggregation.base import Aggregator, mean
 from fedgan_jax.aggregation.compose import Stage, clip_updates
 from fedgan_jax.aggregation.detectors import check_num_clients, decay_flagged, detect
+from fedgan_jax.aggregation.privacy import dp_mean
 from fedgan_jax.aggregation.robust import geometric_median, krum, median, multi_krum, trimmed_mean
 
 
@@ -182,6 +183,7 @@ AGGREGATORS: dict[str, Callable[..., Aggregator]] = {
   "norm_clip": norm_clip,
   "chain": chain,
   "detect": detect_and_decay,
+  "dp_mean": dp_mean,
 }
 
 # Name -> stage factory, for ``chain`` elements given by name.

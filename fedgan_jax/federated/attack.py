@@ -45,7 +45,7 @@ def poison_batch(
   return triggers.paste(real, trigger, loc, poisoned)
 
 
-def report(local: LocalOut, data: RoundData) -> Uploads:
+def report(local: LocalOut, data: RoundData, attackers: jax.Array | None = None) -> Uploads:
   """What every client uploads: its parameters and the stats it chooses to report.
 
   Honest clients report their true local losses. With ``data.mimic``, a
@@ -56,11 +56,14 @@ def report(local: LocalOut, data: RoundData) -> Uploads:
   Args:
     local: every client's local training output.
     data: the round inputs (``is_malicious``, ``mimic``, ``counts``).
+    attackers: ``bool[C]``, the malicious clients that attack this round
+      (the attack window applied); default ``data.is_malicious``.
 
   Returns:
     ``Uploads`` with ``reported`` = the reported losses + ``num_examples``.
   """
-  liars = data.is_malicious & data.mimic
+  attackers = data.is_malicious if attackers is None else attackers
+  liars = attackers & data.mimic
   honest = ~data.is_malicious
   reported = {k: jnp.where(liars, masked_median(v, honest)[0], v) for k, v in local.stats.items()}
   reported["num_examples"] = data.counts.astype(jnp.float32)

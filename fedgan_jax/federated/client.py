@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedgan_jax.federated import attack, losses
+from fedgan_jax.federated import attack, losses, upload_attacks
 from fedgan_jax.federated.state import ClientState
 
 PyTree = Any
@@ -74,7 +74,7 @@ def local_trainer(
 
   Returns:
     ``local_train(client, g_global, d_global, images, count, is_mal, flags,
-    trigger, trigger_loc, key) -> (client_state, g_vars, d_vars, stats)``: the
+    trigger, trigger_loc, key, upload=None) -> (client_state, g_vars, d_vars, stats)``: the
     client starts from the global generator (and the global discriminator when
     discriminators are averaged), trains L steps on its own shard, and returns
     its new state, the variables it uploads, and its true losses
@@ -117,6 +117,7 @@ def local_trainer(
     trigger: jax.Array,
     trigger_loc: jax.Array,
     key: jax.Array,
+    upload=None,
   ):
     g_params, g_rest = split_vars(g_global)
     d_params, d_rest = split_vars(d_global if avg_d else client.d_vars)
@@ -177,6 +178,8 @@ def local_trainer(
         (g_loss, g_rest), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(g_params)
         g_upd, g_opt = g_tx.update(g_grads, g_opt, g_params)
         g_params = optax.apply_updates(g_params, g_upd)
+        if upload is not None:  # A pgd attacker stays in its norm ball (no-op for every other client).
+          g_params = upload_attacks.project(g_params, g_anchor, is_mal, upload)
       new = (g_params, g_rest, d_params, d_rest, g_opt, d_opt)
       if epoch:  # Past this client's epoch: the step changes nothing.
         new = jax.tree.map(lambda a, b: jnp.where(i < n_steps, a, b), new, carry)

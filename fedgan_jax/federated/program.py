@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from fedgan_jax.aggregation.base import Aggregator
-from fedgan_jax.federated import attack
+from fedgan_jax.federated import attack, upload_attacks
 from fedgan_jax.federated import client as client_lib
 from fedgan_jax.federated import server as server_lib
 from fedgan_jax.federated.state import ClientState, LocalOut, Program, RoundData, RoundState
@@ -112,10 +112,22 @@ def build(
     def one(xs):
       client, images, count, is_mal, flags, key = xs
       return local_train(
-        client, state.g_global, state.d_global, images, count, is_mal, flags, data.trigger, data.trigger_loc, key
+        client,
+        state.g_global,
+        state.d_global,
+        images,
+        count,
+        is_mal,
+        flags,
+        data.trigger,
+        data.trigger_loc,
+        key,
+        data.upload,
       )
 
-    per_client = (state.clients, data.images, data.counts, data.is_malicious, data.poison_flags, keys)
+    # Outside the attack window the malicious clients train on clean images, as honest ones.
+    attacking = data.is_malicious & upload_attacks.in_window(data.upload, state.round)
+    per_client = (state.clients, data.images, data.counts, attacking, data.poison_flags, keys)
     num = keys.shape[0]
     chunk = client_chunk(config, num)
     if chunk >= num:
@@ -127,8 +139,14 @@ def build(
     return finish_round(state, data, local_round(state, data, client_keys(key, C)), key)
 
   def finish_round(state: RoundState, data: RoundData, local: LocalOut, key: jax.Array):
-    """The clients' reports and the server step after local training (the true losses are logged)."""
-    new_state, metrics = server_round(state, local.clients, attack.report(local, data), key)
+    """The clients' reports and the server step after local training (the true losses are logged).
+
+    The attackers of the round (``data.is_malicious`` inside the attack window) tamper with their
+    uploaded generators (``upload_attacks.tamper``) and, with ``mimic``, lie about their losses.
+    """
+    attackers = data.is_malicious & upload_attacks.in_window(data.upload, state.round)
+    local = local._replace(client_g=upload_attacks.tamper(state.g_global, local.client_g, attackers, data.upload))
+    new_state, metrics = server_round(state, local.clients, attack.report(local, data, attackers), key)
     return new_state, {**{f"train/{k}": v for k, v in local.stats.items()}, **metrics}
 
   def sample(g_vars: PyTree, z: jax.Array) -> jax.Array:

@@ -28,6 +28,8 @@ class RoundData(NamedTuple):
     trigger_loc: int32 ``[2]`` (top, left) for the bottom-right location.
     mimic: bool scalar: malicious clients report the honest clients' median
       losses instead of their own (``attack.report_losses='mimic'``).
+    upload: the attack on the uploaded generator and the attack window
+      (``upload_attacks.UploadAttack``, replicated scalars).
   """
 
   images: jax.Array
@@ -37,6 +39,7 @@ class RoundData(NamedTuple):
   trigger: jax.Array
   trigger_loc: jax.Array
   mimic: jax.Array
+  upload: Any
 
 
 # The RoundData fields that carry the client axis (sharded over devices; the rest is replicated).

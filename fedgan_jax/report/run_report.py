@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from fedgan_jax import privacy
 from fedgan_jax.metrics import diversity
 from fedgan_jax.report import markup, plots
 from fedgan_jax.report.labels import clients_phrase, metric_label
@@ -106,6 +107,33 @@ def _final_metrics_section(run: Run) -> list[str]:
   return out
 
 
+def _privacy_section(run: Run) -> list[str]:
+  """The client-level (ε, δ) of a ``dp_mean`` run (``summary.json``'s ``privacy``); nothing for other rules."""
+  block = run.summary.get("privacy")
+  if not block:
+    return []
+  rows = [markup.row(["field", "value"], header=True)]
+  for k in ("epsilon", "delta", "noise_multiplier", "clip_norm", "rounds", "accountant", "unit", "note"):
+    if k in block:
+      v = block[k]
+      cell = markup.num(v) if isinstance(v, (int, float)) else f"<td>{html.escape(str(v))}</td>"
+      if k == "epsilon":  # inf (no noise) reads as such, not as n/a.
+        cell = markup.num(privacy.epsilon_text(float(v)), title=repr(v))
+      rows.append(markup.row([f"<code>{k}</code>", cell]))
+  return [
+    "<h2>Differential privacy</h2>",
+    f"<p><b>{html.escape(privacy.guarantee_text(block))}</b> (accountant: {html.escape(str(block.get('accountant')))}; "
+    "dp_accounting).</p>",
+    "<table>" + "".join(rows) + "</table>",
+    "<p class='muted'>Central DP (DP-FedAvg, McMahan et al. 2018): each client's update is clipped to L2 norm "
+    "<code>clip_norm</code> and the mean over the client slots gets Gaussian noise of std "
+    "<code>noise_multiplier * clip_norm / C</code>. The guarantee covers what the server sends out (the global "
+    "models, and the samples and metrics computed from them), with one client's data as the unit; not the "
+    "server's own view or logs (per-client norms and losses in metrics.jsonl). Discriminators that are never "
+    "uploaded (the paper's setting) release nothing.</p>",
+  ]
+
+
 def _detection_section(run: Run) -> list[str]:
   out = ["<h2>Detection: first round each attacker was flagged</h2>"]
   ff = run.first_flag_rounds()
@@ -199,6 +227,7 @@ def run_html(run: Run, images: dict[str, str]) -> str:
   collapsed = diversity.collapse_warning(run.summary.get("final") or {})
   if collapsed:
     out.append(f"<p class='warn'><b>Warning:</b> {html.escape(collapsed)}.</p>")
+  out += _privacy_section(run)
   out += _final_metrics_section(run)
   out += _detection_section(run)
   out += _clients_section(run)

@@ -1,0 +1,199 @@
+"""The client-level (epsilon, delta) of a run with ``aggregation.name='dp_mean'``, from ``dp_accounting``.
+
+``aggregation.dp_mean`` releases, every round, the mean of the clients'
+updates clipped to L2 norm S plus Gaussian noise of standard deviation z S / C
+(DP-FedAvg: McMahan et al., "Learning Differentially Private Recurrent Language
+Models", ICLR 2018). Adding or removing one client's data moves the mean by at
+most S / C, so each round is the Gaussian mechanism with noise multiplier z
+(Dwork & Roth, "The Algorithmic Foundations of Differential Privacy", 2014,
+App. A), and a run is its composition over the rounds. The privacy loss is
+never computed by hand here: Google's ``dp_accounting`` composes the rounds,
+with Rényi DP (Mironov, "Rényi Differential Privacy", CSF 2017; Mironov, Talwar
+& Zhang, "Rényi Differential Privacy of the Sampled Gaussian Mechanism", 2019),
+an upper bound, or with privacy loss distributions (Koskela et al., AISTATS
+2020; Doroshenko et al., "Connect the Dots", PETS 2022), numerically tight.
+
+The unit of privacy is one client (all of its data), the neighbouring relation
+add/remove one client, and the guarantee is central: it covers what the server
+sends out (the global generators, and so every sample and metric computed from
+them), not what the server sees or logs. Only the generators are uploaded in
+the paper's setting (Jin & Li, SASHIMI 2022; ``aggregation.average_discriminator
+= False``); when the discriminators are averaged too, the same rule noises them
+and the accounting counts two Gaussian releases per round (an equivalent single
+Gaussian with noise multiplier z / sqrt(2)).
+
+``config.privacy.delta`` (default 1e-5) and ``config.privacy.accountant``
+(``'rdp'``, default, or ``'pld'``) set the reported guarantee; every client
+takes part in every round (sampling probability 1).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+# The accountants of ``client_level_epsilon`` (config.privacy.accountant; config_lib keeps a copy, a test checks).
+ACCOUNTANTS = ("rdp", "pld")
+RULE = "dp_mean"  # The aggregation rule whose runs get a privacy block.
+
+
+def _check(name: str, value: Any, ok: bool, accepted: str) -> None:
+  if not ok:
+    raise ValueError(f"client_level_epsilon: {name}={value!r} is invalid: {accepted}.")
+
+
+def _is_real(v: Any) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def client_level_epsilon(
+  noise_multiplier: float,
+  rounds: int,
+  delta: float,
+  sampling_prob: float = 1.0,
+  accountant: str = "rdp",
+  releases_per_round: int = 1,
+) -> float:
+  """The epsilon of ``rounds`` rounds of DP-FedAvg at this delta, by ``dp_accounting``.
+
+  Each round is ``dp_accounting.GaussianDpEvent(noise_multiplier)`` (in units of
+  the L2 sensitivity, so the clip norm drops out), wrapped in a
+  ``PoissonSampledDpEvent`` when clients take part with probability
+  ``sampling_prob < 1``, composed ``rounds`` times (``SelfComposedDpEvent``),
+  then converted to (epsilon, delta) by ``RdpAccountant`` or ``PLDAccountant``,
+  both with add/remove-one neighbouring.
+
+  Args:
+    noise_multiplier: z >= 0, the noise's standard deviation over the sensitivity.
+    rounds: rounds released (>= 0).
+    delta: in (0, 1).
+    sampling_prob: each client's probability of taking part in a round, in (0, 1].
+    accountant: ``'rdp'`` (Rényi DP, an upper bound) or ``'pld'`` (privacy loss
+      distributions, tight up to discretization; slower for large epsilon).
+    releases_per_round: Gaussian releases of each client's data per round with
+      the same participation (2 when generators and discriminators are both
+      noised): one Gaussian with noise multiplier ``z / sqrt(k)``, which is the
+      exact composition of k Gaussians of multiplier z.
+
+  Returns:
+    epsilon: 0.0 for 0 rounds, ``inf`` when ``noise_multiplier == 0``.
+
+  Raises:
+    ValueError: an argument out of its range, naming it.
+  """
+  _check(
+    "noise_multiplier",
+    noise_multiplier,
+    _is_real(noise_multiplier) and 0 <= noise_multiplier < math.inf,
+    "must be a finite number >= 0",
+  )
+  _check(
+    "rounds",
+    rounds,
+    isinstance(rounds, numbers.Integral) and not isinstance(rounds, bool) and rounds >= 0,
+    "must be an integer >= 0",
+  )
+  _check("delta", delta, _is_real(delta) and 0 < delta < 1, "must be in (0, 1)")
+  _check("sampling_prob", sampling_prob, _is_real(sampling_prob) and 0 < sampling_prob <= 1, "must be in (0, 1]")
+  _check("accountant", accountant, accountant in ACCOUNTANTS, f"accepted values are {list(ACCOUNTANTS)}")
+  _check(
+    "releases_per_round",
+    releases_per_round,
+    isinstance(releases_per_round, numbers.Integral)
+    and not isinstance(releases_per_round, bool)
+    and releases_per_round >= 1,
+    "must be an integer >= 1",
+  )
+  if rounds == 0:
+    return 0.0
+  if noise_multiplier == 0:
+    return math.inf
+  import dp_accounting  # Here: it imports scipy.stats (most of a second), which only this needs.
+
+  event = dp_accounting.GaussianDpEvent(float(noise_multiplier) / math.sqrt(int(releases_per_round)))
+  if sampling_prob < 1:
+    event = dp_accounting.PoissonSampledDpEvent(float(sampling_prob), event)
+  event = dp_accounting.SelfComposedDpEvent(event, int(rounds))
+  acc = dp_accounting.rdp.RdpAccountant() if accountant == "rdp" else dp_accounting.pld.PLDAccountant()
+  acc.compose(event)
+  return float(acc.get_epsilon(float(delta)))
+
+
+def unit(average_discriminator: bool) -> str:
+  """What the guarantee covers: ``'client-level, generator uploads'`` (or generator and discriminator)."""
+  return (
+    "client-level, generator and discriminator uploads" if average_discriminator else "client-level, generator uploads"
+  )
+
+
+def summary_block(config, records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+  """``summary.json``'s ``privacy`` block for the rounds in ``records``, or None when the rule is not ``dp_mean``.
+
+  The rounds are those the run has done (``records[-1]['round']``), resumed
+  parts included. Each round's record holds the noise multiplier it was
+  aggregated with (``agg/noise_multiplier``), so a run resumed with other
+  settings (the checkpoints allow any stateless rule) is still accounted
+  soundly: if some round was aggregated by another rule the epsilon is
+  infinite, if some round used a smaller noise multiplier every round is
+  accounted with the smallest one (an upper bound), and if the discriminators
+  were noised in some round (``agg_d/noise_multiplier``) every round counts
+  two releases; ``note`` then says so.
+
+  Args:
+    config: the run's validated config (``aggregation.*``, ``privacy.*``).
+    records: the run's ``metrics.jsonl`` records, in round order.
+
+  Returns:
+    ``{epsilon, delta, noise_multiplier, clip_norm, rounds, accountant, unit}`` (and ``note`` where the
+    records disagree with the config).
+  """
+  if config.aggregation.name != RULE:
+    return None
+  kwargs = config.aggregation.kwargs
+  z = float(kwargs["noise_multiplier"])
+  rounds = int(records[-1]["round"]) if records else 0
+  both = bool(config.aggregation.average_discriminator) or any("agg_d/noise_multiplier" in r for r in records)
+  seen = [r.get("agg/noise_multiplier") for r in records]
+  note = None
+  if any(v is None for v in seen) or len(seen) < rounds:
+    missing = sum(v is None for v in seen) + rounds - len(seen)
+    z, note = 0.0, f"{missing} of the {rounds} rounds were not aggregated by dp_mean (a resumed run): no guarantee"
+  elif seen and min(seen) < z * (1 - 1e-6):  # The records hold float32: a relative 1e-6 is their rounding.
+    z = float(min(seen))
+    note = f"rounds ran with a smaller noise multiplier (a resumed run): every round accounted with {z:.6g}"
+  eps = client_level_epsilon(
+    z, rounds, float(config.privacy.delta), accountant=config.privacy.accountant, releases_per_round=2 if both else 1
+  )
+  block = {
+    "epsilon": eps,
+    "delta": float(config.privacy.delta),
+    "noise_multiplier": z,
+    "clip_norm": float(kwargs["clip_norm"]),
+    "rounds": rounds,
+    "accountant": config.privacy.accountant,
+    "unit": unit(both),
+  }
+  if note:
+    block["note"] = note
+  return block
+
+
+def epsilon_text(eps: float) -> str:
+  """``4.728`` (4 significant digits), ``∞`` when infinite."""
+  return "∞" if not math.isfinite(eps) else f"{eps:.4g}"
+
+
+def guarantee_text(block: dict[str, Any]) -> str:
+  """``(ε = 4.73, δ = 1e-05)-DP at the client level for the generator uploads over 200 rounds``."""
+  what = "generator and discriminator uploads" if "discriminator" in str(block.get("unit", "")) else "generator uploads"
+  text = (
+    f"(ε = {epsilon_text(float(block['epsilon']))}, δ = {float(block['delta']):.3g})-DP at the client level "
+    f"for the {what} over {block['rounds']} round{'' if block['rounds'] == 1 else 's'}"
+  )
+  if block.get("note"):
+    text += f" ({block['note']})"
+  elif not math.isfinite(float(block["epsilon"])) and block["rounds"]:
+    text += " (noise_multiplier = 0: no privacy)"
+  return text
