@@ -6,7 +6,11 @@ Rules (each a pure function over the client axis, ``fedgan_jax.aggregation``):
 ``norm_clip`` (update clipping before the mean), ``detect_zscore`` (robust
 z-score detection with decay), ``detect_block`` (Isolation Forest detection
 on loss and update statistics that blocks a client flagged in 3 acted-on
-rounds).
+rounds). The backdoor defenses ``rlr`` (Ozdayi et al. 2021), ``flame``
+(Nguyen et al. 2022), ``foolsgold`` (Fung et al. 2020), the Byzantine rules
+``centered_clip`` (Karimireddy et al. 2021), ``dnc`` (Shejwalkar & Houmansadr
+2021), ``bulyan`` (El Mhamdi et al. 2018), and client-level DP ``dp_mean``
+(McMahan et al. 2018; its (epsilon, delta) lands in summary.json).
 
     python -m fedgan_jax.main --config configs/robust.py:median --workdir runs/median
 """
@@ -26,6 +30,14 @@ RULES = {
     "detect",
     {"detector": "isolation_forest", "features": ("g_loss", "update_norm"), "warmup_rounds": 10, "block_after": 3},
   ),
+  "rlr": ("rlr", {}),  # Threshold ceil(C / 2) of the valid clients.
+  "flame": ("flame", {}),
+  "foolsgold": ("foolsgold", {}),
+  "centered_clip": ("centered_clip", {"tau": 0.5}),  # The scale of norm_clip's bound.
+  "dnc": ("dnc", {"num_byzantine": 1}),
+  # Bulyan needs C >= 4f + 3: at the paper's C = 4 only f = 0.
+  "bulyan": ("bulyan", {"num_byzantine": 0}),
+  "dp_mean": ("dp_mean", {"clip_norm": 0.5, "noise_multiplier": 1.0}),
 }
 
 

@@ -41,3 +41,12 @@ def test_readme_custom_rule_example_runs(tmp_path, monkeypatch):
   assert bool(diag["flagged"][2]) and not bool(diag["flagged"][0])
   assert np.isclose(float(diag["weights"].sum()), 1.0)
   np.testing.assert_allclose(new["w"], [1.1, 1.0], atol=0.05)
+
+
+def test_rules_table_lists_every_registered_rule():
+  from fedgan_jax.aggregation import AGGREGATORS
+
+  section = README.split("### Aggregation rules and defenses", 1)[1].split("\n### ", 1)[0]
+  rows = [line for line in section.splitlines() if line.startswith("| `")]
+  named = {n for row in rows for n in re.findall(r"`(\w+)`", row.split("|")[1])}
+  assert named == set(AGGREGATORS)

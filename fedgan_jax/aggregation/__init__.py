@@ -6,7 +6,8 @@ An aggregation rule is a factory returning ``Aggregator(init, aggregate)``
 package is named ``'module:factory'`` (``registry``). Stages for ``chain`` are
 in ``STAGES``, detectors in ``DETECTORS``. Modules: ``base`` (the contract,
 shared helpers, FedAvg), ``robust`` (median, trimmed mean, Krum, geometric
-median), ``compose`` (stages and ``chain`` of built elements), ``detectors``
+median), ``backdoor`` (RLR, FLAME, FoolsGold), ``byzantine`` (Centered
+Clipping, DnC, Bulyan), ``compose`` (stages and ``chain`` of built elements), ``detectors``
 (Isolation Forest, robust z-score, the detect and decay stages), ``privacy``
 (DP-FedAvg's clipped, noised mean), ``stats``
 (server statistics of the uploads), ``registry`` (names).
@@ -14,6 +15,7 @@ median), ``compose`` (stages and ``chain`` of built elements), ``detectors``
 
 from __future__ import annotations
 
+from fedgan_jax.aggregation.backdoor import flame, foolsgold, rlr
 from fedgan_jax.aggregation.base import (
   Aggregator,
   EmptyState,
@@ -24,6 +26,7 @@ from fedgan_jax.aggregation.base import (
   valid_mask,
   weighted_average,
 )
+from fedgan_jax.aggregation.byzantine import bulyan, centered_clip, dnc
 from fedgan_jax.aggregation.compose import Stage, clip_updates
 from fedgan_jax.aggregation.detectors import (
   DETECTORS,
@@ -39,20 +42,25 @@ from fedgan_jax.aggregation.robust import geometric_median, krum, median, multi_
 from fedgan_jax.aggregation.stats import server_stats
 
 __all__ = [
-  "AGGREGATORS",
   "Aggregator",
-  "DETECTORS",
+  "AGGREGATORS",
   "DecayState",
+  "DETECTORS",
   "EmptyState",
-  "STAGES",
   "Stage",
+  "STAGES",
+  "bulyan",
+  "centered_clip",
   "chain",
   "clip_updates",
   "decay_flagged",
   "detect",
   "detect_and_decay",
+  "dnc",
   "dp_mean",
   "finite_mask",
+  "flame",
+  "foolsgold",
   "geometric_median",
   "get",
   "isolation_forest",
@@ -62,6 +70,7 @@ __all__ = [
   "multi_krum",
   "norm_clip",
   "normalize",
+  "rlr",
   "robust_zscore",
   "server_stats",
   "stateless_init",

@@ -22,7 +22,9 @@ from collections.abc import Callable
 from typing import Any
 
 from fedgan_jax.aggregation import compose
+from fedgan_jax.aggregation.backdoor import flame, foolsgold, rlr
 from fedgan_jax.aggregation.base import Aggregator, mean
+from fedgan_jax.aggregation.byzantine import bulyan, centered_clip, dnc
 from fedgan_jax.aggregation.compose import Stage, clip_updates
 from fedgan_jax.aggregation.detectors import check_num_clients, decay_flagged, detect
 from fedgan_jax.aggregation.privacy import dp_mean
@@ -184,6 +186,12 @@ AGGREGATORS: dict[str, Callable[..., Aggregator]] = {
   "chain": chain,
   "detect": detect_and_decay,
   "dp_mean": dp_mean,
+  "rlr": rlr,
+  "flame": flame,
+  "foolsgold": foolsgold,
+  "centered_clip": centered_clip,
+  "dnc": dnc,
+  "bulyan": bulyan,
 }
 
 # Name -> stage factory, for ``chain`` elements given by name.
