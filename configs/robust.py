@@ -9,7 +9,8 @@ on loss and update statistics that blocks a client flagged in 3 acted-on
 rounds). The backdoor defenses ``rlr`` (Ozdayi et al. 2021), ``flame``
 (Nguyen et al. 2022), ``foolsgold`` (Fung et al. 2020), the Byzantine rules
 ``centered_clip`` (Karimireddy et al. 2021), ``dnc`` (Shejwalkar & Houmansadr
-2021), ``bulyan`` (El Mhamdi et al. 2018), and client-level DP ``dp_mean``
+2021), ``bulyan`` (El Mhamdi et al. 2018), ``alpha_detect`` (a detector whose false-alarm rate is set by the user and
+whose weights recover), and client-level DP ``dp_mean``
 (McMahan et al. 2018; its (epsilon, delta) lands in summary.json).
 
     python -m fedgan_jax.main --config configs/robust.py:median --workdir runs/median
@@ -37,6 +38,8 @@ RULES = {
   "dnc": ("dnc", {"num_byzantine": 1}),
   # Bulyan needs C >= 4f + 3: at the paper's C = 4 only f = 0.
   "bulyan": ("bulyan", {"num_byzantine": 0}),
+  # A per-round test at level alpha on |G loss| whose weights recover once a client stops being flagged.
+  "alpha_detect": ("alpha_detect", {"alpha": 0.01, "warmup_rounds": 10}),
   "dp_mean": ("dp_mean", {"clip_norm": 0.5, "noise_multiplier": 1.0}),
 }
 

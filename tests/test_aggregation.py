@@ -46,6 +46,7 @@ RULE_KWARGS = {
   "centered_clip": {"tau": 1.0},
   "dnc": {"num_byzantine": 1},
   "bulyan": {"num_byzantine": 1},
+  "alpha_detect": {"alpha": 0.05, "warmup_rounds": 0, "inner": "median"},
 }
 ROBUST = [
   "median",
@@ -60,6 +61,7 @@ ROBUST = [
   "centered_clip",
   "dnc",
   "bulyan",
+  "alpha_detect",
 ]
 # Rules whose aggregate may leave the clients' per-coordinate range by design:
 # RLR negates the server's learning rate where the signs disagree.

@@ -6,7 +6,8 @@ An aggregation rule is a factory returning ``Aggregator(init, aggregate)``
 package is named ``'module:factory'`` (``registry``). Stages for ``chain`` are
 in ``STAGES``, detectors in ``DETECTORS``. Modules: ``base`` (the contract,
 shared helpers, FedAvg), ``robust`` (median, trimmed mean, Krum, geometric
-median), ``backdoor`` (RLR, FLAME, FoolsGold), ``byzantine`` (Centered
+median), ``backdoor`` (RLR, FLAME, FoolsGold), ``alpha_detect`` (a detector at a
+false-alarm rate the user sets, with weights that recover), ``byzantine`` (Centered
 Clipping, DnC, Bulyan), ``compose`` (stages and ``chain`` of built elements), ``detectors``
 (Isolation Forest, robust z-score, the detect and decay stages), ``privacy``
 (DP-FedAvg's clipped, noised mean), ``stats``
@@ -15,6 +16,7 @@ Clipping, DnC, Bulyan), ``compose`` (stages and ``chain`` of built elements), ``
 
 from __future__ import annotations
 
+from fedgan_jax.aggregation.alpha_detect import alpha_detect, alpha_test, recovering_weights
 from fedgan_jax.aggregation.backdoor import flame, foolsgold, rlr
 from fedgan_jax.aggregation.base import (
   Aggregator,
@@ -42,6 +44,9 @@ from fedgan_jax.aggregation.robust import geometric_median, krum, median, multi_
 from fedgan_jax.aggregation.stats import server_stats
 
 __all__ = [
+  "alpha_detect",
+  "alpha_test",
+  "recovering_weights",
   "Aggregator",
   "AGGREGATORS",
   "DecayState",

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fedgan_jax.aggregation import compose
+from fedgan_jax.aggregation.alpha_detect import alpha_detect, alpha_test, recovering_weights
 from fedgan_jax.aggregation.backdoor import flame, foolsgold, rlr
 from fedgan_jax.aggregation.base import Aggregator, mean
 from fedgan_jax.aggregation.byzantine import bulyan, centered_clip, dnc
@@ -192,6 +193,7 @@ AGGREGATORS: dict[str, Callable[..., Aggregator]] = {
   "centered_clip": centered_clip,
   "dnc": dnc,
   "bulyan": bulyan,
+  "alpha_detect": alpha_detect,
 }
 
 # Name -> stage factory, for ``chain`` elements given by name.
@@ -199,6 +201,8 @@ STAGES: dict[str, Callable[..., Stage]] = {
   "clip": clip_updates,
   "detect": detect,
   "decay": decay_flagged,
+  "alpha_test": alpha_test,
+  "recovering_weights": recovering_weights,
 }
 
 
