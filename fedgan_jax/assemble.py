@@ -90,15 +90,21 @@ def round_data(config, images, counts, poison_flags=None) -> RoundData:
     poison_flags = triggers.poison_flags(
       counts, np.shape(images)[1], is_mal, config.attack.poison_rate, config.seed + 1
     )
+  trigger = triggers.load_trigger(config)
+  if config.attack.dba:
+    part = triggers.dba_parts(trigger.shape[0], list(config.attack.malicious), config.num_clients)
+  else:
+    part = np.ones((config.num_clients, *trigger.shape[:2]), bool)
   return RoundData(
     images=jnp.asarray(images),
     counts=jnp.asarray(counts, jnp.int32),
     is_malicious=jnp.asarray(is_mal),
     poison_flags=jnp.asarray(poison_flags),
-    trigger=jnp.asarray(triggers.load_trigger(config)),
+    trigger=jnp.asarray(trigger),
     trigger_loc=jnp.asarray(triggers.trigger_location(config), jnp.int32),
     mimic=jnp.asarray(config.attack.report_losses == "mimic"),
     upload=upload_attacks.from_config(config),
+    trigger_part=jnp.asarray(part),
   )
 
 

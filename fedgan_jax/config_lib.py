@@ -60,6 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.attack.trigger_location = "bottom_right"  # bottom_right | random.
   c.attack.poison_rate = 1.0  # Fraction of a malicious client's images that carry the trigger.
   c.attack.report_losses = "honest"  # honest | mimic (reports the honest median loss).
+  # DBA (Xie et al., ICLR 2020): the k attackers each paste one part of the trigger (its rows split into k
+  # contiguous bands, attacker j of attack.malicious the j-th); the implant is scored with the whole trigger.
+  c.attack.dba = False
   # Attack on the uploaded generator (federated/upload_attacks.py): none | scale | sign_flip | alie | ipm | pgd;
   # strength 0 = the kind's default (scale: C, sign_flip: 1, alie: z_max of Baruch et al., ipm: 0.1);
   # pgd: the L2 bound its projection keeps the update in (required).
@@ -316,11 +319,22 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail(
       "attack.malicious", tuple(mal), f"there must be fewer attackers than clients (num_clients={config.num_clients})"
     )
+  if not isinstance(config.attack.dba, bool):
+    _fail("attack.dba", config.attack.dba, "must be True or False")
+  if config.attack.dba and len(mal) < 2:
+    _fail("attack.dba", True, f"the distributed backdoor needs at least 2 attackers; attack.malicious={tuple(mal)}")
   if not 0.0 <= config.attack.poison_rate <= 1.0:
     _fail("attack.poison_rate", config.attack.poison_rate, "must be in [0, 1]")
   size, margin = trigger_geometry(config)
   if size < 2:
     _fail("attack.trigger_size", config.attack.trigger_size, "must be at least 2 px (0 = paper scaling)")
+  if config.attack.dba and size < len(mal):
+    _fail(
+      "attack.dba",
+      True,
+      f"a {size} px trigger cannot be split into {len(mal)} parts (one row band per attacker); "
+      "use a larger attack.trigger_size or fewer attackers",
+    )
   if size + margin > config.resolution:
     _fail(
       "attack.trigger_size",

@@ -126,6 +126,7 @@ def test_stack_replicas_pads_client_shards():
       trigger_loc=jnp.asarray([1, 1], jnp.int32),
       mimic=jnp.asarray(False),
       upload=upload_attacks.from_config(tiny_config()),
+      trigger_part=jnp.ones((2, 2, 2), bool),
     )
     return RoundData(**fields)
 

@@ -21,7 +21,7 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
   assert block[0] == (
     "pip install -e . && python -m fedgan_jax.main --config configs/default.py --workdir runs/default"
   )
-  assert block[1] == 'pip install -e ".[test]" && pytest'
+  assert block[1] == 'pip install -e ".[test]" && pytest -n 2'
   ci = open(os.path.join(ROOT, ".ci", "run")).read()
   assert block[1] in ci.splitlines()
 

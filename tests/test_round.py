@@ -9,6 +9,7 @@ import pytest
 
 from fedgan_jax import assemble
 from fedgan_jax.aggregation.base import masked_median
+from fedgan_jax.data import triggers
 from fedgan_jax.federated import program as program_lib
 from fedgan_jax.federated import server as server_lib
 
@@ -93,13 +94,18 @@ def test_round_compiles_once_for_every_attack_setting(tiny_program):
     data._replace(is_malicious=jnp.asarray([False, True, True])),
     data._replace(is_malicious=jnp.zeros(3, bool), trigger=-data.trigger),
     data._replace(poison_flags=jnp.zeros_like(data.poison_flags)),
+    # DBA: clients 0 and 1 each paste half of the trigger.
+    data._replace(
+      is_malicious=jnp.asarray([True, True, False]),
+      trigger_part=jnp.asarray(triggers.dba_parts(data.trigger.shape[0], [0, 1], 3)),
+    ),
   ]
   for r, d in enumerate(settings):
     state, m = round_jit(state, d, jax.random.fold_in(jax.random.key(2), r))
   jax.block_until_ready(state)
   # One trace for the whole session (whichever test compiled first): never one per round or setting.
   assert len(traces) == 1
-  assert int(state.round) == 4
+  assert int(state.round) == 5
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
 
 

@@ -93,3 +93,47 @@ def test_trigger_png(tmp_path):
   (tmp_path / "bad.png").write_bytes(b"not a png")
   with pytest.raises(ValueError, match="attack.trigger"):
     triggers.load_trigger(_config(64, trigger=str(tmp_path / "bad.png")))
+
+
+def test_dba_parts_split_the_rows_among_the_attackers():
+  parts = triggers.dba_parts(5, [2, 0], 4)
+  assert parts.shape == (4, 5, 5)
+  # Rows 0-2 to the first attacker listed (client 2), rows 3-4 to the second (client 0).
+  np.testing.assert_array_equal(parts[2].all(1), [True, True, True, False, False])
+  np.testing.assert_array_equal(parts[0].all(1), [False, False, False, True, True])
+  assert not parts[2].any(1)[3:].any() and not parts[0].any(1)[:3].any()
+  assert parts[1].all() and parts[3].all()  # Everyone else: the whole trigger.
+  # The attackers' parts tile the trigger exactly once.
+  np.testing.assert_array_equal(parts[0].astype(int) + parts[2], np.ones((5, 5), int))
+
+
+def test_paste_of_a_part_keeps_the_image_elsewhere():
+  rng = np.random.default_rng(1)
+  imgs = rng.uniform(-1, 1, (3, 16, 16, 3)).astype(np.float32)
+  trig = rng.uniform(-1, 1, (4, 4, 3)).astype(np.float32)
+  part = triggers.dba_parts(4, [0, 1], 2)[1]  # Rows 2-3.
+  apply = np.array([True, False, True])
+  out = np.asarray(triggers.paste(jnp.asarray(imgs), jnp.asarray(trig), jnp.asarray([3, 5]), apply, jnp.asarray(part)))
+  want = imgs.copy()
+  for i in np.flatnonzero(apply):
+    region = want[i, 3:7, 5:9]
+    want[i, 3:7, 5:9] = np.where(part[:, :, None], trig, region)
+  np.testing.assert_array_equal(out, want)
+  # An all-True part is the whole trigger, bit for bit.
+  full = triggers.paste(jnp.asarray(imgs), jnp.asarray(trig), jnp.asarray([3, 5]), apply, jnp.ones((4, 4), bool))
+  np.testing.assert_array_equal(
+    np.asarray(full), np.asarray(triggers.paste(jnp.asarray(imgs), jnp.asarray(trig), jnp.asarray([3, 5]), apply))
+  )
+
+
+@pytest.mark.parametrize(
+  "attack,match",
+  [
+    ({"dba": True, "malicious": (0,)}, "attack.dba.*at least 2 attackers"),
+    ({"dba": True, "malicious": (0, 1, 2), "trigger_size": 2}, "attack.dba.*cannot be split into 3 parts"),
+  ],
+)
+def test_dba_config_errors_name_the_field(attack, match):
+  c = _config(**attack)
+  with pytest.raises(ValueError, match=match):
+    config_lib.validate(c)

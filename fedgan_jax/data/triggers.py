@@ -170,7 +170,9 @@ def poison_flags(counts: np.ndarray, n_max: int, is_malicious: np.ndarray, poiso
   return (ranks < k[:, None]) & is_malicious[:, None]
 
 
-def paste(images: jax.Array, trigger: jax.Array, top_left: jax.Array, apply: jax.Array) -> jax.Array:
+def paste(
+  images: jax.Array, trigger: jax.Array, top_left: jax.Array, apply: jax.Array, part: jax.Array | None = None
+) -> jax.Array:
   """Pastes ``trigger`` into the images where ``apply`` is True (pure, jittable).
 
   Args:
@@ -178,6 +180,8 @@ def paste(images: jax.Array, trigger: jax.Array, top_left: jax.Array, apply: jax
     trigger: float ``[s, s, ch]``.
     top_left: int ``[2]`` (one location) or ``[B, 2]`` (per image).
     apply: bool ``[B]``.
+    part: optional bool ``[s, s]``: only these trigger pixels are pasted, the
+      image keeps the others (a DBA attacker's part of the trigger).
 
   Returns:
     Images of the same shape and dtype.
@@ -186,10 +190,31 @@ def paste(images: jax.Array, trigger: jax.Array, top_left: jax.Array, apply: jax
   trig = trigger.astype(images.dtype)
 
   def one(img, tl):
-    return jax.lax.dynamic_update_slice(img, trig, (tl[0], tl[1], 0))
+    patch = trig
+    if part is not None:
+      under = jax.lax.dynamic_slice(img, (tl[0], tl[1], 0), trig.shape)
+      patch = jnp.where(part[:, :, None], trig, under)
+    return jax.lax.dynamic_update_slice(img, patch, (tl[0], tl[1], 0))
 
   pasted = jax.vmap(one)(images, top_left)
   return jnp.where(apply[:, None, None, None], pasted, images)
+
+
+def dba_parts(size: int, malicious, num_clients: int) -> np.ndarray:
+  """``bool[C, s, s]``: the trigger pixels each client pastes under DBA.
+
+  The trigger's rows are split into ``k = len(malicious)`` contiguous bands
+  (``numpy.array_split``: sizes differ by at most one row); the j-th attacker
+  of ``malicious`` pastes band j, every other client the whole trigger (honest
+  clients paste nothing anyway). Xie et al., "DBA: Distributed Backdoor
+  Attacks against Federated Learning", ICLR 2020, split their pattern into
+  as many local parts as attackers.
+  """
+  parts = np.ones((num_clients, size, size), bool)
+  for j, rows in enumerate(np.array_split(np.arange(size), len(malicious))):
+    parts[malicious[j]] = False
+    parts[malicious[j], rows] = True
+  return parts
 
 
 def random_locations(key: jax.Array, n: int, size: int, resolution: int) -> jax.Array:

@@ -24,6 +24,7 @@ def poison_batch(
   trigger_loc: jax.Array,
   key: jax.Array,
   random_location: bool,
+  part: jax.Array | None = None,
 ) -> jax.Array:
   """A client's real batch with the trigger pasted on its poisoned images.
 
@@ -34,6 +35,7 @@ def poison_batch(
     trigger_loc: ``int32[2]`` (top, left) of the fixed location.
     key: draws the per-image locations when ``random_location``.
     random_location: paste at a uniformly random place instead (static).
+    part: optional bool ``[s, s]``, the trigger pixels this client pastes (DBA).
 
   Returns:
     The batch, poisoned where ``poisoned``.
@@ -42,7 +44,7 @@ def poison_batch(
     loc = triggers.random_locations(key, real.shape[0], trigger.shape[0], real.shape[1])
   else:
     loc = trigger_loc
-  return triggers.paste(real, trigger, loc, poisoned)
+  return triggers.paste(real, trigger, loc, poisoned, part)
 
 
 def report(local: LocalOut, data: RoundData, attackers: jax.Array | None = None) -> Uploads:

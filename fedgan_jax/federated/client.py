@@ -74,7 +74,7 @@ def local_trainer(
 
   Returns:
     ``local_train(client, g_global, d_global, images, count, is_mal, flags,
-    trigger, trigger_loc, key, upload=None) -> (client_state, g_vars, d_vars, stats)``: the
+    trigger, trigger_loc, key, upload=None, trigger_part=None) -> (client_state, g_vars, d_vars, stats)``: the
     client starts from the global generator (and the global discriminator when
     discriminators are averaged), trains L steps on its own shard, and returns
     its new state, the variables it uploads, and its true losses
@@ -118,6 +118,7 @@ def local_trainer(
     trigger_loc: jax.Array,
     key: jax.Array,
     upload=None,
+    trigger_part=None,
   ):
     g_params, g_rest = split_vars(g_global)
     d_params, d_rest = split_vars(d_global if avg_d else client.d_vars)
@@ -139,7 +140,7 @@ def local_trainer(
       else:
         idx = jax.random.randint(k_idx, (B,), 0, count)
       real = images[idx].astype(jnp.float32) / 127.5 - 1.0
-      real = attack.poison_batch(real, is_mal & flags[idx], trigger, trigger_loc, k_loc, random_loc)
+      real = attack.poison_batch(real, is_mal & flags[idx], trigger, trigger_loc, k_loc, random_loc, trigger_part)
 
       # (1) D step on a real batch and a fake batch (separate BatchNorm passes, as in PyTorch).
       fake, _ = g_apply(g_params, g_rest, jax.random.normal(k_zd, (B, nz)), jax.random.fold_in(k_zd, 1))

@@ -110,7 +110,7 @@ def build(
     """
 
     def one(xs):
-      client, images, count, is_mal, flags, key = xs
+      client, images, count, is_mal, flags, part, key = xs
       return local_train(
         client,
         state.g_global,
@@ -123,11 +123,12 @@ def build(
         data.trigger_loc,
         key,
         data.upload,
+        part,
       )
 
     # Outside the attack window the malicious clients train on clean images, as honest ones.
     attacking = data.is_malicious & upload_attacks.in_window(data.upload, state.round)
-    per_client = (state.clients, data.images, data.counts, attacking, data.poison_flags, keys)
+    per_client = (state.clients, data.images, data.counts, attacking, data.poison_flags, data.trigger_part, keys)
     num = keys.shape[0]
     chunk = client_chunk(config, num)
     if chunk >= num:

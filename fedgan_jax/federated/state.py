@@ -30,6 +30,8 @@ class RoundData(NamedTuple):
       losses instead of their own (``attack.report_losses='mimic'``).
     upload: the attack on the uploaded generator and the attack window
       (``upload_attacks.UploadAttack``, replicated scalars).
+    trigger_part: bool ``[C, s, s]``: the trigger pixels each client pastes
+      (all of them, except under ``attack.dba``).
   """
 
   images: jax.Array
@@ -40,10 +42,11 @@ class RoundData(NamedTuple):
   trigger_loc: jax.Array
   mimic: jax.Array
   upload: Any
+  trigger_part: jax.Array
 
 
 # The RoundData fields that carry the client axis (sharded over devices; the rest is replicated).
-CLIENT_DATA_FIELDS = ("images", "counts", "is_malicious", "poison_flags")
+CLIENT_DATA_FIELDS = ("images", "counts", "is_malicious", "poison_flags", "trigger_part")
 
 
 class ClientState(NamedTuple):
