@@ -21,6 +21,9 @@ def get_config():
   config.model.latent_dim = 16
   config.train.local_steps = 2
   config.train.batch_size = 8
+  # A rolled scan of the local steps compiles ~2x faster than the unrolled one 'auto' picks on a CPU
+  # (which runs ~8 % faster): this config is compile-bound.
+  config.train.unroll = "false"
   config.eval.num_samples = 64
   config.eval.grid_size = 4
   config.eval.extractor = "none"  # Feature networks cost more than this whole run on a CPU.

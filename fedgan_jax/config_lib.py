@@ -63,9 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
   # DBA (Xie et al., ICLR 2020): the k attackers each paste one part of the trigger (its rows split into k
   # contiguous bands, attacker j of attack.malicious the j-th); the implant is scored with the whole trigger.
   c.attack.dba = False
-  # Attack on the uploaded generator (federated/upload_attacks.py): none | scale | sign_flip | alie | ipm | pgd;
+  # Attack on the uploaded generator (federated/upload_attacks.py): none | scale | sign_flip | alie | ipm | pgd
+  # | pgd_scale;
   # strength 0 = the kind's default (scale: C, sign_flip: 1, alie: z_max of Baruch et al., ipm: 0.1);
-  # pgd: the L2 bound its projection keeps the update in (required).
+  # pgd, pgd_scale: the L2 bound its projection keeps the update in (required; pgd_scale uploads at the bound).
   c.attack.upload = "none"
   c.attack.upload_strength = 0.0
   # The attack window in 1-based round numbers: attack in rounds start..end (0 = to the last round), every k-th.
@@ -182,7 +183,7 @@ def _check_privacy(config) -> None:
 
 
 # The kinds of ``attack.upload`` (fedgan_jax.federated.upload_attacks.KINDS, kept equal by a test).
-UPLOAD_ATTACKS = ("none", "scale", "sign_flip", "alie", "ipm", "pgd")
+UPLOAD_ATTACKS = ("none", "scale", "sign_flip", "alie", "ipm", "pgd", "pgd_scale")
 
 
 def _check_window(config) -> None:
@@ -196,8 +197,10 @@ def _check_window(config) -> None:
   s = a.upload_strength
   if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
     _fail("attack.upload_strength", s, "must be a finite number >= 0 (0 = the attack's default strength)")
-  if a.upload == "pgd" and not s > 0:
-    _fail("attack.upload_strength", s, "attack.upload='pgd' needs the L2 bound of its projection (a number > 0)")
+  if a.upload in ("pgd", "pgd_scale") and not s > 0:
+    _fail(
+      "attack.upload_strength", s, f"attack.upload={a.upload!r} needs the L2 bound of its projection (a number > 0)"
+    )
 
 
 def _check_positive(config, field: str) -> None:

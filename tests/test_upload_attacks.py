@@ -40,6 +40,15 @@ def _reference(kind, s, g, c, attackers):
     d = cc - gg[None]
     honest = d[~attackers]
     new = d.copy()
+    # The update's norm over every leaf of params, per client.
+    norms = np.sqrt(
+      sum(
+        ((np.asarray(c["params"][k], np.float64) - np.asarray(g["params"][k], np.float64)[None]) ** 2)
+        .reshape(len(d), -1)
+        .sum(1)
+        for k in g["params"]
+      )
+    )
     for i in np.flatnonzero(attackers):
       new[i] = {
         "none": d[i],
@@ -48,6 +57,7 @@ def _reference(kind, s, g, c, attackers):
         "alie": honest.mean(0) - s * honest.std(0),
         "ipm": -s * honest.mean(0),
         "pgd": d[i],  # Projected during local training, uploaded as trained.
+        "pgd_scale": d[i] * s / norms[i],  # Scaled up (or down) to the bound.
       }[kind]
     out[name] = gg[None] + new
   return out
@@ -177,6 +187,9 @@ def test_the_round_uploads_the_tampered_generator(tiny_program):
   _, m_pgd = round_jit(state, data._replace(upload=_ua("pgd", 0.25 * free)), key)
   assert float(m_pgd["train/update_norm"][0]) <= 0.25 * free * (1 + 1e-4)
   np.testing.assert_allclose(m_pgd["train/update_norm"][1:], m["train/update_norm"][1:], rtol=1e-5)
+  # pgd_scale: projected in training, then uploaded exactly at the bound.
+  _, m_ps = round_jit(state, data._replace(upload=_ua("pgd_scale", 0.25 * free)), key)
+  np.testing.assert_allclose(float(m_ps["train/update_norm"][0]), 0.25 * free, rtol=1e-4)
   assert len(traces) == n_traces + (n_traces == 0)  # One program for every attack and window.
 
 

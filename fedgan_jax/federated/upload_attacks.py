@@ -32,6 +32,10 @@ statistics are uploaded as trained), with ``d = G_local - G_global``:
   the round's global ones (``project``, in the client's local training), so
   its update passes norm clipping at that bound; the strength (the bound) has
   no default and must be set.
+* ``pgd_scale``: constrain-and-scale (Bagdasaryan et al., "How To Backdoor
+  Federated Learning", AISTATS 2020, with Sun et al.'s bound): ``pgd``'s
+  projected local training, then the update scaled up to the bound,
+  ``u S / ||u||``, the largest upload that still passes clipping at ``S``.
 
 The window (``attack.start_round``, ``attack.end_round``, ``attack.every``, in
 the 1-based round numbers the console and ``metrics.jsonl`` print): the
@@ -53,8 +57,9 @@ from scipy import stats as scipy_stats
 PyTree = Any
 
 # The names of ``attack.upload``; the index is the ``UploadAttack.kind`` code (config_lib.UPLOAD_ATTACKS).
-KINDS = ("none", "scale", "sign_flip", "alie", "ipm", "pgd")
+KINDS = ("none", "scale", "sign_flip", "alie", "ipm", "pgd", "pgd_scale")
 PGD = KINDS.index("pgd")
+PGD_SCALE = KINDS.index("pgd_scale")
 
 
 class UploadAttack(NamedTuple):
@@ -94,6 +99,7 @@ def default_strength(kind: str, num_clients: int, num_malicious: int) -> float:
     "alie": alie_z(num_clients, num_malicious),
     "ipm": 0.1,
     "pgd": 0.0,  # No default: config_lib asks for attack.upload_strength.
+    "pgd_scale": 0.0,
   }[kind]
 
 
@@ -140,6 +146,12 @@ def tamper(g_global: PyTree, client_g: PyTree, attackers: jax.Array, ua: UploadA
   """
   honest = ~attackers
   n_honest = jnp.maximum(jnp.sum(honest), 1).astype(jnp.float32)
+  # pgd_scale: every client's update norm over all leaves of ``params`` (as clipping measures it).
+  sq = sum(
+    jnp.sum(jnp.square(x.astype(jnp.float32) - g.astype(jnp.float32)[None]).reshape(x.shape[0], -1), axis=1)
+    for x, g in zip(*map(jax.tree.leaves, (client_g["params"], g_global["params"])))
+  )
+  to_bound = ua.strength / jnp.maximum(jnp.sqrt(sq), 1e-30)
 
   def leaf(x, g):
     d = x.astype(jnp.float32) - g.astype(jnp.float32)[None]
@@ -148,7 +160,16 @@ def tamper(g_global: PyTree, client_g: PyTree, attackers: jax.Array, ua: UploadA
     sigma = jnp.sqrt(jnp.sum(w * jnp.square(d - mu[None]), axis=0) / n_honest)  # Population std, as np.std.
     s = ua.strength
     # pgd's upload is its projected local model (the projection happens in every local step).
-    branches = (d, s * d, -s * d, jnp.broadcast_to(mu - s * sigma, d.shape), jnp.broadcast_to(-s * mu, d.shape), d)
+    up = to_bound.reshape((-1,) + (1,) * (d.ndim - 1))
+    branches = (
+      d,
+      s * d,
+      -s * d,
+      jnp.broadcast_to(mu - s * sigma, d.shape),
+      jnp.broadcast_to(-s * mu, d.shape),
+      d,
+      up * d,
+    )
     new_d = jax.lax.select_n(jnp.clip(ua.kind, 0, len(KINDS) - 1), *branches)
     # 'none' and 'pgd' leave uploads bit-exact (pgd acted during local training).
     mal = (attackers & (ua.kind != 0) & (ua.kind != PGD)).reshape((-1,) + (1,) * (d.ndim - 1))
@@ -162,7 +183,8 @@ def project(params: PyTree, anchor: PyTree, attacking: jax.Array, ua: UploadAtta
   """ONE client's ``params`` projected into the L2 ball of radius ``ua.strength`` around ``anchor`` (pgd).
 
   Applied after every local generator step of a client; a no-op unless the
-  client attacks this round (``attacking``, a bool scalar) with kind ``pgd``.
+  client attacks this round (``attacking``, a bool scalar) with kind ``pgd``
+  or ``pgd_scale``.
   The norm is over all leaves of the tree, as norm clipping measures it.
   """
   sq = sum(
@@ -171,7 +193,7 @@ def project(params: PyTree, anchor: PyTree, attacking: jax.Array, ua: UploadAtta
   )
   norm = jnp.sqrt(sq)
   factor = jnp.minimum(1.0, ua.strength / jnp.maximum(norm, 1e-30))
-  on = attacking & (ua.kind == PGD)
+  on = attacking & ((ua.kind == PGD) | (ua.kind == PGD_SCALE))
   return jax.tree.map(
     lambda p, a: jnp.where(
       on, (a.astype(jnp.float32) + factor * (p.astype(jnp.float32) - a.astype(jnp.float32))).astype(p.dtype), p
