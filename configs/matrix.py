@@ -44,8 +44,23 @@ On a GPU, the paper's scale: ``--set model.g_width=32 --set
 model.d_width=32 --set num_rounds=200`` (and ``--seeds 8``).
 """
 
-from configs import results, robust
+import importlib.util
+import os
+
 from fedgan_jax import presets
+
+
+def _sibling(name: str):
+  """configs/<name>.py, loaded by path (config files are not a package: they load from any working directory)."""
+  spec = importlib.util.spec_from_file_location(
+    f"_matrix_{name}", os.path.join(os.path.dirname(__file__), f"{name}.py")
+  )
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+results, robust = _sibling("results"), _sibling("robust")
 
 NUM_ROUNDS = 40
 WIDTH = 16

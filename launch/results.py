@@ -161,17 +161,19 @@ def read_csv(path: str) -> list[dict[str, Any]]:
     return [{k: parse(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
-def provenance(workdir: str, wall_sec: float | None) -> dict[str, Any]:
-  """Where the numbers come from: commit, date, machine, the command and how long the runs took."""
+def provenance(
+  workdir: str, wall_sec: float | None, outputs: Sequence[str] = ("docs/results.csv", "docs/results.md")
+) -> dict[str, Any]:
+  """Where the numbers come from: commit, date, machine, the command and how long the runs took.
+
+  ``outputs``: the files the command writes; they do not make the tree dirty (a regeneration rewrites them).
+  """
 
   def git(*args: str) -> str:
     out = subprocess.run(["git", *args], capture_output=True, text=True)
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
-  # The files this command writes do not make the tree dirty (a regeneration rewrites them).
-  dirty = bool(
-    git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs/results.csv", ":!docs/results.md")
-  )
+  dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":!{o}" for o in outputs)))
   cpu = platform.processor() or ""
   try:
     with open("/proc/cpuinfo") as f:
