@@ -70,7 +70,12 @@ def collect(
     if row is None:
       continue
     row.update(defense=defense, attack=attack)
-    privacy = (results.rundir.read_summary(run_dir) or {}).get("privacy") or {}
+    summary = results.rundir.read_summary(run_dir) or {}
+    # Every rule reports its flags (all zero for a rule that never flags): benign false alarms for any defense.
+    det = summary.get("detection") or {}
+    for k in ("tpr_flagged", "fpr_flagged", "tpr_acted", "fpr_acted"):
+      row[k] = det.get(k)
+    privacy = summary.get("privacy") or {}
     row["epsilon"], row["delta"] = privacy.get("epsilon"), privacy.get("delta")
     rows.append(row)
   return rows

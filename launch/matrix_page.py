@@ -221,6 +221,29 @@ def render(
       + (" **↑**" if fidelity_lost(rows, d, a) else "")
     ),
   )
+  benign = REFERENCE[1]
+  if any(r["attack"] == benign for r in rows):
+    lines += [
+      "",
+      "## Without an attacker: false alarms and who keeps the weight",
+      "",
+      "Per defense on the benign runs: the share of honest clients flagged per round after the warm-up "
+      "(*flagged*; *acted*: the flags that changed weights), and the honest clients' final weights (uniform = "
+      f"0.25). A client holding ≥ {SHUT_OUT} is the global model.",
+      "",
+      "| defense | seeds | FPR flagged | FPR acted | honest weight, min | max "
+      f"| seeds with an honest client ≥ {SHUT_OUT} |",
+      "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for d in defenses:
+      n = seeds(rows, d, benign)
+      if n:
+        ci = lambda key: fmt(st.mean_ci(values(rows, d, benign, key)), 2)
+        k, m = st.above(values(rows, d, benign, "honest_weight_max"), SHUT_OUT - 1e-12)
+        lines.append(
+          f"| `{d}` | {n} | {ci('fpr_flagged')} | {ci('fpr_acted')} | {ci('honest_weight_min')} | "
+          f"{ci('honest_weight_max')} | {k} of {m} |"
+        )
   lines += ["", "## The attacker's final aggregation weight (uniform = 0.25)", ""]
   lines += _grid(
     rows,

@@ -70,6 +70,8 @@ def _rows() -> list[dict]:
           attacker_weight=None if a == "benign" else 0.25,
           honest_weight_min=0.2,
           honest_weight_max=0.95 if d == "median" and a == "benign" else 0.3,
+          fpr_flagged=0.5 if d == "median" else 0.0,
+          fpr_acted=0.25 if d == "median" else 0.0,
           epsilon=4.5 if d == "dp_mean" else None,
           delta=1e-5 if d == "dp_mean" else None,
           wall_sec=100.0,
@@ -112,6 +114,8 @@ def test_verdicts_and_sentences_follow_the_rows(tmp_path):
     in page
   )
   assert "under: `median`." in page  # Its benign seeds end with one honest client at 0.95.
+  assert "| `median` | 3 | 0.50 | 0.25 | 0.20 | 0.95 | 3 of 3 |" in page
+  assert "| `none` | 8 | 0.00 | 0.00 | 0.20 | 0.30 | 0 of 8 |" in page
   assert "| `none` | 0.0040 | 0.0990 (3/3) **↑** | 0.0990 (3/3) **↑** |" in page
   assert "| `median` | 1.49 **↑** | 1.01 | 0.99 |" in page
   assert "| `dp_mean` | `paper` | 3 |" in page and "| 4.5 | holds |" in page and "δ = 1e-05" in page
@@ -145,6 +149,7 @@ def _finish(run_dir: str, rounds: int, dp: bool, seed: int) -> None:
   with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in records)
   summary = {"rounds": rounds, "final": {"eval/implant_amplitude": records[-1]["eval/implant_amplitude"]}}
+  summary["detection"] = {"fpr_flagged": 0.5 * seed, "tpr_flagged": None}
   if dp:
     summary["privacy"] = {"epsilon": 12.5, "delta": 1e-5}
   with open(os.path.join(run_dir, "summary.json"), "w") as f:
@@ -176,6 +181,7 @@ def test_main_reads_finished_runs_back_into_csv_page_and_figure(tmp_path, capsys
   # Configs/test.py runs 2 rounds: the second half is round 2; client 0 is the attacker of the paper cells.
   assert rows[3]["implant"] == pytest.approx(0.01 + 0.002) and rows[3]["attacker_weight"] == 0.5
   assert rows[0]["attacker_weight"] is None and rows[4]["epsilon"] == 12.5 and rows[0]["epsilon"] is None
+  assert [r["fpr_flagged"] for r in rows[:2]] == [0.0, 0.5] and rows[0]["tpr_flagged"] is None
   page = (out / "matrix.md").read_text()
   assert "2 attacks × 2 defenses" in page and "4 cells" in page and "![implant and fidelity" in page
   assert (out / "matrix.png").stat().st_size > 1000
