@@ -28,6 +28,7 @@ from launch.results_page import fmt
 Row = dict[str, Any]
 REFERENCE = ("none", "benign")
 SHUT_OUT = 0.9  # As on the results page: an honest client with this share of the weight is the global model.
+COLLAPSED = 0.25  # As on the results page: diversity below this = the samples are nearly one image.
 
 
 def order(rows: Sequence[Row], key: str) -> list[str]:
@@ -122,6 +123,17 @@ def claims(rows: Sequence[Row]) -> list[str]:
       + f"; implanted under {len(imp)} of {len(present)} defenses ({_names(imp)}); fidelity lost under "
       f"{len(fid)} ({_names(fid)}); holds: {len(held)} ({_names(held)})."
     )
+  collapsed = [
+    f"`{d}` × `{a}`"
+    for d in defenses
+    for a in attacks
+    if seeds(rows, d, a) and 2 * sum(x < COLLAPSED for x in values(rows, d, a, "diversity")) > seeds(rows, d, a)
+  ]
+  out.append(
+    f"- **Collapse**: cells whose samples collapsed (diversity below {COLLAPSED}: nearly one image; 1 = as diverse "
+    f"as real images) in most seeds: {', '.join(collapsed) if collapsed else 'none'}. The clean reference's "
+    f"diversity is {fmt(st.mean_ci(values(rows, *REFERENCE, 'diversity')), 2)}."
+  )
   benign = REFERENCE[1]
   if any(r["attack"] == benign for r in rows):
     cost = [d for d in defenses if d != REFERENCE[0] and seeds(rows, d, benign) and fidelity_lost(rows, d, benign)]
@@ -265,8 +277,9 @@ def render(
       ci = lambda key, digits=3: fmt(st.mean_ci(values(rows, d, a, key)), digits)
       eps = values(rows, d, a, "epsilon")
       k, m = carried(rows, d, a)
+      above = "–" if (d, a) == REFERENCE else f"{k} of {m}"
       lines.append(
-        f"| `{d}` | `{a}` | {n} | {ci('implant', 4)} | {k} of {m} | {ci('swd', 1)} | {ci('diversity', 2)} | "
+        f"| `{d}` | `{a}` | {n} | {ci('implant', 4)} | {above} | {ci('swd', 1)} | {ci('diversity', 2)} | "
         f"{ci('attacker_weight', 2)} | {ci('honest_weight_min', 2)} | {ci('honest_weight_max', 2)} | "
         f"{f'{np.mean(eps):.3g}' if eps else '–'} | {verdict(rows, d, a)} |"
       )
@@ -320,7 +333,9 @@ def heatmap(rows: Sequence[Row], path: str) -> None:
       for j, a in enumerate(attacks):
         if np.isfinite(grid[i, j]):
           mark = "*" if worse(rows, d, a) else ""
-          ax.text(j, i, form.format(grid[i, j]) + mark, ha="center", va="center", fontsize=7, color="grey")
+          dark = im.norm(grid[i, j]) > 0.5  # Both colour maps run from light (good) to dark (worse).
+          text = form.format(grid[i, j]) + mark
+          ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
     fig.colorbar(im, ax=ax, fraction=0.04)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
