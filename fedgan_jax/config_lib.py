@@ -31,6 +31,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.ckpt_every = 50  # Rounds between orbax checkpoints (the last round is always saved).
   c.log_every = 10  # Rounds between progress lines.
   c.num_replicas = 1  # K: seeds seed..seed+K-1 trained as ONE vmapped program (<workdir>/seed_<s>/).
+  # 'k:n': a jax.profiler trace of rounds k..k+n-1 in <workdir>/profile (TensorBoard's profile tab, Perfetto).
+  c.profile_rounds = ""
+
+  # Weights & Biases, beside metrics.jsonl and TensorBoard (needs `pip install -e ".[wandb]"`).
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.project = ""  # '' = off.
+  c.wandb.mode = "online"  # online | offline (files under <workdir>/wandb, `wandb sync` later) | disabled.
+  c.wandb.entity = ""  # Team or user ('' = your default).
+  c.wandb.group = ""  # Groups a sweep's runs in the UI ('' = none).
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"  # synthetic | folder | npz | tfds.
@@ -221,6 +230,25 @@ def trigger_geometry(config) -> tuple[int, int]:
   return int(size), int(margin)
 
 
+def profile_window(config) -> tuple[int, int] | None:
+  """``profile_rounds='k:n'`` as ``(k, n)`` (rounds k..k+n-1 are traced), or None when it is ''.
+
+  Raises:
+    ValueError: not two integers ``k >= 1``, ``n >= 1`` with ``k + n - 1 <= num_rounds``.
+  """
+  text = config.profile_rounds
+  if text == "":
+    return None
+  accepted = f"'k:n' traces rounds k..k+n-1, integers k >= 1, n >= 1, k + n - 1 <= num_rounds={config.num_rounds}"
+  try:
+    k, n = (int(x) for x in str(text).split(":"))
+  except ValueError:
+    _fail("profile_rounds", text, accepted)
+  if k < 1 or n < 1 or k + n - 1 > config.num_rounds:
+    _fail("profile_rounds", text, accepted)
+  return k, n
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every user-facing field; raises ``ValueError`` naming field and value.
 
@@ -294,6 +322,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_choice(config, "train.gp_interpolation", {"uniform", "normal"})
   _check_choice(config, "aggregation.weighting", {"examples", "uniform"})
   _check_privacy(config)
+  profile_window(config)
+  _check_choice(config, "wandb.mode", {"online", "offline", "disabled"})
   _check_choice(config, "model.sg2.noise_mode", {"random", "const", "none"})
   steps = config.train.local_steps
   if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:

@@ -29,7 +29,7 @@ from fedgan_jax.federated import replicas as replicas_lib
 from fedgan_jax.federated import sharding, upload_attacks
 from fedgan_jax.io import checkpoint as ckpt_lib
 from fedgan_jax.io import lock as lock_lib
-from fedgan_jax.io import rundir, tensorboard, writers
+from fedgan_jax.io import rundir, tensorboard, wandb_writer, writers
 from fedgan_jax.metrics import detection
 
 
@@ -53,6 +53,7 @@ class ReplicaOutputs(NamedTuple):
   tb: tensorboard.TensorBoardWriter
   is_mal: np.ndarray
   info: dict
+  wb: wandb_writer.WandbWriter
 
 
 class _Built(NamedTuple):
@@ -162,7 +163,8 @@ def _open_outputs(b: _Built, start: int, primary: bool, console) -> list[Replica
       write=primary,
     )
     tb = tensorboard.TensorBoardWriter(os.path.join(d, "tb"), active=primary, keep_until=start)
-    outputs.append(ReplicaOutputs(c, d, metrics_file, evaluator, tb, np.asarray(dk.is_malicious), b.infos[k]))
+    wb = wandb_writer.WandbWriter(c, d, active=primary)
+    outputs.append(ReplicaOutputs(c, d, metrics_file, evaluator, tb, np.asarray(dk.is_malicious), b.infos[k], wb))
   return outputs
 
 
@@ -192,7 +194,7 @@ def _run(config, workdir: str, console: run_console.Console, primary: bool) -> d
     outputs = _open_outputs(b, start, primary, console)
     console.header(config, workdir, jax.devices(), start)
     progress = writers.Progress(config.num_rounds, start)
-    _train(config, b, state, outputs, ckpt, console, progress, t_start)
+    _train(config, workdir, b, state, outputs, ckpt, console, progress, t_start)
     return _finish(config, workdir, b, outputs, progress, start, t_start, console, primary)
   except KeyboardInterrupt:
     try:
@@ -212,8 +214,10 @@ def _run(config, workdir: str, console: run_console.Console, primary: bool) -> d
     raise
 
 
-def _train(config, b: _Built, state, outputs: list[ReplicaOutputs], ckpt, console, progress, t_start) -> None:
-  """The round loop, from ``progress.start + 1`` to ``num_rounds``."""
+def _train(
+  config, workdir: str, b: _Built, state, outputs: list[ReplicaOutputs], ckpt, console, progress, t_start
+) -> None:
+  """The round loop, from ``progress.start + 1`` to ``num_rounds`` (profile_rounds traced in <workdir>/profile)."""
   replicated = config.num_replicas > 1
   # Clients sharded over the devices when they divide evenly (local training under shard_map);
   # after the host-side copies above, which need addressable arrays.
@@ -221,6 +225,11 @@ def _train(config, b: _Built, state, outputs: list[ReplicaOutputs], ckpt, consol
   state, data = sharding.shard_round_inputs(state, b.data, mesh, replicas=replicated)
   round_fn = sharding.jit_round(b.program, state, data, mesh, replicas=replicated)
   pending: list[tuple[int, dict, float]] = []
+  window = config_lib.profile_window(config)
+  trace_from, trace_to = (window[0], window[0] + window[1] - 1) if window else (0, -1)
+  profiling = False
+  if window and progress.start >= trace_from:
+    console.warn(f"profile_rounds={config.profile_rounds!r}: the run resumes after round {trace_from}; no trace")
 
   def flush(eval_metrics: list[dict] | None = None):
     host = jax.device_get([m for _, m, _ in pending])
@@ -232,6 +241,7 @@ def _train(config, b: _Built, state, outputs: list[ReplicaOutputs], ckpt, consol
           record.update(eval_metrics[k])
         rep.metrics.write(record)
         rep.tb.scalars(r, record)
+        rep.wb.scalars(r, record)
         # NaN guard: stop a diverged run instead of writing garbage for hours.
         if not record["train/global_finite"] or not np.isfinite(m["train/g_loss"]).any():
           pending.clear()
@@ -246,7 +256,16 @@ def _train(config, b: _Built, state, outputs: list[ReplicaOutputs], ckpt, consol
   try:
     for r in range(progress.start + 1, config.num_rounds + 1):
       progress.current = r
+      if r == trace_from and r > progress.start:
+        jax.block_until_ready(state)
+        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+        profiling = True
       state, m = round_fn(state, data, b.round_key(r))
+      if profiling and r == trace_to:
+        jax.block_until_ready((state, m))
+        jax.profiler.stop_trace()
+        profiling = False
+        console.line(f"profile: rounds {trace_from}..{trace_to} traced in {os.path.join(workdir, 'profile')}")
       if progress.first is None:
         jax.block_until_ready(m)
         logging.info("first round (including compilation) done after %.1f s", progress.first_round_done())
@@ -263,6 +282,7 @@ def _train(config, b: _Built, state, outputs: list[ReplicaOutputs], ckpt, consol
               console.evaluating(r, long)
             eval_metrics.append(rep.evaluator(b.view(state.g_global, k), r, final=r == config.num_rounds))
             rep.tb.image(r, "samples", rep.evaluator.last_grid)
+            rep.wb.image(r, "samples", rep.evaluator.last_grid)
         flush(eval_metrics)
       elif is_ckpt or r % config.log_every == 0:
         flush()
@@ -276,8 +296,11 @@ def _train(config, b: _Built, state, outputs: list[ReplicaOutputs], ckpt, consol
     with progress.timed("checkpoints"):
       ckpt.close()  # The last asynchronous save reaches the disk.
   finally:
+    if profiling:
+      jax.profiler.stop_trace()
     for rep in outputs:
       rep.tb.close()
+      rep.wb.close()
 
 
 def _finish(config, workdir, b, outputs, progress, start, t_start, console, primary) -> dict:
