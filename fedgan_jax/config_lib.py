@@ -31,6 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.ckpt_every = 50  # Rounds between orbax checkpoints (the last round is always saved).
   c.log_every = 10  # Rounds between progress lines.
   c.num_replicas = 1  # K: seeds seed..seed+K-1 trained as ONE vmapped program (<workdir>/seed_<s>/).
+  # '<workdir>[@round]': a new run starts from that run's checkpoint (newest if no @round): its global models and
+  # clients' states, with this config's own attack and defense; rounds go on from the base's (fedgan_jax/fork.py).
+  c.init_from = ""
   # 'k:n': a jax.profiler trace of rounds k..k+n-1 in <workdir>/profile (TensorBoard's profile tab, Perfetto).
   c.profile_rounds = ""
 
@@ -323,6 +326,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_choice(config, "aggregation.weighting", {"examples", "uniform"})
   _check_privacy(config)
   profile_window(config)
+  if config.init_from.startswith("@"):
+    _fail("init_from", config.init_from, "accepted '' (a new run), '<workdir>' or '<workdir>@<round>'")
   _check_choice(config, "wandb.mode", {"online", "offline", "disabled"})
   _check_choice(config, "model.sg2.noise_mode", {"random", "const", "none"})
   steps = config.train.local_steps

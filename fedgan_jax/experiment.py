@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from fedgan_jax import assemble, config_lib, distributed, evaluation, privacy, report, resume, run_console
+from fedgan_jax import assemble, config_lib, distributed, evaluation, fork, privacy, report, resume, run_console
 from fedgan_jax.federated import replicas as replicas_lib
 from fedgan_jax.federated import sharding, upload_attacks
 from fedgan_jax.io import checkpoint as ckpt_lib
@@ -136,8 +136,11 @@ def _abstract_state(init, k_init) -> Any:
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), jax.eval_shape(init, k_init))
 
 
-def _open_outputs(b: _Built, start: int, primary: bool, console) -> list[ReplicaOutputs]:
-  """Writes each member's ``config.json`` and cuts its metrics and TensorBoard back to ``start``."""
+def _open_outputs(b: _Built, start: int, primary: bool, console, forked: bool = False) -> list[ReplicaOutputs]:
+  """Writes each member's ``config.json`` and cuts its metrics and TensorBoard back to ``start``.
+
+  A fork (``forked``) starts at the base's round with no rounds of its own before it.
+  """
   outputs = []
   for k, (c, d) in enumerate(b.members):
     dk = b.view(b.data, k)
@@ -149,7 +152,7 @@ def _open_outputs(b: _Built, start: int, primary: bool, console) -> list[Replica
     cut = metrics_file.truncate_after(start)
     if cut["torn"]:
       console.warn(f"{metrics_file.path}: dropped {cut['torn']} torn line(s) left by an interrupted run")
-    if start and cut["kept"] != start:
+    if start and cut["kept"] != start and not forked:
       console.warn(f"{metrics_file.path} holds {cut['kept']} of the {start} rounds before the checkpoint")
     evaluator = evaluation.Evaluator(
       c,
@@ -186,13 +189,18 @@ def _run(config, workdir: str, console: run_console.Console, primary: bool) -> d
   progress = None
   start = 0
   try:
-    start, state = resume.restore(ckpt, _abstract_state(b.init, b.k_init), config, console.warn)
+    like = _abstract_state(b.init, b.k_init)
+    start, state = resume.restore(ckpt, like, config, console.warn)
+    forked = False
     if state is None:
       state = b.init(b.k_init)
+      if config.init_from:  # A new run that starts from another run's checkpoint (fork.py).
+        start, state = fork.restore(config.init_from, like, state, config)
+        forked = True
     # The run goes ahead from here: only now is anything of this config written.
     ckpt.write_config(config_lib.to_json(config))
-    outputs = _open_outputs(b, start, primary, console)
-    console.header(config, workdir, jax.devices(), start)
+    outputs = _open_outputs(b, start, primary, console, forked)
+    console.header(config, workdir, jax.devices(), start, forked)
     progress = writers.Progress(config.num_rounds, start)
     _train(config, workdir, b, state, outputs, ckpt, console, progress, t_start)
     return _finish(config, workdir, b, outputs, progress, start, t_start, console, primary)
@@ -366,6 +374,7 @@ def _summary(config, records, info, is_mal, wall, t_compile, start) -> dict[str,
     "final": final,
     "rounds": records[-1]["round"] if records else 0,
     "resumed_from": start,
+    "forked_from": config.init_from or None,
     "malicious": list(config.attack.malicious),
     "first_flag_round": first_flag,
     "detect_tpr_mean": detection.mean_rate(r["eval/detect_tpr"] for r in records),

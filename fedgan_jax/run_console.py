@@ -115,10 +115,12 @@ class Console:
       stream = (self._err or sys.stderr) if err else (self._out or sys.stdout)
       print(line, file=stream, flush=True)
 
-  def header(self, config, workdir: str, devices: Sequence[Any], start: int) -> None:
+  def header(self, config, workdir: str, devices: Sequence[Any], start: int, forked: bool = False) -> None:
     """Two lines: what runs where, and on what."""
     total = config.num_rounds
-    if not start:
+    if forked:
+      status = f"new run forked from {config.init_from} at round {start} of {total}"
+    elif not start:
       status = "new run"
     elif start >= total:
       status = f"already at round {start} of {total}: summary and report only"
