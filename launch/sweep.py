@@ -15,6 +15,12 @@ final metrics, detection means and first flagged rounds) and a summary table is
 printed; ``python -m fedgan_jax.report --workdir <workdir>`` builds its
 comparison from the same rows (``fedgan_jax.report.table``).
 
+A config file may also define ``get_base()`` (a dict of overrides, e.g.
+``{'attack.malicious': (), 'num_rounds': 50}``): the sweep then trains that
+clean base once per seed group (``<workdir>/base__seed-<s>``) before any
+point, and every point starts from its checkpoint (``init_from``; see
+``fedgan_jax/fork.py``): the canonical "attack a converged federation" setup.
+
 Keys starting with ``_`` are labels, not config fields: ``{'_defense': 'gp',
 'train.loss': 'wgan', ...}`` names the point ``defense-gp`` instead of
 spelling out the keys that the label stands for.
@@ -227,6 +233,7 @@ class SweepPlan(NamedTuple):
   groups: list[list[int]]
   group_dirs: list[str]
   dirs: list[str]
+  bases: list[tuple[Any, str, int, dict[str, Any]]] = []  # get_base(): (config, dir, replicas, overrides).
 
 
 def plan_sweep(
@@ -271,7 +278,46 @@ def plan_sweep(
     groups = [[i] for i in range(len(points))]
     group_dirs = [os.path.join(workdir, n) for n in names]
     dirs = list(group_dirs)
-  return SweepPlan(points, base_overrides, names, configs, seeds, groups, group_dirs, dirs)
+  bases = _plan_bases(mod, base, workdir, groups, configs, seeds, batch_seeds)
+  return SweepPlan(points, base_overrides, names, configs, seeds, groups, group_dirs, dirs, bases)
+
+
+def _plan_bases(mod, base, workdir: str, groups, configs, seeds, batch_seeds: bool) -> list:
+  """``get_base()``: one clean base run per seed group, trained first; every point forks from its group's.
+
+  The base is ``get_config()`` (with ``--set``) under ``get_base()``'s overrides, its ``num_rounds`` the
+  round the points fork at; its seeds (and replicas, with ``batch_seeds``) are the group's, so each seed's
+  point forks from the same seed's base. Sets ``init_from`` on the points' configs.
+  """
+  get_base = getattr(mod, "get_base", None)
+  if not callable(get_base):
+    return []
+  over = dict(get_base())
+  try:
+    base_config = config_lib.validate(apply_overrides(base, over))
+  except ValueError as e:
+    raise ValueError(f"get_base(): {e}") from e
+  bases, seen = [], {}
+  for g in groups:
+    seed, k = seeds[g[0]], len(g) if batch_seeds else 1
+    if (seed, k) not in seen:
+      d = os.path.join(workdir, f"base__seeds-{seed}-{seed + k - 1}" if k > 1 else f"base__seed-{seed}")
+      bc = copy.deepcopy(base_config)
+      bc.seed = seed
+      seen[(seed, k)] = d
+      bases.append((bc, d, k, dict(over, seed=seed)))
+    for i in g:
+      if configs[i].num_rounds <= base_config.num_rounds:
+        raise ValueError(
+          f"get_base(): num_rounds={base_config.num_rounds} leaves nothing to train for a point with "
+          f"num_rounds={configs[i].num_rounds} (points fork at the base's last round)."
+        )
+      configs[i].init_from = f"{seen[(seed, k)]}@{base_config.num_rounds}"
+  return bases
+
+
+def _base_finished(config, d: str, k: int) -> bool:
+  return is_finished(os.path.join(d, f"seed_{config.seed}") if k > 1 else d, config.num_rounds)
 
 
 def run_sweep(
@@ -311,11 +357,17 @@ def run_sweep(
   groups, group_dirs, dirs = plan.groups, plan.group_dirs, plan.dirs
 
   def group_point(g: list[int]) -> Point:
+    fork = {"init_from": configs[g[0]].init_from} if plan.bases else {}
     if not batch_seeds:
-      return points[g[0]]
-    return dict(overrides(points[g[0]]), seed=seeds[g[0]], num_replicas=len(g))
+      return dict(points[g[0]], **fork)
+    return dict(overrides(points[g[0]]), seed=seeds[g[0]], num_replicas=len(g), **fork)
+
+  def base_point(over: dict[str, Any], k: int) -> Point:
+    return dict(over, num_replicas=k) if k > 1 else over
 
   if dry_run:
+    for _, d, k, over in plan.bases:
+      print(shlex.join(command(config_path, d, base_point(over, k), "python", plan.base)), file=out)
     for g, gdir in zip(groups, group_dirs):
       print(shlex.join(command(config_path, gdir, group_point(g), "python", plan.base)), file=out)
     return []
@@ -331,6 +383,19 @@ def run_sweep(
   )
   cache = os.path.join(workdir, ".jax_cache")
   failures: list[str] = []
+  for bc, d, k, over in plan.bases:  # The clean bases every point forks from, trained once.
+    if _base_finished(bc, d, k) or not todo:
+      continue
+    print(f"base: {os.path.basename(d)} ({bc.num_rounds} rounds; the points fork from it)", file=out, flush=True)
+    try:
+      if parallel == 1 and not use_subprocess:
+        jax.config.update("jax_compilation_cache_dir", cache)
+        _run_in_process(bc, d, k)
+      else:
+        argv = command(config_path, d, base_point(over, k), python, plan.base)
+        subprocess.run(argv, check=True, env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache))
+    except (Exception, subprocess.CalledProcessError) as e:
+      raise ValueError(f"the base run {d} failed ({e}); its points were not run") from e
   if parallel == 1 and not use_subprocess:
     jax.config.update("jax_compilation_cache_dir", cache)
     for n, k in enumerate(todo_groups):

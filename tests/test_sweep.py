@@ -252,3 +252,47 @@ def test_one_tiny_point_end_to_end(tmp_path):
   rows = sweep.run_sweep(str(cfg), str(tmp_path / "sw"), out=io.StringIO())
   assert rows[0]["status"] == "done" and rows[0]["rounds"] == 1
   assert "eval/implant_amplitude" in rows[0]
+
+
+def test_a_clean_base_is_trained_once_per_seed_group_and_every_point_forks_from_it(tmp_path, monkeypatch):
+  cfg = _fabricated_sweep(tmp_path, num_rounds=5)
+  with open(cfg, "a") as f:
+    f.write('\ndef get_base():\n  return {"attack.malicious": (), "num_rounds": 2}\n')
+  wd = tmp_path / "sw"
+  ran = []
+
+  def fake_run(config, run_dir, num_replicas=1):
+    ran.append((os.path.relpath(run_dir, wd), config.seed, num_replicas, config.num_rounds, config.init_from))
+    for s in range(config.seed, config.seed + num_replicas):
+      d = os.path.join(run_dir, f"seed_{s}") if num_replicas > 1 else run_dir
+      os.makedirs(d, exist_ok=True)
+      with open(os.path.join(d, "summary.json"), "w") as f:
+        json.dump(_summary(config.num_rounds, 0.5), f)
+
+  monkeypatch.setattr(sweep, "_run_in_process", fake_run)
+  sweep.run_sweep(cfg, str(wd), out=io.StringIO())
+  base0, base1 = f"{wd}/base__seed-0@2", f"{wd}/base__seed-1@2"
+  assert ran == [
+    ("base__seed-0", 0, 1, 2, ""),
+    ("base__seed-1", 1, 1, 2, ""),
+    ("malicious-none__seed-0", 0, 1, 5, base0),
+    ("malicious-none__seed-1", 1, 1, 5, base1),
+    ("malicious-0__seed-0", 0, 1, 5, base0),
+    ("malicious-0__seed-1", 1, 1, 5, base1),
+  ]
+  ran.clear()
+  sweep.run_sweep(cfg, str(wd), out=io.StringIO())
+  assert ran == []  # Bases and points finished: nothing runs.
+  # Seeds batched: one base per group, with the group's replicas; the printed commands say the same.
+  sweep.run_sweep(cfg, str(tmp_path / "b"), batch_seeds=True, out=io.StringIO())
+  assert [r[:3] for r in ran] == [("../b/base__seeds-0-1", 0, 2)] + [(r[0], 0, 2) for r in ran[1:]] and len(ran) == 3
+  assert all(r[4] == f"{tmp_path}/b/base__seeds-0-1@2" for r in ran[1:])
+  out = io.StringIO()
+  sweep.run_sweep(cfg, str(tmp_path / "d"), batch_seeds=True, dry_run=True, out=out)
+  lines = out.getvalue().splitlines()
+  assert "base__seeds-0-1" in lines[0] and "--config.num_rounds=2" in lines[0] and "num_replicas=2" in lines[0]
+  assert all(f"--config.init_from={tmp_path}/d/base__seeds-0-1@2" in line for line in lines[1:]) and len(lines) == 3
+  with open(cfg, "a") as f:
+    f.write('\ndef get_base():\n  return {"num_rounds": 5}\n')
+  with pytest.raises(ValueError, match=r"get_base\(\): num_rounds=5 leaves nothing to train"):
+    sweep.run_sweep(cfg, str(tmp_path / "e"), out=io.StringIO())
