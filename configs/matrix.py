@@ -48,6 +48,7 @@ import importlib.util
 import os
 
 from fedgan_jax import presets
+from launch.grid import product
 
 
 def _sibling(name: str):
@@ -135,6 +136,9 @@ def cells():
 
 
 def get_sweep():
+  # product() names a point by its labels only (defense-detect__attack-dba__seeds-0-2).
   return [
-    dict(ov, seed=s) for d, a, ov in cells() for s in range(REFERENCE_SEEDS if (d, a) == REFERENCE else NUM_SEEDS)
+    p
+    for d, a, ov in cells()
+    for p in product([ov], {"seed": list(range(REFERENCE_SEEDS if (d, a) == REFERENCE else NUM_SEEDS))})
   ]

@@ -15,6 +15,7 @@ from typing import Any
 Point = dict[str, Any]
 
 _HIDE = "_hide"  # Internal: keys a label stands for (left out of the name).
+MAX_NAME = 200  # Directory names (file systems allow 255 bytes; group names add "__seeds-a-b").
 
 
 # --------------------------------------------------------------------------- grid helpers
@@ -137,4 +138,9 @@ def check_names(points: Sequence[Point]) -> list[str]:
         f"give the alternatives distinct '_label' values."
       )
     seen[n] = i
+    if len(n) > MAX_NAME:
+      raise ValueError(
+        f"sweep point {i}'s directory name is {len(n)} characters (at most {MAX_NAME}): {n[:80]}...; "
+        "name it with '_label' keys through product() or zipped(), which leave out the keys a label stands for."
+      )
   return names
