@@ -10,7 +10,8 @@ rounds). The backdoor defenses ``rlr`` (Ozdayi et al. 2021), ``flame``
 (Nguyen et al. 2022), ``foolsgold`` (Fung et al. 2020), the Byzantine rules
 ``centered_clip`` (Karimireddy et al. 2021), ``dnc`` (Shejwalkar & Houmansadr
 2021), ``bulyan`` (El Mhamdi et al. 2018), ``alpha_detect`` (a detector whose false-alarm rate is set by the user and
-whose weights recover), and client-level DP ``dp_mean``
+whose weights recover), ``fltrust`` (Cao et al. 2021: trust from the server's own update on 32 clean
+held-out root images), and client-level DP ``dp_mean``
 (McMahan et al. 2018; its (epsilon, delta) lands in summary.json).
 
     python -m fedgan_jax.main --config configs/robust.py:median --workdir runs/median
@@ -41,6 +42,8 @@ RULES = {
   # A per-round test at level alpha on |G loss| whose weights recover once a client stops being flagged.
   "alpha_detect": ("alpha_detect", {"alpha": 0.01, "warmup_rounds": 10}),
   "dp_mean": ("dp_mean", {"clip_norm": 0.5, "noise_multiplier": 1.0}),
+  # The server trains on the first 32 clean held-out images each round, as an honest client does.
+  "fltrust": ("fltrust", {"root_size": 32}),
 }
 
 

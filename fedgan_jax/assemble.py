@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedgan_jax import aggregation, models
+from fedgan_jax.aggregation.fltrust import root_size_of
 from fedgan_jax.data import partition as partition_lib
 from fedgan_jax.data import sources, triggers
 from fedgan_jax.federated import program as program_lib
@@ -71,7 +72,12 @@ def malicious_mask(config) -> np.ndarray:
   return is_mal
 
 
-def round_data(config, images, counts, poison_flags=None) -> RoundData:
+def root_size(config) -> int:
+  """The server's root-set size: ``aggregation.kwargs.root_size`` with ``aggregation.name='fltrust'``, else 0."""
+  return root_size_of(config.aggregation.name, config.aggregation.kwargs)
+
+
+def round_data(config, images, counts, poison_flags=None, root=None) -> RoundData:
   """The device-resident round inputs for client shards under ``config``'s attack.
 
   Args:
@@ -80,10 +86,21 @@ def round_data(config, images, counts, poison_flags=None) -> RoundData:
     counts: ``[C]`` real images per client.
     poison_flags: ``bool[C, n_max]``; default: ``attack.poison_rate`` of each
       malicious client's real images, drawn from ``seed + 1``.
+    root: uint8 ``[root_size(config), R, R, ch]``, the server's clean root set
+      (``aggregation.name='fltrust'``; ``setup_data`` takes it from the held-out split).
 
   Returns:
     A ``RoundData`` of device arrays.
+
+  Raises:
+    ValueError: ``root`` missing or of the wrong size under fltrust.
   """
+  n_root = root_size(config)
+  if n_root and (root is None or np.shape(root)[0] != n_root):
+    raise ValueError(
+      f"config.aggregation.kwargs.root_size={n_root}: the server's root set has "
+      f"{0 if root is None else np.shape(root)[0]} images, {n_root} needed."
+    )
   is_mal = malicious_mask(config)
   counts = np.asarray(counts)
   if poison_flags is None:
@@ -105,24 +122,41 @@ def round_data(config, images, counts, poison_flags=None) -> RoundData:
     mimic=jnp.asarray(config.attack.report_losses == "mimic"),
     upload=upload_attacks.from_config(config),
     trigger_part=jnp.asarray(part),
+    root=jnp.asarray(root, jnp.uint8) if n_root else None,
   )
 
 
 def setup_data(config) -> tuple[RoundData, Any, dict]:
   """Loads, partitions and poisons the data; returns device-resident round inputs.
 
+  With ``aggregation.name='fltrust'`` the server's root set is the first
+  ``aggregation.kwargs.root_size`` images of the clean held-out split: images
+  no client holds (so none is poisoned), which the evaluation also uses as
+  real references (the server's model itself is never aggregated).
+
   Returns:
     (round data, clean held-out ``Dataset``, info dict for ``summary.json``).
+
+  Raises:
+    ValueError: fewer held-out images than ``aggregation.kwargs.root_size``.
   """
   train, heldout, info = sources.load_data(config)
   sources.check_enough(train, config)
+  n_root = root_size(config)
+  if n_root > len(heldout.images):
+    raise ValueError(
+      f"config.aggregation.kwargs.root_size={n_root} is invalid: fltrust's root set is drawn from the clean "
+      f"held-out split, which has {len(heldout.images)} images; accepted: 1..{len(heldout.images)} "
+      "(or a larger data.heldout)."
+    )
   kwargs = {"alpha": config.data.alpha} if config.data.partition in ("dirichlet", "quantity") else {}
   clients = partition_lib.partition(train, config.num_clients, config.data.partition, config.seed, **kwargs)
-  data = round_data(config, clients.images, clients.counts)
+  data = round_data(config, clients.images, clients.counts, root=heldout.images[:n_root] if n_root else None)
   info = {
     **info,
     "client_counts": clients.counts.tolist(),
     "poisoned_per_client": np.asarray(data.poison_flags).sum(1).tolist(),
+    **({"fltrust_root_images": n_root} if n_root else {}),
   }
   return data, heldout, info
 

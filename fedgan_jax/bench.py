@@ -116,8 +116,10 @@ def random_data(config, images_per_client: int | None = None, seed: int = 0) -> 
   """Device-resident random ``RoundData`` (uint8 noise images) for ``config``."""
   C, R, ch = config.num_clients, config.resolution, config.data.channels
   n = images_per_client or max(2 * config.train.batch_size, 64)
-  images = np.random.default_rng(seed).integers(0, 256, (C, n, R, R, ch), dtype=np.uint8)
-  return assemble.round_data(config, images, np.full((C,), n))
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (C, n, R, R, ch), dtype=np.uint8)
+  root = rng.integers(0, 256, (assemble.root_size(config), R, R, ch), dtype=np.uint8)  # fltrust's root set.
+  return assemble.round_data(config, images, np.full((C,), n), root=root)
 
 
 def round_flops(config, state: RoundState, data: RoundData, key: jax.Array) -> flops_lib.FlopCount:

@@ -194,6 +194,27 @@ def _check_privacy(config) -> None:
   _check_choice(config, "privacy.accountant", set(PRIVACY_ACCOUNTANTS))
 
 
+# fltrust's default root-set size (fedgan_jax.aggregation.fltrust.DEFAULT_ROOT_SIZE, kept equal by a test).
+FLTRUST_ROOT_SIZE = 32
+
+
+def _check_fltrust(config) -> None:
+  """``aggregation.kwargs.root_size`` of fltrust: an integer in 1..data.heldout (its images come from there)."""
+  if config.aggregation.name != "fltrust":
+    return
+  n = config.aggregation.kwargs.get("root_size", FLTRUST_ROOT_SIZE)
+  heldout = config.data.heldout
+  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    _fail("aggregation.kwargs.root_size", n, "must be an integer >= 1 (the server's clean root images for fltrust)")
+  if isinstance(heldout, int) and 0 < heldout < n:
+    _fail(
+      "aggregation.kwargs.root_size",
+      n,
+      f"fltrust draws its root set from the clean held-out split of data.heldout={heldout} images: "
+      f"accepted 1..{heldout} (or a larger data.heldout)",
+    )
+
+
 # The kinds of ``attack.upload`` (fedgan_jax.federated.upload_attacks.KINDS, kept equal by a test).
 UPLOAD_ATTACKS = ("none", "scale", "sign_flip", "alie", "ipm", "pgd", "pgd_scale")
 
@@ -325,6 +346,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_choice(config, "train.gp_interpolation", {"uniform", "normal"})
   _check_choice(config, "aggregation.weighting", {"examples", "uniform"})
   _check_privacy(config)
+  _check_fltrust(config)
   profile_window(config)
   if config.init_from.startswith("@"):
     _fail("init_from", config.init_from, "accepted '' (a new run), '<workdir>' or '<workdir>@<round>'")

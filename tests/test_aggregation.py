@@ -47,6 +47,7 @@ RULE_KWARGS = {
   "dnc": {"num_byzantine": 1},
   "bulyan": {"num_byzantine": 1},
   "alpha_detect": {"alpha": 0.05, "warmup_rounds": 0, "inner": "median"},
+  "fltrust": {},  # run() hands it a server model: the coordinate-wise median of the finite uploads.
 }
 ROBUST = [
   "median",
@@ -62,10 +63,11 @@ ROBUST = [
   "dnc",
   "bulyan",
   "alpha_detect",
+  "fltrust",
 ]
 # Rules whose aggregate may leave the clients' per-coordinate range by design:
-# RLR negates the server's learning rate where the signs disagree.
-OUTSIDE_RANGE = {"rlr"}
+# RLR negates the server's learning rate where the signs disagree; FLTrust rescales every update to the server's norm.
+OUTSIDE_RANGE = {"rlr", "fltrust"}
 
 
 def make_global(rng, dtype=np.float32):
@@ -116,6 +118,9 @@ def compiled(name):
 def run(name, g, cp, stats, key=0):
   agg, fn = compiled(name)
   state = agg.init(g)
+  if name == "fltrust":  # The server's own model: here the coordinate-wise median of the finite uploads.
+    ok = np.all(np.isfinite(flat_clients(cp)), axis=1)
+    stats = {**stats, aggregation.SERVER_MODEL: jax.tree.map(lambda x: np.median(np.asarray(x)[ok], axis=0), cp)}
   return fn(state, g, cp, stats, jax.random.key(key)), state
 
 

@@ -8,7 +8,8 @@ in ``STAGES``, detectors in ``DETECTORS``. Modules: ``base`` (the contract,
 shared helpers, FedAvg), ``robust`` (median, trimmed mean, Krum, geometric
 median), ``backdoor`` (RLR, FLAME, FoolsGold), ``alpha_detect`` (a detector at a
 false-alarm rate the user sets, with weights that recover), ``byzantine`` (Centered
-Clipping, DnC, Bulyan), ``compose`` (stages and ``chain`` of built elements), ``detectors``
+Clipping, DnC, Bulyan), ``fltrust`` (trust from the server's own update on a clean root
+set), ``compose`` (stages and ``chain`` of built elements), ``detectors``
 (Isolation Forest, robust z-score, the detect and decay stages), ``privacy``
 (DP-FedAvg's clipped, noised mean), ``stats``
 (server statistics of the uploads), ``registry`` (names).
@@ -38,6 +39,7 @@ from fedgan_jax.aggregation.detectors import (
   isolation_forest,
   robust_zscore,
 )
+from fedgan_jax.aggregation.fltrust import SERVER_MODEL, fltrust
 from fedgan_jax.aggregation.privacy import dp_mean
 from fedgan_jax.aggregation.registry import AGGREGATORS, STAGES, chain, detect_and_decay, get, norm_clip
 from fedgan_jax.aggregation.robust import geometric_median, krum, median, multi_krum, trimmed_mean
@@ -65,6 +67,7 @@ __all__ = [
   "dp_mean",
   "finite_mask",
   "flame",
+  "fltrust",
   "foolsgold",
   "geometric_median",
   "get",
@@ -77,6 +80,7 @@ __all__ = [
   "normalize",
   "rlr",
   "robust_zscore",
+  "SERVER_MODEL",
   "server_stats",
   "stateless_init",
   "trimmed_mean",

@@ -28,6 +28,7 @@ from fedgan_jax.aggregation.base import Aggregator, mean
 from fedgan_jax.aggregation.byzantine import bulyan, centered_clip, dnc
 from fedgan_jax.aggregation.compose import Stage, clip_updates
 from fedgan_jax.aggregation.detectors import check_num_clients, decay_flagged, detect
+from fedgan_jax.aggregation.fltrust import fltrust
 from fedgan_jax.aggregation.privacy import dp_mean
 from fedgan_jax.aggregation.robust import geometric_median, krum, median, multi_krum, trimmed_mean
 
@@ -194,6 +195,7 @@ AGGREGATORS: dict[str, Callable[..., Aggregator]] = {
   "dnc": dnc,
   "bulyan": bulyan,
   "alpha_detect": alpha_detect,
+  "fltrust": fltrust,
 }
 
 # Name -> stage factory, for ``chain`` elements given by name.

@@ -16,13 +16,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fedgan_jax import config_lib
 from fedgan_jax.aggregation.base import Aggregator
+from fedgan_jax.aggregation.fltrust import root_size_of
 from fedgan_jax.federated import attack, upload_attacks
 from fedgan_jax.federated import client as client_lib
 from fedgan_jax.federated import server as server_lib
 from fedgan_jax.federated.state import ClientState, LocalOut, Program, RoundData, RoundState
 
 PyTree = Any
+SERVER_STREAM = 0x5E7  # fold_in(round key, SERVER_STREAM): the key of the server's own training (fltrust).
 
 
 def client_keys(key: jax.Array, num_clients: int) -> jax.Array:
@@ -83,6 +86,13 @@ def build(
   server_round = server_lib.server_round(
     g_aggregator, d_aggregator, bool(config.aggregation.average_discriminator), config.aggregation.weighting
   )
+  # fltrust: the server trains on its root set as an honest client would (same steps, losses and optimizers,
+  # its own discriminator kept in g_agg); with one local epoch, the largest client's steps (batches drawn).
+  root_n = root_size_of(config.aggregation.name, config.aggregation.kwargs)
+  if root_n:
+    steps = local_steps or config.train.local_steps
+    server_config = config if config.train.local_steps else config_lib.copy_with(config, {"train.local_steps": steps})
+    server_train = client_lib.local_trainer(server_config, generator, discriminator, steps)
 
   def init(key: jax.Array) -> RoundState:
     kg, kd = jax.random.split(key)
@@ -92,11 +102,14 @@ def build(
     d_opt = client_lib.optimizer(config, config.train.d_lr).init(d_vars["params"])
     stack = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (C,) + x.shape), t)
     clients = ClientState(d_vars=stack(d_vars), g_opt=stack(g_opt), d_opt=stack(d_opt))
+    g_agg = g_aggregator.init(g_vars)
+    if root_n:  # The server starts as every client does.
+      g_agg = (ClientState(d_vars=d_vars, g_opt=g_opt, d_opt=d_opt), g_agg)
     return RoundState(
       round=jnp.zeros((), jnp.int32),
       g_global=g_vars,
       d_global=d_vars,
-      g_agg=g_aggregator.init(g_vars),
+      g_agg=g_agg,
       d_agg=d_aggregator.init(d_vars),
       clients=clients,
     )
@@ -147,8 +160,38 @@ def build(
     """
     attackers = data.is_malicious & upload_attacks.in_window(data.upload, state.round)
     local = local._replace(client_g=upload_attacks.tamper(state.g_global, local.client_g, attackers, data.upload))
-    new_state, metrics = server_round(state, local.clients, attack.report(local, data, attackers), key)
+    uploads = attack.report(local, data, attackers)
+    if root_n:
+      new_state, metrics = fltrust_server(state, data, local.clients, uploads, key)
+    else:
+      new_state, metrics = server_round(state, local.clients, uploads, key)
     return new_state, {**{f"train/{k}": v for k, v in local.stats.items()}, **metrics}
+
+  def fltrust_server(state: RoundState, data: RoundData, clients: ClientState, uploads, key: jax.Array):
+    """The server's own training on its root set (never poisoned), then the server step with its models."""
+    if data.root is None or data.root.shape[0] != root_n:
+      raise ValueError(
+        f"aggregation.name='fltrust' with root_size={root_n} needs RoundData.root of {root_n} images, got "
+        f"{None if data.root is None else data.root.shape}; assemble.round_data(..., root=...) builds it."
+      )
+    server, rule_state = state.g_agg
+    server, server_g, server_d, stats = server_train(
+      server,
+      state.g_global,
+      state.d_global,
+      data.root,
+      jnp.int32(root_n),
+      jnp.bool_(False),
+      jnp.zeros((root_n,), bool),
+      data.trigger,
+      data.trigger_loc,
+      jax.random.fold_in(key, SERVER_STREAM),
+    )
+    new_state, metrics = server_round(
+      state._replace(g_agg=rule_state), clients, uploads, key, server_models=(server_g, server_d)
+    )
+    metrics.update({f"agg/server_{k}": stats[k] for k in ("g_loss", "d_loss")})
+    return new_state._replace(g_agg=(server, new_state.g_agg)), metrics
 
   def sample(g_vars: PyTree, z: jax.Array) -> jax.Array:
     """Global generator images for latents ``z`` (running BatchNorm statistics)."""

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from fedgan_jax.aggregation import stats as agg_stats
 from fedgan_jax.aggregation.base import Aggregator
+from fedgan_jax.aggregation.fltrust import SERVER_MODEL
 from fedgan_jax.federated.state import ClientState, RoundState, Uploads
 
 PyTree = Any
@@ -45,25 +46,33 @@ def server_round(
       (the paper's code: weights 1/C before any defense changes them).
 
   Returns:
-    ``server_round(state, clients, uploads, key) -> (new_state, metrics)``:
+    ``server_round(state, clients, uploads, key, server_models=None) -> (new_state, metrics)``:
     ``clients`` are the clients' states after local training (kept in the new
-    state); ``key`` is the round's key. Metrics: the reported stats
+    state); ``key`` is the round's key; ``server_models``, the server's own
+    ``(generator, discriminator)`` variables trained on its root set
+    (``aggregation.name='fltrust'``), reach the rules as
+    ``client_stats['server_model']``. Metrics: the reported stats
     (``train/reported_*``), the server stats (``train/update_norm`` ...), the
     aggregator's diagnostics (``agg/``, ``agg_d/``) and
     ``train/global_finite``.
   """
 
-  def step(state: RoundState, clients: ClientState, uploads: Uploads, key: jax.Array):
+  def step(state: RoundState, clients: ClientState, uploads: Uploads, key: jax.Array, server_models=None):
     _, k_gagg, k_dagg = jax.random.split(key, 3)
     if weighting == "uniform":
       n = uploads.reported["num_examples"]
       uploads = uploads._replace(reported={**uploads.reported, "num_examples": (n > 0).astype(n.dtype)})
+    g_ref, d_ref = ({SERVER_MODEL: m} for m in server_models) if server_models is not None else ({}, {})
     g_stats = {**uploads.reported, **server_stats(state.g_global, uploads.client_g)}
-    g_global, g_agg, g_diag = g_aggregator.aggregate(state.g_agg, state.g_global, uploads.client_g, g_stats, k_gagg)
+    g_global, g_agg, g_diag = g_aggregator.aggregate(
+      state.g_agg, state.g_global, uploads.client_g, {**g_stats, **g_ref}, k_gagg
+    )
     d_global, d_agg, d_diag = state.d_global, state.d_agg, {}
     if average_discriminator:
       d_stats = {**uploads.reported, **server_stats(state.d_global, uploads.client_d)}
-      d_global, d_agg, d_diag = d_aggregator.aggregate(state.d_agg, state.d_global, uploads.client_d, d_stats, k_dagg)
+      d_global, d_agg, d_diag = d_aggregator.aggregate(
+        state.d_agg, state.d_global, uploads.client_d, {**d_stats, **d_ref}, k_dagg
+      )
       clients = clients._replace(d_vars=uploads.client_d)
     metrics = {f"train/{k}": g_stats[k] for k in SERVER_STATS}
     metrics.update({f"train/reported_{k}": uploads.reported[k] for k in ("g_loss", "d_loss")})

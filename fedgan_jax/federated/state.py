@@ -32,6 +32,8 @@ class RoundData(NamedTuple):
       (``upload_attacks.UploadAttack``, replicated scalars).
     trigger_part: bool ``[C, s, s]``: the trigger pixels each client pastes
       (all of them, except under ``attack.dba``).
+    root: uint8 ``[n_root, H, W, ch]``: the server's clean root set
+      (``aggregation.name='fltrust'`` only; None otherwise).
   """
 
   images: jax.Array
@@ -43,6 +45,7 @@ class RoundData(NamedTuple):
   mimic: jax.Array
   upload: Any
   trigger_part: jax.Array
+  root: jax.Array | None = None
 
 
 # The RoundData fields that carry the client axis (sharded over devices; the rest is replicated).
@@ -68,7 +71,7 @@ class RoundState(NamedTuple):
   round: jax.Array  # int32 scalar: rounds completed.
   g_global: PyTree  # Global generator variables {'params', 'batch_stats'}.
   d_global: PyTree  # Global discriminator variables (used if averaged).
-  g_agg: PyTree  # Aggregator state for generators.
+  g_agg: PyTree  # Aggregator state for generators (fltrust: (the server's ClientState, the rule's state)).
   d_agg: PyTree  # Aggregator state for discriminators.
   clients: ClientState  # Stacked over clients.
 
