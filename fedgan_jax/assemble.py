@@ -19,9 +19,9 @@ from fedgan_jax import aggregation, models
 from fedgan_jax.aggregation.fltrust import root_size_of
 from fedgan_jax.data import partition as partition_lib
 from fedgan_jax.data import sources, triggers
+from fedgan_jax.federated import latent_trigger, upload_attacks
 from fedgan_jax.federated import program as program_lib
 from fedgan_jax.federated import replicas as replicas_lib
-from fedgan_jax.federated import upload_attacks
 from fedgan_jax.federated.state import Program, RoundData
 
 
@@ -123,6 +123,7 @@ def round_data(config, images, counts, poison_flags=None, root=None) -> RoundDat
     upload=upload_attacks.from_config(config),
     trigger_part=jnp.asarray(part),
     root=jnp.asarray(root, jnp.uint8) if n_root else None,
+    latent=latent_trigger.from_config(config),
   )
 
 

@@ -88,6 +88,13 @@ def base_config() -> ml_collections.ConfigDict:
   # images: the trigger spans the images' [-1, 1]; unit: a [0, 1] trigger pasted into [-1, 1] images
   # (the paper's code: a washed-out patch).
   c.attack.trigger_range = "images"
+  # A latent-space backdoor of the generator (federated/latent_trigger.py; Rawat et al., ESORICS 2022): the
+  # attackers add latent_weight * mean((G(z*) - x*)^2) to their G loss in the window; z* ~ N(0, I) from the seed,
+  # x* the trigger pattern at full image size. Logs eval/latent_trigger_dist, eval/latent_clean_dist.
+  c.attack.latent_trigger = False
+  # The term's weight (> 0). 100: on the CPU-sized DCGAN, 1 and 10 left no measurable implant in 60 rounds, 100
+  # most of what 300..3000 reach (Adam's per-parameter steps saturate it); the term is a per-pixel mean.
+  c.attack.latent_weight = 100.0
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "dcgan"  # dcgan | stylegan2 (the paper's generator; D is always the DCGAN D).
@@ -236,6 +243,15 @@ def _check_window(config) -> None:
     )
 
 
+def _check_latent_trigger(config) -> None:
+  a = config.attack
+  if not isinstance(a.latent_trigger, bool):
+    _fail("attack.latent_trigger", a.latent_trigger, "must be True or False")
+  w = a.latent_weight
+  if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+    _fail("attack.latent_weight", w, "must be a finite number > 0 (the weight of the latent backdoor's loss term)")
+
+
 def _check_positive(config, field: str) -> None:
   value = config
   for part in field.split("."):
@@ -341,6 +357,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_choice(config, "attack.report_losses", {"honest", "mimic"})
   _check_choice(config, "attack.upload", set(UPLOAD_ATTACKS))
   _check_window(config)
+  _check_latent_trigger(config)
   _check_choice(config, "attack.trigger_range", {"images", "unit"})
   _check_choice(config, "train.rmsprop", {"pytorch", "optax"})
   _check_choice(config, "train.gp_interpolation", {"uniform", "normal"})

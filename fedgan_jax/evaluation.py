@@ -22,7 +22,13 @@ Every ``eval_every`` rounds (and at the first and last round):
   the feature space of ``eval.extractor`` every ``eval.fid_every`` rounds (0 =
   final evaluation only), ``eval/fid@<extractor>``, ``eval/kid@<extractor>``,
   ``eval/precision@<extractor>``, ``eval/recall@<extractor>``. Only
-  ``fid@inception_v3`` with the reference weights is "FID" in the usual sense.
+  ``fid@inception_v3`` with the reference weights is "FID" in the usual sense;
+* with ``attack.latent_trigger`` (``federated/latent_trigger.py``):
+  ``eval/latent_trigger_dist``, the mean squared distance of ``G(z*)`` to the
+  target ``x*``, beside ``eval/latent_clean_dist``, the median of the same over
+  the evaluation's ordinary samples: the backdoor is there when the first is
+  far below the second. (With ``attack.malicious=()`` the same flag trains a
+  clean run and gives the clean reference of both.)
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from absl import logging
 
 from fedgan_jax import config_lib
 from fedgan_jax.data import triggers
+from fedgan_jax.federated import latent_trigger
 from fedgan_jax.io import images as image_io
 from fedgan_jax.metrics import diversity, extractors, fidelity, swd
 from fedgan_jax.metrics import trigger as trigger_metrics
@@ -138,6 +145,7 @@ class Evaluator:
     self.z_eval = jax.random.normal(k_eval, (config.eval.num_samples, nz))
     self._sample = jax.jit(sample_fn)
     self.real = heldout.images.astype(np.float32) / 127.5 - 1.0
+    self.latent = latent_trigger.from_config(config)  # None unless attack.latent_trigger.
     self.last_grid: np.ndarray | None = None
     self.templates: list[Template] = []
     self.real_variance = None
@@ -202,6 +210,9 @@ class Evaluator:
       out[f"eval/implant_amplitude_lo{t.suffix}"] = head["lo"]
       out[f"eval/implant_amplitude_hi{t.suffix}"] = head["hi"]
       out[f"eval/implant_above_p99{t.suffix}"] = float(np.mean(amp > t.exceed.threshold))
+    if self.latent is not None:
+      g_star = self.samples(g_vars, self.latent.z[None])
+      out.update(latent_trigger.eval_metrics(g_star, fake[finite], self.latent.target))
     if self.real_variance is not None:
       out["eval/diversity"] = diversity.diversity(fake, self.real_variance)
     if len(self.real):

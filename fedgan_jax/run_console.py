@@ -34,6 +34,8 @@ _KEY_METRICS = (
   "eval/implant_amplitude",
   "eval/implant_above_p99",
   "eval/diversity",
+  "eval/latent_trigger_dist",
+  "eval/latent_clean_dist",
 )
 _MAX_DEVICES_SHOWN = 4
 

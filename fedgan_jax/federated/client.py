@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedgan_jax.federated import attack, losses, upload_attacks
+from fedgan_jax.federated import attack, latent_trigger, losses, upload_attacks
 from fedgan_jax.federated.state import ClientState
 
 PyTree = Any
@@ -74,11 +74,15 @@ def local_trainer(
 
   Returns:
     ``local_train(client, g_global, d_global, images, count, is_mal, flags,
-    trigger, trigger_loc, key, upload=None, trigger_part=None) -> (client_state, g_vars, d_vars, stats)``: the
-    client starts from the global generator (and the global discriminator when
+    trigger, trigger_loc, key, upload=None, trigger_part=None, latent=None) -> (client_state, g_vars, d_vars,
+    stats)``: the client starts from the global generator (and the global discriminator when
     discriminators are averaged), trains L steps on its own shard, and returns
     its new state, the variables it uploads, and its true losses
     (``g_loss``/``d_loss``: mean over the steps; ``_last``: the last step).
+    With ``latent`` (a ``latent_trigger.LatentTrigger``), an attacking client
+    (``is_mal``) adds the latent backdoor's term to its G loss (``g_loss``
+    stays the adversarial loss) and ``stats['latent_dist']`` is the uploaded
+    generator's distance of ``G(z*)`` to ``x*`` (every client).
   """
   B = config.train.batch_size
   epoch = config.train.local_steps == 0
@@ -119,10 +123,16 @@ def local_trainer(
     key: jax.Array,
     upload=None,
     trigger_part=None,
+    latent=None,
   ):
     g_params, g_rest = split_vars(g_global)
     d_params, d_rest = split_vars(d_global if avg_d else client.d_vars)
     g_anchor, d_anchor = g_params, d_params
+
+    def latent_dist(g_params, g_rest):
+      # Inference mode (running statistics, nothing updated), as the global generator is sampled and evaluated.
+      out = generator.apply({"params": g_params, **g_rest}, latent.z[None], train=False)
+      return latent_trigger.distance(out, latent.target)[0]
 
     if epoch:  # A random order of the client's own images (padding sorted last); batch i is its slice i.
       key, k_perm = jax.random.split(key)
@@ -174,9 +184,16 @@ def local_trainer(
           loss = losses.g_adversarial(loss_kind, logits, bce_kind)
           if prox_w:
             loss = loss + prox_w * losses.proximal(gp, g_anchor)
-          return loss, new_g_rest
+          if latent is None:
+            return loss, new_g_rest
+          # The latent backdoor (attackers only, in the window): G(z*) as the model is sampled, pulled to x*.
+          dist = latent_dist(gp, g_rest)
+          return loss + latent_trigger.loss_term(is_mal, latent.weight, dist), (new_g_rest, loss)
 
-        (g_loss, g_rest), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(g_params)
+        if latent is None:
+          (g_loss, g_rest), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(g_params)
+        else:
+          (_, (g_rest, g_loss)), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(g_params)
         g_upd, g_opt = g_tx.update(g_grads, g_opt, g_params)
         g_params = optax.apply_updates(g_params, g_upd)
         if upload is not None:  # A pgd attacker stays in its norm ball (no-op for every other client).
@@ -205,6 +222,8 @@ def local_trainer(
         "g_loss_last": g_losses[-1],
         "d_loss_last": d_losses[-1],
       }
+    if latent is not None:
+      stats["latent_dist"] = latent_dist(g_params, g_rest)
     new_client = ClientState(d_vars={"params": d_params, **d_rest}, g_opt=g_opt, d_opt=d_opt)
     return new_client, {"params": g_params, **g_rest}, {"params": d_params, **d_rest}, stats
 

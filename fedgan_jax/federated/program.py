@@ -137,6 +137,7 @@ def build(
         key,
         data.upload,
         part,
+        data.latent,  # The latent backdoor (attack.latent_trigger): None = off, nothing traced.
       )
 
     # Outside the attack window the malicious clients train on clean images, as honest ones.
@@ -159,13 +160,17 @@ def build(
     uploaded generators (``upload_attacks.tamper``) and, with ``mimic``, lie about their losses.
     """
     attackers = data.is_malicious & upload_attacks.in_window(data.upload, state.round)
+    # G(z*)'s distance to x* (attack.latent_trigger) is the simulation's record, never reported to the server.
+    stats = dict(local.stats)
+    logged = {"train/latent_dist": stats.pop("latent_dist")} if "latent_dist" in stats else {}
+    local = local._replace(stats=stats)
     local = local._replace(client_g=upload_attacks.tamper(state.g_global, local.client_g, attackers, data.upload))
     uploads = attack.report(local, data, attackers)
     if root_n:
       new_state, metrics = fltrust_server(state, data, local.clients, uploads, key)
     else:
       new_state, metrics = server_round(state, local.clients, uploads, key)
-    return new_state, {**{f"train/{k}": v for k, v in local.stats.items()}, **metrics}
+    return new_state, {**{f"train/{k}": v for k, v in local.stats.items()}, **logged, **metrics}
 
   def fltrust_server(state: RoundState, data: RoundData, clients: ClientState, uploads, key: jax.Array):
     """The server's own training on its root set (never poisoned), then the server step with its models."""

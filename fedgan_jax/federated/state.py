@@ -34,6 +34,8 @@ class RoundData(NamedTuple):
       (all of them, except under ``attack.dba``).
     root: uint8 ``[n_root, H, W, ch]``: the server's clean root set
       (``aggregation.name='fltrust'`` only; None otherwise).
+    latent: the latent backdoor's ``z*``, ``x*`` and weight
+      (``latent_trigger.LatentTrigger``, replicated) with ``attack.latent_trigger``; None otherwise.
   """
 
   images: jax.Array
@@ -46,6 +48,7 @@ class RoundData(NamedTuple):
   upload: Any
   trigger_part: jax.Array
   root: jax.Array | None = None
+  latent: Any = None
 
 
 # The RoundData fields that carry the client axis (sharded over devices; the rest is replicated).
