@@ -24,14 +24,18 @@ Attacks (columns; client 0 is the attacker unless said otherwise):
   ``BOUND`` (the bound ``norm_clip``, ``centered_clip`` and ``dp_mean``
   clip to: the upload passes clipping at exactly its limit);
 * ``sign_flip``, ``alie``, ``ipm``: the Byzantine uploads (data poisoning
-  stays on: their implant column says whether it survives them).
+  stays on: their implant column says whether it survives them);
+* ``latent``: the generator's latent-space backdoor (``attack.latent_trigger``,
+  no poisoned images): read by the distance of G(z*) to its target x* beside
+  the same distance of ordinary samples.
 
 Defenses (rows): ``none`` (FedAvg), the paper's ``detect`` (Isolation
 Forest on |G loss|, persistent decay), ``gp`` (WGAN-GP local
 regularisation) and ``detect+gp``, then every rule of configs/robust.py with
 its preset: ``alpha_detect``, ``median``, ``krum``, ``norm_clip``, ``rlr``,
 ``flame``, ``foolsgold``, ``centered_clip``, ``dnc``, ``dp_mean`` (its
-epsilon in the CSV). Left out because at C = 4 they coincide with a row or
+epsilon in the CSV), ``fltrust`` (the server's root set: 32 clean held-out
+images). Left out because at C = 4 they coincide with a row or
 with FedAvg: ``trimmed_mean`` (beta = 0.25 trims one client per side: the
 mean of the two middle values, which is the median of four), ``bulyan``
 (C >= 4f + 3 allows only f = 0: nothing trimmed), ``multi_krum`` (f = 0).
@@ -79,6 +83,8 @@ ATTACKS = {
   "sign_flip": {"attack.upload": "sign_flip"},
   "alie": {"attack.upload": "alie"},
   "ipm": {"attack.upload": "ipm"},
+  # The generator's latent-space backdoor alone (no poisoned images): read by G(z*)'s distance to x*.
+  "latent": {"attack.latent_trigger": True, "attack.poison_rate": 0.0},
 }
 
 _DETECT = dict(presets.DETECTION, **{"aggregation.kwargs.warmup_rounds": results.WARMUP})
@@ -108,6 +114,7 @@ DEFENSES = {
       "centered_clip",
       "dnc",
       "dp_mean",
+      "fltrust",
     )
   },
 }

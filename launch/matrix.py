@@ -52,6 +52,8 @@ COLUMNS = (
   "fpr_acted",
   "epsilon",
   "delta",
+  "latent_trigger_dist",
+  "latent_clean_dist",
   "wall_sec",
 )
 
@@ -75,6 +77,9 @@ def collect(
     det = summary.get("detection") or {}
     for k in ("tpr_flagged", "fpr_flagged", "tpr_acted", "fpr_acted"):
       row[k] = det.get(k)
+    final = summary.get("final") or {}
+    row["latent_trigger_dist"] = final.get("eval/latent_trigger_dist")
+    row["latent_clean_dist"] = final.get("eval/latent_clean_dist")
     privacy = summary.get("privacy") or {}
     row["epsilon"], row["delta"] = privacy.get("epsilon"), privacy.get("delta")
     rows.append(row)

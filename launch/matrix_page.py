@@ -55,7 +55,22 @@ def _worse(rows: Sequence[Row], defense: str, attack: str, key: str) -> bool:
   return bool(c and c.distinguishable and c.a.mean > c.b.mean)
 
 
+LATENT_CLOSER = 0.9  # A seed carries the latent backdoor when G(z*) is this much closer to x* than samples are.
+
+
+def latent_carried(rows: Sequence[Row], defense: str, attack: str) -> tuple[int, int]:
+  """``(k, n)``: seeds whose G(z*) is closer to x* than ``LATENT_CLOSER`` x the ordinary samples' distance."""
+  cell = [r for r in rows if r["defense"] == defense and r["attack"] == attack]
+  pairs = [(r.get("latent_trigger_dist"), r.get("latent_clean_dist")) for r in cell]
+  pairs = [(t, c) for t, c in pairs if t is not None and c is not None]
+  return sum(t < LATENT_CLOSER * c for t, c in pairs), len(pairs)
+
+
 def implanted(rows: Sequence[Row], defense: str, attack: str) -> bool:
+  """The trigger's implant is above the clean run's; for the latent backdoor, G(z*) near x* in every seed."""
+  k, n = latent_carried(rows, defense, attack)
+  if n:
+    return n >= 2 and k == n
   return _worse(rows, defense, attack, "implant")
 
 
@@ -116,10 +131,15 @@ def claims(rows: Sequence[Row]) -> list[str]:
     imp = [d for d in present if implanted(rows, d, a)]
     fid = [d for d in present if fidelity_lost(rows, d, a)]
     held = [d for d in present if holds(rows, d, a)]
-    undefended = "above the clean run's" if "none" in imp else "not distinguishable from the clean run's"
+    k, n = latent_carried(rows, "none", a)
+    if n:  # The latent backdoor: G(z*) against x*.
+      undefended = f"{'carried' if 'none' in imp else 'not carried'} (G(z*) near x* in {k} of {n} seeds)"
+      how = ""
+    else:
+      undefended = "above the clean run's" if "none" in imp else "not distinguishable from the clean run's"
+      how = f" ({fmt(st.mean_ci(values(rows, 'none', a, 'implant')))})" if "none" in present else ""
     out.append(
-      f"- **`{a}`**: without a defense the implant is {undefended}"
-      + (f" ({fmt(st.mean_ci(values(rows, 'none', a, 'implant')))})" if "none" in present else "")
+      f"- **`{a}`**: without a defense the implant is {undefended}{how}"
       + f"; implanted under {len(imp)} of {len(present)} defenses ({_names(imp)}); fidelity lost under "
       f"{len(fid)} ({_names(fid)}); holds: {len(held)} ({_names(held)})."
     )
@@ -283,6 +303,27 @@ def render(
         f"{ci('attacker_weight', 2)} | {ci('honest_weight_min', 2)} | {ci('honest_weight_max', 2)} | "
         f"{f'{np.mean(eps):.3g}' if eps else '–'} | {verdict(rows, d, a)} |"
       )
+  latent = [a for a in attacks if any(latent_carried(rows, d, a)[1] for d in defenses)]
+  for a in latent:
+    lines += [
+      "",
+      f"## The latent-space backdoor (`{a}`)",
+      "",
+      "Mean squared distance of the global generator's G(z*) to the target x* (final evaluation) beside the "
+      "median distance of ordinary samples to x*; a seed carries the backdoor when G(z*) is closer than "
+      f"{LATENT_CLOSER} × the ordinary distance, a cell is **implant** when every seed does.",
+      "",
+      "| defense | seeds | G(z*) to x* | ordinary samples to x* | seeds carrying it | verdict |",
+      "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for d in defenses:
+      k, n = latent_carried(rows, d, a)
+      if n:
+        ci = lambda key: fmt(st.mean_ci(values(rows, d, a, key)), 3)
+        lines.append(
+          f"| `{d}` | {n} | {ci('latent_trigger_dist')} | {ci('latent_clean_dist')} | {k} of {n} | "
+          f"{verdict(rows, d, a)} |"
+        )
   deltas = sorted({r["delta"] for r in rows if r.get("delta") is not None})
   if deltas:
     lines += [

@@ -19,8 +19,10 @@ CONFIG = os.path.join(ROOT, "configs", "matrix.py")
 def test_the_matrix_has_every_attack_and_defense_and_an_eight_seed_reference():
   mod = sweep.load_module(CONFIG)
   attacks = [a for a in mod.ATTACKS if a != "benign"]
-  assert len(attacks) >= 8 and "benign" in mod.ATTACKS and {"paper", "mimic", "dba", "pgd_scale"} <= set(attacks)
-  assert len(mod.DEFENSES) >= 12 and {"none", "detect", "gp", "detect+gp"} <= set(mod.DEFENSES)
+  assert (
+    len(attacks) >= 8 and "benign" in mod.ATTACKS and {"paper", "mimic", "dba", "pgd_scale", "latent"} <= set(attacks)
+  )
+  assert len(mod.DEFENSES) >= 12 and {"none", "detect", "gp", "detect+gp", "fltrust"} <= set(mod.DEFENSES)
   cells = mod.cells()
   assert len(cells) == len(mod.ATTACKS) * len(mod.DEFENSES)
   for d, a, ov in cells:
@@ -120,6 +122,20 @@ def test_verdicts_and_sentences_follow_the_rows(tmp_path):
   assert "| `none` | 0.0040 | 0.0990 (3/3) **↑** | 0.0990 (3/3) **↑** |" in page
   assert "| `median` | 1.49 **↑** | 1.01 | 0.99 |" in page
   assert "| `dp_mean` | `paper` | 3 |" in page and "| 4.5 | holds |" in page and "δ = 1e-05" in page
+  # The latent backdoor is read by G(z*)'s distance to x*: implanted when every seed's is well below the samples'.
+  latent = [
+    dict(rows[0], defense=d, attack="latent", seed=s, latent_trigger_dist=t, latent_clean_dist=1.0)
+    for d, t in (("none", 0.5), ("median", 0.95))
+    for s in range(3)
+  ]
+  assert matrix_page.latent_carried(latent, "none", "latent") == (3, 3)
+  assert matrix_page.verdict(rows + latent, "none", "latent") == "implant"
+  assert matrix_page.verdict(rows + latent, "median", "latent") == "holds"
+  page = matrix_page.render(rows + latent, PROV)
+  assert (
+    "## The latent-space backdoor (`latent`)" in page and "| `none` | 3 | 0.500 | 1.000 | 3 of 3 | implant |" in page
+  )
+  assert "- **`latent`**: without a defense the implant is carried (G(z*) near x* in 3 of 3 seeds); implanted" in page
   matrix_page.heatmap(rows, str(tmp_path / "m.png"))
   assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -150,6 +166,7 @@ def _finish(run_dir: str, rounds: int, dp: bool, seed: int) -> None:
   with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in records)
   summary = {"rounds": rounds, "final": {"eval/implant_amplitude": records[-1]["eval/implant_amplitude"]}}
+  summary["final"]["eval/latent_trigger_dist"] = 0.25 * (seed + 1)
   summary["detection"] = {"fpr_flagged": 0.5 * seed, "tpr_flagged": None}
   if dp:
     summary["privacy"] = {"epsilon": 12.5, "delta": 1e-5}
@@ -183,6 +200,7 @@ def test_main_reads_finished_runs_back_into_csv_page_and_figure(tmp_path, capsys
   assert rows[3]["implant"] == pytest.approx(0.01 + 0.002) and rows[3]["attacker_weight"] == 0.5
   assert rows[0]["attacker_weight"] is None and rows[4]["epsilon"] == 12.5 and rows[0]["epsilon"] is None
   assert [r["fpr_flagged"] for r in rows[:2]] == [0.0, 0.5] and rows[0]["tpr_flagged"] is None
+  assert rows[1]["latent_trigger_dist"] == 0.5 and rows[1]["latent_clean_dist"] is None
   page = (out / "matrix.md").read_text()
   assert "2 attacks × 2 defenses" in page and "4 cells" in page and "![implant and fidelity" in page
   assert (out / "matrix.png").stat().st_size > 1000
