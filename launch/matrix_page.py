@@ -66,12 +66,30 @@ def latent_carried(rows: Sequence[Row], defense: str, attack: str) -> tuple[int,
   return sum(t < LATENT_CLOSER * c for t, c in pairs), len(pairs)
 
 
+def own_floor(rows: Sequence[Row], defense: str) -> float | None:
+  """The largest implant the defense's own benign seeds read (None for the reference's defense or no benign cell)."""
+  if defense == REFERENCE[0]:
+    return None
+  xs = values(rows, defense, REFERENCE[1], "implant")
+  return max(xs) if xs else None
+
+
 def implanted(rows: Sequence[Row], defense: str, attack: str) -> bool:
-  """The trigger's implant is above the clean run's; for the latent backdoor, G(z*) near x* in every seed."""
+  """The attack's implant: above the clean run's (CIs apart, rank test) and, under a defense, above every seed of
+  that defense without an attacker (a defense that changes training, e.g. WGAN-GP, moves the reading by itself).
+
+  For the latent backdoor: G(z*) near x* in every seed. A benign cell has no implant to find.
+  """
+  if attack == REFERENCE[1]:
+    return False
   k, n = latent_carried(rows, defense, attack)
   if n:
     return n >= 2 and k == n
-  return _worse(rows, defense, attack, "implant")
+  if not _worse(rows, defense, attack, "implant"):
+    return False
+  own = own_floor(rows, defense)
+  k, n = st.above(values(rows, defense, attack, "implant"), own)
+  return own is None or k == n
 
 
 def fidelity_lost(rows: Sequence[Row], defense: str, attack: str) -> bool:
@@ -216,7 +234,9 @@ def render(
     "evaluations of its second half. *SWD* ×1e3 against clean held-out images (lower is better); "
     "*SWD / clean* is a cell's mean over the clean reference's. A cell is **implanted** when its implant is "
     "distinguishable from the clean reference's (95 % bootstrap CIs over seeds apart and a two-sided "
-    "Mann-Whitney p < 0.05) and higher, **fidelity** when the same holds for SWD; a defense **holds** when "
+    "Mann-Whitney p < 0.05) and higher and, under a defense, every seed's implant is above every seed of the same "
+    "defense without an attacker (a defense that changes training, as WGAN-GP does, moves the reading by itself); "
+    "**fidelity** when SWD is distinguishable from the clean reference's and higher; a defense **holds** when "
     "neither, i.e. the cell is not distinguishable from a clean run at this many seeds. With 3 seeds against "
     'the reference\'s 8 a rank test can reach p = 0.012; small effects stay "not distinguishable".',
     "",

@@ -122,6 +122,15 @@ def test_verdicts_and_sentences_follow_the_rows(tmp_path):
   assert "| `none` | 0.0040 | 0.0990 (3/3) **↑** | 0.0990 (3/3) **↑** |" in page
   assert "| `median` | 1.49 **↑** | 1.01 | 0.99 |" in page
   assert "| `dp_mean` | `paper` | 3 |" in page and "| 4.5 | holds |" in page and "δ = 1e-05" in page
+  # Under a defense that moves the reading by itself, the attack must beat that defense's own benign seeds.
+  moved = [
+    dict(rows[0], defense="gp", attack=a, seed=s, implant=imp + 0.001 * s, swd=40.0 + 0.1 * s)
+    for a, imp in (("benign", 0.1), ("paper", 0.1), ("scale", 0.3))
+    for s in range(3)
+  ]
+  assert matrix_page.verdict(rows + moved, "gp", "benign") == "holds"  # No attacker, no implant to find.
+  assert matrix_page.verdict(rows + moved, "gp", "paper") == "holds"  # Not above gp's own benign seeds.
+  assert matrix_page.verdict(rows + moved, "gp", "scale") == "implant"
   # The latent backdoor is read by G(z*)'s distance to x*: implanted when every seed's is well below the samples'.
   latent = [
     dict(rows[0], defense=d, attack="latent", seed=s, latent_trigger_dist=t, latent_clean_dist=1.0)
