@@ -17,7 +17,6 @@ with bootstrap CIs and verdicts against the clean reference
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import subprocess
 import sys
@@ -87,11 +86,7 @@ def collect(
 
 
 def write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
-  with open(path, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=COLUMNS)
-    w.writeheader()
-    for r in rows:
-      w.writerow({k: ("" if r.get(k) is None else r[k]) for k in COLUMNS})
+  results.write_csv(path, rows, COLUMNS)
 
 
 def read_csv(path: str) -> list[dict[str, Any]]:

@@ -135,12 +135,13 @@ def collect(
   return rows
 
 
-def write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
+def write_csv(path: str, rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> None:
+  """One row per run, ``columns`` in order (None as an empty cell)."""
   with open(path, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=COLUMNS)
+    w = csv.DictWriter(f, fieldnames=list(columns))
     w.writeheader()
     for r in rows:
-      w.writerow({k: ("" if r.get(k) is None else r[k]) for k in COLUMNS})
+      w.writerow({k: ("" if r.get(k) is None else r[k]) for k in columns})
 
 
 def read_csv(path: str) -> list[dict[str, Any]]:
