@@ -99,6 +99,29 @@ def _git(*args: str) -> str:
   return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+def record_commit(workdir: str, commit: str, fresh: bool) -> None:
+  """Notes in ``<workdir>/COMMIT`` the commit that trains cells now (one line per commit, oldest first).
+
+  A fresh matrix starts the file; a resumed one (new cells added to the config) appends its commit when it
+  differs from the last, so the page names every commit its cells came from.
+  """
+  path = os.path.join(workdir, COMMIT_FILE)
+  known = [] if fresh else run_commits(workdir)
+  if known and known[-1] == commit:
+    return
+  with open(path, "w") as f:
+    f.write("".join(c + "\n" for c in known + [commit]))
+
+
+def run_commits(workdir: str) -> list[str]:
+  """The commits recorded by ``record_commit`` (empty when there is no record)."""
+  try:
+    with open(os.path.join(workdir, COMMIT_FILE)) as f:
+      return [line.strip() for line in f if line.strip()]
+  except OSError:
+    return []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m launch.matrix", description=__doc__.split("\n")[0])
   p.add_argument("--workdir", default="runs/matrix", help="where the runs live (resumable)")
@@ -120,10 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_run:
       finished_before = len(collect(args.workdir, args.config, base))
       os.makedirs(args.workdir, exist_ok=True)
-      commit_file = os.path.join(args.workdir, COMMIT_FILE)
-      if not finished_before or not os.path.exists(commit_file):
-        with open(commit_file, "w") as f:
-          f.write(_git("rev-parse", "--short", "HEAD") + "\n")
+      record_commit(args.workdir, _git("rev-parse", "--short", "HEAD"), fresh=not finished_before)
       t0 = time.perf_counter()
       sweep.run_sweep(args.config, args.workdir, parallel=args.parallel, batch_seeds=True, base_overrides=base)
       wall = None if finished_before else time.perf_counter() - t0
@@ -139,11 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   names = ("matrix.csv", "matrix.md", "matrix.png")
   prov = results.provenance(args.workdir, wall, outputs=[os.path.join(args.out, n) for n in names])
   prov["command"] = f"python -m launch.matrix --workdir {args.workdir}" + "".join(f" --set {s}" for s in args.set)
-  try:
-    with open(os.path.join(args.workdir, COMMIT_FILE)) as f:
-      prov["runs_commit"] = f.read().strip()
-  except OSError:
-    prov["runs_commit"] = None
+  prov["runs_commit"] = ", ".join(run_commits(args.workdir)) or None
   mod = sweep.load_module(args.config)
   expected = len(getattr(mod, "cells", lambda: [])()) or None
   page = matrix_page.render(rows, prov, expected_cells=expected, figure="matrix.png")

@@ -217,3 +217,19 @@ def test_main_reads_finished_runs_back_into_csv_page_and_figure(tmp_path, capsys
   bad.write_text(_TINY.format(root=ROOT).replace('"_attack": a, ', ""))
   assert matrix.main(["--workdir", str(work), "--out", str(out), "--no-run", "--config", str(bad)]) == 2
   assert "needs '_defense' and '_attack' labels" in capsys.readouterr().err
+
+
+def test_a_resumed_matrix_names_every_commit_its_cells_came_from(tmp_path):
+  w = str(tmp_path)
+  assert matrix.run_commits(w) == []
+  matrix.record_commit(w, "aaa1111", fresh=True)
+  matrix.record_commit(w, "aaa1111", fresh=False)  # Resumed at the same commit: nothing new.
+  matrix.record_commit(w, "bbb2222", fresh=False)  # New cells trained by a later commit.
+  assert matrix.run_commits(w) == ["aaa1111", "bbb2222"]
+  rows = [
+    {"defense": "none", "attack": "benign", "seed": s, "implant": 0.0, "wall_sec": 10.0, "swd": 1.0} for s in range(2)
+  ]
+  page = matrix_page.render(rows, dict(PROV, runs_commit=", ".join(matrix.run_commits(w))), figure=None)
+  assert "trained from commits `aaa1111, bbb2222` (the matrix was resumed" in page
+  matrix.record_commit(w, "ccc3333", fresh=True)  # A fresh matrix starts the record again.
+  assert matrix.run_commits(w) == ["ccc3333"]
