@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 import scipy.stats
+from trees import flat, flat_clients
 
 from fedgan_jax import aggregation
 from fedgan_jax.aggregation import AGGREGATORS, server_stats
@@ -98,14 +99,6 @@ def with_client(tree, i, fn):
     return x
 
   return jax.tree.map(one, tree)
-
-
-def flat(tree):
-  return np.concatenate([np.asarray(x, np.float64).reshape(-1) for x in jax.tree.leaves(tree)])
-
-
-def flat_clients(tree):
-  return np.concatenate([np.asarray(x, np.float64).reshape(x.shape[0], -1) for x in jax.tree.leaves(tree)], axis=1)
 
 
 @functools.cache

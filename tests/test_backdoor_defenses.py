@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from trees import flat, flat_clients, from_flat
 
 from fedgan_jax.aggregation import backdoor
 
@@ -42,26 +43,8 @@ def make_global(rng):
   }
 
 
-def unflatten_like(g, vecs):
-  """Stacked client pytree from ``vecs[C, D]`` (D = number of coordinates of ``g``)."""
-  leaves, treedef = jax.tree.flatten(g)
-  out, i = [], 0
-  for x in leaves:
-    out.append(np.asarray(vecs[:, i : i + x.size], np.float32).reshape((-1,) + x.shape))
-    i += x.size
-  return jax.tree.unflatten(treedef, out)
-
-
 def clients_from_updates(g, u):
-  return unflatten_like(g, flat(g)[None] + u)
-
-
-def flat(tree):
-  return np.concatenate([np.asarray(x, np.float64).reshape(-1) for x in jax.tree.leaves(tree)])
-
-
-def flat_clients(tree):
-  return np.concatenate([np.asarray(x, np.float64).reshape(x.shape[0], -1) for x in jax.tree.leaves(tree)], axis=1)
+  return from_flat(flat(g)[None] + u, g)
 
 
 def structured_updates(rng, c, d, kind):

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from trees import flat, flat_clients, from_flat
 
 from fedgan_jax.aggregation import base
 from fedgan_jax.aggregation import byzantine as byz
@@ -38,24 +39,6 @@ def make_clients(rng, g, c, scale=0.1):
 
 def make_stats(rng, c):
   return {"num_examples": rng.integers(5, 20, size=c).astype(np.float32)}
-
-
-def flat(tree):
-  return np.concatenate([np.asarray(x, np.float64).reshape(-1) for x in jax.tree.leaves(tree)])
-
-
-def flat_clients(tree):
-  return np.concatenate([np.asarray(x, np.float64).reshape(x.shape[0], -1) for x in jax.tree.leaves(tree)], axis=1)
-
-
-def from_flat(v, g):
-  """Numpy flat vector(s) ``[..., d]`` -> pytree shaped as ``g`` with the leading axes of ``v``."""
-  leaves, treedef = jax.tree.flatten(g)
-  out, off = [], 0
-  for x in leaves:
-    out.append(np.asarray(v[..., off : off + x.size], np.float32).reshape(v.shape[:-1] + x.shape))
-    off += x.size
-  return jax.tree.unflatten(treedef, out)
 
 
 @functools.cache

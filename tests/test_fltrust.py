@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from trees import flat, flat_clients, from_flat
 
 from conftest import tiny_config
 from fedgan_jax import assemble, config_lib
@@ -36,26 +37,8 @@ def make_global(rng):
   }
 
 
-def flat(tree):
-  return np.concatenate([np.asarray(x, np.float64).reshape(-1) for x in jax.tree.leaves(tree)])
-
-
-def flat_clients(tree):
-  return np.concatenate([np.asarray(x, np.float64).reshape(x.shape[0], -1) for x in jax.tree.leaves(tree)], axis=1)
-
-
-def unflatten_like(g, vecs):
-  """Stacked pytree from ``vecs[C, D]`` (D = number of coordinates of ``g``)."""
-  leaves, treedef = jax.tree.flatten(g)
-  out, i = [], 0
-  for x in leaves:
-    out.append(np.asarray(vecs[:, i : i + x.size], np.float32).reshape((-1,) + x.shape))
-    i += x.size
-  return jax.tree.unflatten(treedef, out)
-
-
 def from_updates(g, u):
-  return unflatten_like(g, flat(g)[None] + u)
+  return from_flat(flat(g)[None] + u, g)
 
 
 def server_from_update(g, u0):
