@@ -49,7 +49,7 @@ def local_steps(config, counts) -> int:
   return int(counts.max()) // B
 
 
-def build_program(config, steps: int | None = None) -> tuple[Program, Any, Any]:
+def build_program(config, steps: int | None = None, num_classes: int = 0) -> tuple[Program, Any, Any]:
   """``(program, generator, discriminator)`` for a validated config.
 
   One aggregator serves generators and (when averaged) discriminators: its
@@ -59,8 +59,13 @@ def build_program(config, steps: int | None = None) -> tuple[Program, Any, Any]:
     config: a validated config.
     steps: the local steps the program runs (``local_steps``); needed with
       ``train.local_steps = 0`` (one local epoch), else ``train.local_steps``.
+    num_classes: the data's classes (``Dataset.num_classes``, ``setup_data``'s
+      ``info['num_classes']``); required (>= 2) with ``model.conditional``, ignored otherwise.
+
+  Raises:
+    ValueError: ``model.conditional`` without ``num_classes >= 2``.
   """
-  g, d = models.build(config)
+  g, d = models.build(config, num_classes)
   agg = aggregation.get(config.aggregation.name, num_clients=config.num_clients, **config.aggregation.kwargs.to_dict())
   return program_lib.build(config, g, d, agg, local_steps=steps), g, d
 
@@ -77,7 +82,40 @@ def root_size(config) -> int:
   return root_size_of(config.aggregation.name, config.aggregation.kwargs)
 
 
-def round_data(config, images, counts, poison_flags=None, root=None) -> RoundData:
+def check_conditional(config, train, info: dict) -> int:
+  """The classes of a class-conditional run (``model.conditional``), checked against the data; 0 when off.
+
+  Args:
+    config: a validated config.
+    train: the training ``Dataset``.
+    info: the source's facts (``label_source``).
+
+  Returns:
+    ``train.num_classes`` with ``model.conditional``, else 0.
+
+  Raises:
+    ValueError: ``model.conditional`` with fewer than 2 classes (an unlabelled source) or labels out of range.
+  """
+  if not config.model.conditional:
+    return 0
+  k, source = int(train.num_classes), config.data.source
+  if k < 2:
+    raise ValueError(
+      f"config.model.conditional=True is invalid with data.source={source!r}: its training data has {k} class "
+      f"(labels: {info.get('label_source', 'none')}), and a class-conditional GAN needs labelled data with at "
+      "least 2 classes (folder: data.labels_csv or a <split>/<class>/ layout; npz: *_labels arrays; tfds: "
+      "data.label_key); or set model.conditional=False."
+    )
+  labels = np.asarray(train.labels)
+  if labels.size and (labels.min() < 0 or labels.max() >= k):
+    raise ValueError(
+      f"config.model.conditional=True: data.source={source!r} gave labels in [{labels.min()}, {labels.max()}], "
+      f"outside the {k} classes [0, {k - 1}] it declares."
+    )
+  return k
+
+
+def round_data(config, images, counts, poison_flags=None, root=None, labels=None, root_labels=None) -> RoundData:
   """The device-resident round inputs for client shards under ``config``'s attack.
 
   Args:
@@ -88,18 +126,34 @@ def round_data(config, images, counts, poison_flags=None, root=None) -> RoundDat
       malicious client's real images, drawn from ``seed + 1``.
     root: uint8 ``[root_size(config), R, R, ch]``, the server's clean root set
       (``aggregation.name='fltrust'``; ``setup_data`` takes it from the held-out split).
+    labels: int ``[C, n_max]`` class ids of the shards (``ClientData.labels``);
+      kept only with ``model.conditional`` (required then), else ``RoundData.labels`` is None.
+    root_labels: int ``[root_size(config)]`` class ids of ``root``; kept (and
+      required) only with ``model.conditional`` and fltrust.
 
   Returns:
     A ``RoundData`` of device arrays.
 
   Raises:
-    ValueError: ``root`` missing or of the wrong size under fltrust.
+    ValueError: ``root`` missing or of the wrong size under fltrust; labels
+      missing or of the wrong shape with ``model.conditional``.
   """
   n_root = root_size(config)
   if n_root and (root is None or np.shape(root)[0] != n_root):
     raise ValueError(
       f"config.aggregation.kwargs.root_size={n_root}: the server's root set has "
       f"{0 if root is None else np.shape(root)[0]} images, {n_root} needed."
+    )
+  conditional = bool(config.model.conditional)
+  if conditional and (labels is None or np.shape(labels) != np.shape(images)[:2]):
+    raise ValueError(
+      f"config.model.conditional=True: the client shards' labels must be [C, n_max] = {np.shape(images)[:2]} "
+      f"class ids, got {None if labels is None else np.shape(labels)}."
+    )
+  if conditional and n_root and (root_labels is None or np.shape(root_labels) != (n_root,)):
+    raise ValueError(
+      f"config.model.conditional=True with aggregation.name='fltrust': the server's root set needs {n_root} "
+      f"labels, got {None if root_labels is None else np.shape(root_labels)}."
     )
   is_mal = malicious_mask(config)
   counts = np.asarray(counts)
@@ -124,6 +178,8 @@ def round_data(config, images, counts, poison_flags=None, root=None) -> RoundDat
     trigger_part=jnp.asarray(part),
     root=jnp.asarray(root, jnp.uint8) if n_root else None,
     latent=latent_trigger.from_config(config),
+    labels=jnp.asarray(labels, jnp.int32) if conditional else None,
+    root_labels=jnp.asarray(root_labels, jnp.int32) if conditional and n_root else None,
   )
 
 
@@ -133,16 +189,20 @@ def setup_data(config) -> tuple[RoundData, Any, dict]:
   With ``aggregation.name='fltrust'`` the server's root set is the first
   ``aggregation.kwargs.root_size`` images of the clean held-out split: images
   no client holds (so none is poisoned), which the evaluation also uses as
-  real references (the server's model itself is never aggregated).
+  real references (the server's model itself is never aggregated). With
+  ``model.conditional`` the round data carries the shards' labels (and the
+  root set's), and ``info['num_classes']`` is what ``build_program`` needs.
 
   Returns:
     (round data, clean held-out ``Dataset``, info dict for ``summary.json``).
 
   Raises:
-    ValueError: fewer held-out images than ``aggregation.kwargs.root_size``.
+    ValueError: fewer held-out images than ``aggregation.kwargs.root_size``;
+      ``model.conditional`` with unlabelled data (``check_conditional``).
   """
   train, heldout, info = sources.load_data(config)
   sources.check_enough(train, config)
+  check_conditional(config, train, info)
   n_root = root_size(config)
   if n_root > len(heldout.images):
     raise ValueError(
@@ -152,7 +212,14 @@ def setup_data(config) -> tuple[RoundData, Any, dict]:
     )
   kwargs = {"alpha": config.data.alpha} if config.data.partition in ("dirichlet", "quantity") else {}
   clients = partition_lib.partition(train, config.num_clients, config.data.partition, config.seed, **kwargs)
-  data = round_data(config, clients.images, clients.counts, root=heldout.images[:n_root] if n_root else None)
+  data = round_data(
+    config,
+    clients.images,
+    clients.counts,
+    root=heldout.images[:n_root] if n_root else None,
+    labels=clients.labels,
+    root_labels=heldout.labels[:n_root] if n_root else None,
+  )
   info = {
     **info,
     "client_counts": clients.counts.tolist(),

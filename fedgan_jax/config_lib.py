@@ -107,6 +107,11 @@ def base_config() -> ml_collections.ConfigDict:
   # D's init: dcgan (N(0, 0.02), BatchNorm scale N(1, 0.02)) | torch (PyTorch's default, left in place by the
   # paper's code: kernels U(+-1/sqrt(fan_in)), norm scales 1).
   c.model.d_init = "dcgan"
+  # Class-conditional G and D (models/dcgan.py, stylegan2.py): G gets a label embedding with z (concatenated;
+  # StyleGAN2: embedded into the mapping network, as stylegan2-ada's c_dim), D a projection term (Miyato & Koyama,
+  # ICLR 2018). The classes are the data's (Dataset.num_classes, >= 2 needed); fakes get labels drawn from each
+  # client's own labels, so label-skewed partitions (data.partition='dirichlet') train as in the literature.
+  c.model.conditional = False
   c.model.conv_impl = "auto"  # auto | xla | fast_cpu | gemm: conv lowering (auto: fast_cpu on CPU, gemm elsewhere).
   c.model.sg2 = ml_collections.ConfigDict()  # model.name='stylegan2' (Projected GAN's StyleGAN2 G, as the paper's).
   c.model.sg2.w_dim = 128  # Intermediate latent (style) size; z is model.latent_dim (paper: 64).
@@ -327,6 +332,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_choice(config, "model.d_init", {"dcgan", "torch"})
   if not isinstance(config.model.d_norm_first, bool):
     _fail("model.d_norm_first", config.model.d_norm_first, "accepted values are False, True")
+  if not isinstance(config.model.conditional, bool):
+    _fail("model.conditional", config.model.conditional, "accepted values are False, True")
   # model.sg2.*: checked whatever model.name is, so a bad value never waits for the day it is used.
   for f in ("model.sg2.w_dim", "model.sg2.mapping_layers", "model.sg2.channel_base", "model.sg2.channel_max"):
     _check_positive(config, f)

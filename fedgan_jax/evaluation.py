@@ -2,7 +2,12 @@
 
 Every ``eval_every`` rounds (and at the first and last round):
 
-* a sample grid at fixed noise (``samples/round_NNNNNN.png``);
+* a sample grid at fixed noise (``samples/round_NNNNNN.png``). With
+  ``model.conditional`` its row ``i`` shows class ``i % num_classes``, and
+  ``samples/class_<k>/round_NNNNNN.png`` is the whole grid (the same noise)
+  with class ``k``; every other metric below is computed on samples whose
+  labels cycle over the classes (sample ``j`` has class ``j % num_classes``:
+  fixed, deterministic, balanced to within one);
 * the implant (``metrics.trigger``): ``eval/implant_amplitude``, the median
   per-image amount of the trigger blended into its region (0 = none, 1 =
   pasted) in generated images minus the same on clean held-out real images
@@ -111,7 +116,7 @@ class Evaluator:
 
   Args:
     config: the run config.
-    sample_fn: ``(g_vars, z) -> images [N, H, W, ch]`` in [-1, 1].
+    sample_fn: ``(g_vars, z) -> images [N, H, W, ch]`` in [-1, 1]; ``(g_vars, z, labels)`` with ``model.conditional``.
     heldout: clean held-out ``Dataset`` (uint8 images).
     trigger: float ``[s, s, ch]`` trigger.
     trigger_loc: (top, left) of the trigger region.
@@ -120,6 +125,11 @@ class Evaluator:
     poisoned: float images of the malicious clients as they train on them
       (trigger pasted), for the ``real_poisoned_amplitude`` sanity check (1 = the measure sees pasted triggers).
     write: save files (False on non-primary processes of a multi-host run).
+    num_classes: the data's classes with ``model.conditional`` (then ``sample_fn``
+      is ``(g_vars, z, labels) -> images``); ignored otherwise.
+
+  Raises:
+    ValueError: ``model.conditional`` with ``num_classes < 2``.
   """
 
   def __init__(
@@ -133,6 +143,7 @@ class Evaluator:
     workdir: str,
     poisoned: np.ndarray | None = None,
     write: bool = True,
+    num_classes: int = 0,
   ):
     self.config = config
     self.write = write
@@ -143,6 +154,17 @@ class Evaluator:
     k_grid, k_eval = jax.random.split(key)
     self.z_grid = jax.random.normal(k_grid, (config.eval.grid_size**2, nz))
     self.z_eval = jax.random.normal(k_eval, (config.eval.num_samples, nz))
+    # model.conditional: fixed labels cycling over the classes (grid: row i is class i % K); None otherwise.
+    self.num_classes = int(num_classes) if config.model.conditional else 0
+    if config.model.conditional and self.num_classes < 2:
+      raise ValueError(
+        f"config.model.conditional=True: the evaluation needs the data's classes (>= 2), got {num_classes}."
+      )
+    self.grid_labels = self.eval_labels = None
+    if self.num_classes:
+      g = config.eval.grid_size
+      self.grid_labels = jnp.asarray((np.arange(g * g) // g) % self.num_classes, jnp.int32)
+      self.eval_labels = jnp.asarray(np.arange(config.eval.num_samples) % self.num_classes, jnp.int32)
     self._sample = jax.jit(sample_fn)
     self.real = heldout.images.astype(np.float32) / 127.5 - 1.0
     self.latent = latent_trigger.from_config(config)  # None unless attack.latent_trigger.
@@ -180,25 +202,32 @@ class Evaluator:
         effnet_weights=config.eval.effnet_weights,
       )
 
-  def device_samples(self, g_vars, z: jax.Array, batch: int = 256) -> jax.Array:
-    """Generated images for latents ``z``, left on the device."""
-    parts = [self._sample(g_vars, z[i : i + batch]) for i in range(0, len(z), batch)]
+  def device_samples(self, g_vars, z: jax.Array, batch: int = 256, labels: jax.Array | None = None) -> jax.Array:
+    """Generated images for latents ``z`` (and class ids ``labels [N]``, conditional models only), on the device."""
+    if labels is None:
+      parts = [self._sample(g_vars, z[i : i + batch]) for i in range(0, len(z), batch)]
+    else:
+      parts = [self._sample(g_vars, z[i : i + batch], labels[i : i + batch]) for i in range(0, len(z), batch)]
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
-  def samples(self, g_vars, z: jax.Array, batch: int = 256) -> np.ndarray:
-    """Generated images for latents ``z`` as a host array."""
-    return np.asarray(self.device_samples(g_vars, z, batch))
+  def samples(self, g_vars, z: jax.Array, batch: int = 256, labels: jax.Array | None = None) -> np.ndarray:
+    """Generated images for latents ``z`` (and ``labels``, see ``device_samples``) as a host array."""
+    return np.asarray(self.device_samples(g_vars, z, batch, labels))
+
+  def _save_grid(self, grid: np.ndarray, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    image_io.save_png(path, grid, scale=max(1, 128 // self.config.resolution))
 
   def __call__(self, g_vars, round_: int, final: bool = False) -> dict[str, Any]:
-    grid_imgs = image_io.to_uint8(self.samples(g_vars, self.z_grid))
+    grid_imgs = image_io.to_uint8(self.samples(g_vars, self.z_grid, labels=self.grid_labels))
     self.last_grid = image_io.grid(grid_imgs, self.config.eval.grid_size)
     if self.write:
-      image_io.save_png(
-        os.path.join(self.sample_dir, f"round_{round_:06d}.png"),
-        self.last_grid,
-        scale=max(1, 128 // self.config.resolution),
-      )
-    fake_dev = self.device_samples(g_vars, self.z_eval)
+      self._save_grid(self.last_grid, os.path.join(self.sample_dir, f"round_{round_:06d}.png"))
+      for k in range(self.num_classes):  # model.conditional: the whole grid once per class.
+        y = jnp.full((len(self.z_grid),), k, jnp.int32)
+        grid = image_io.grid(image_io.to_uint8(self.samples(g_vars, self.z_grid, labels=y)), self.config.eval.grid_size)
+        self._save_grid(grid, os.path.join(self.sample_dir, f"class_{k}", f"round_{round_:06d}.png"))
+    fake_dev = self.device_samples(g_vars, self.z_eval, labels=self.eval_labels)
     fake = np.asarray(fake_dev)
     finite = np.isfinite(fake).all(axis=(1, 2, 3))
     out: dict[str, Any] = {"eval/nonfinite_samples": int(np.sum(~finite))}
@@ -211,7 +240,8 @@ class Evaluator:
       out[f"eval/implant_amplitude_hi{t.suffix}"] = head["hi"]
       out[f"eval/implant_above_p99{t.suffix}"] = float(np.mean(amp > t.exceed.threshold))
     if self.latent is not None:
-      g_star = self.samples(g_vars, self.latent.z[None])
+      y_star = jnp.full((1,), latent_trigger.LATENT_CLASS, jnp.int32) if self.num_classes else None
+      g_star = self.samples(g_vars, self.latent.z[None], labels=y_star)
       out.update(latent_trigger.eval_metrics(g_star, fake[finite], self.latent.target))
     if self.real_variance is not None:
       out["eval/diversity"] = diversity.diversity(fake, self.real_variance)

@@ -69,6 +69,7 @@ class _Built(NamedTuple):
   k_eval: Any
   round_key: Any
   view: Any  # (tree, k) -> replica k's part.
+  num_classes: int  # The data's classes with model.conditional; 0 otherwise.
 
 
 def run(config, workdir: str, console: run_console.Console | None = None) -> dict[str, Any]:
@@ -115,7 +116,9 @@ def _build(config, workdir: str) -> _Built:
   else:
     data, heldout, info = assemble.setup_data(config)
     heldouts, infos = [heldout], [info]
-  program, _, _ = assemble.build_program(config, assemble.local_steps(config, data.counts))
+  # model.conditional: the models' classes are the data's (every replica reads the same source).
+  num_classes = int(infos[0]["num_classes"]) if config.model.conditional else 0
+  program, _, _ = assemble.build_program(config, assemble.local_steps(config, data.counts), num_classes)
   if K > 1:
     k_init, k_rounds, k_eval = replicas_lib.replica_keys(config.seed, K)
     init = jax.jit(replicas_lib.replicate(program).init)
@@ -127,7 +130,7 @@ def _build(config, workdir: str) -> _Built:
     init = jax.jit(program.init)  # One compiled program, not hundreds of op-by-op dispatches.
     view = lambda tree, k: tree
     round_key = lambda r: jax.random.fold_in(k_rounds, r)
-  return _Built(members, data, list(heldouts), list(infos), program, init, k_init, k_eval, round_key, view)
+  return _Built(members, data, list(heldouts), list(infos), program, init, k_init, k_eval, round_key, view, num_classes)
 
 
 def _abstract_state(init, k_init) -> Any:
@@ -164,6 +167,7 @@ def _open_outputs(b: _Built, start: int, primary: bool, console, forked: bool = 
       d,
       poisoned=assemble.poisoned_examples(dk, c),
       write=primary,
+      num_classes=b.num_classes,
     )
     tb = tensorboard.TensorBoardWriter(os.path.join(d, "tb"), active=primary, keep_until=start)
     wb = wandb_writer.WandbWriter(c, d, active=primary)

@@ -38,6 +38,7 @@ SHAPE_FIELDS = (
   "model.d_width",
   "model.d_norm",
   "model.d_norm_first",
+  "model.conditional",
   "model.sg2.w_dim",
   "model.sg2.mapping_layers",
   "model.sg2.channel_base",

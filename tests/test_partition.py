@@ -161,3 +161,23 @@ def test_full_gives_every_client_every_image():
   for c in range(3):
     got = np.sort(clients.images[c].reshape(len(ds.images), -1), axis=0)
     np.testing.assert_array_equal(got, np.sort(ds.images.reshape(len(ds.images), -1), axis=0))
+
+
+@pytest.mark.parametrize(
+  "method,kwargs",
+  [("iid", {}), ("dirichlet", {"alpha": 0.1}), ("quantity", {"alpha": 0.1}), ("by_group", {}), ("full", {})],
+)
+def test_labels_stay_aligned_with_their_images(method, kwargs):
+  """Every slot of the stacked shards (padding too) holds an image and that image's own label.
+
+  model.conditional draws a batch's labels by the index of its images, so a partition that moved them apart
+  would train D on wrong pairs. The labels are shuffled against the index order so only a true alignment passes.
+  """
+  ds = labelled(num_classes=4, per_class=50, groups=np.arange(200) % 5)
+  ds = ds._replace(labels=np.random.default_rng(7).permutation(ds.labels))
+  clients = partition_lib.partition(ds, 5, method, seed=3, **kwargs)
+  ids = clients.images[..., 0, 0, 0].astype(int) + 256 * clients.images[..., 0, 1, 0].astype(int)
+  np.testing.assert_array_equal(clients.labels, ds.labels[ids])
+  if method == "dirichlet":  # Skewed: the clients' label mixes differ.
+    mixes = [np.bincount(clients.labels[c, :n], minlength=4) / n for c, n in enumerate(clients.counts)]
+    assert np.ptp([m[0] for m in mixes]) > 0.2

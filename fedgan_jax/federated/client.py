@@ -74,15 +74,25 @@ def local_trainer(
 
   Returns:
     ``local_train(client, g_global, d_global, images, count, is_mal, flags,
-    trigger, trigger_loc, key, upload=None, trigger_part=None, latent=None) -> (client_state, g_vars, d_vars,
-    stats)``: the client starts from the global generator (and the global discriminator when
+    trigger, trigger_loc, key, upload=None, trigger_part=None, latent=None, labels=None) -> (client_state,
+    g_vars, d_vars, stats)``: the client starts from the global generator (and the global discriminator when
     discriminators are averaged), trains L steps on its own shard, and returns
     its new state, the variables it uploads, and its true losses
     (``g_loss``/``d_loss``: mean over the steps; ``_last``: the last step).
     With ``latent`` (a ``latent_trigger.LatentTrigger``), an attacking client
     (``is_mal``) adds the latent backdoor's term to its G loss (``g_loss``
     stays the adversarial loss) and ``stats['latent_dist']`` is the uploaded
-    generator's distance of ``G(z*)`` to ``x*`` (every client).
+    generator's distance of ``G(z*)`` to ``x*`` (every client; with
+    ``model.conditional``, ``z*`` paired with class ``latent_trigger.LATENT_CLASS``).
+    With ``model.conditional``, ``labels`` (int32 ``[n_max]``, the shard's
+    class ids) are required: each real image is seen with its own label
+    (drawn by the same index), every fake batch gets labels drawn from the
+    client's own labels (a uniform index below ``count``, so a label-skewed
+    client fakes its own class mix), and the gradient penalty's interpolates
+    and R1 take the real images' labels.
+
+  Raises:
+    ValueError: (when traced) ``labels`` given without ``model.conditional``, or missing with it.
   """
   B = config.train.batch_size
   epoch = config.train.local_steps == 0
@@ -98,15 +108,21 @@ def local_trainer(
   g_tx = optimizer(config, config.train.g_lr)
   d_tx = optimizer(config, config.train.d_lr)
   unroll = scan_unroll(config)
+  conditional = bool(config.model.conditional)
 
-  def d_apply(d_params, d_rest, x):
-    out, new_rest = discriminator.apply({"params": d_params, **d_rest}, x, train=True, mutable=list(d_rest.keys()))
+  # Labels are passed only to conditional models (y None: the unconditional call, unchanged).
+  cond = lambda y: {} if y is None else {"labels": y}
+
+  def d_apply(d_params, d_rest, x, y=None):
+    out, new_rest = discriminator.apply(
+      {"params": d_params, **d_rest}, x, train=True, mutable=list(d_rest.keys()), **cond(y)
+    )
     return out, dict(new_rest)
 
-  def g_apply(g_params, g_rest, z, key):
+  def g_apply(g_params, g_rest, z, key, y=None):
     # ``key`` feeds per-call noise inputs (StyleGAN2's noise_mode='random'); DCGAN draws none.
     out, new_rest = generator.apply(
-      {"params": g_params, **g_rest}, z, train=True, mutable=list(g_rest.keys()), rngs={"noise": key}
+      {"params": g_params, **g_rest}, z, train=True, mutable=list(g_rest.keys()), rngs={"noise": key}, **cond(y)
     )
     return out, dict(new_rest)
 
@@ -124,14 +140,21 @@ def local_trainer(
     upload=None,
     trigger_part=None,
     latent=None,
+    labels=None,
   ):
+    if conditional != (labels is not None):
+      raise ValueError(
+        f"model.conditional={conditional}: local training needs the clients' labels (RoundData.labels) exactly "
+        "when the models are class-conditional; assemble.round_data builds them from the config."
+      )
     g_params, g_rest = split_vars(g_global)
     d_params, d_rest = split_vars(d_global if avg_d else client.d_vars)
     g_anchor, d_anchor = g_params, d_params
 
     def latent_dist(g_params, g_rest):
       # Inference mode (running statistics, nothing updated), as the global generator is sampled and evaluated.
-      out = generator.apply({"params": g_params, **g_rest}, latent.z[None], train=False)
+      y = jnp.full((1,), latent_trigger.LATENT_CLASS, jnp.int32) if conditional else None
+      out = generator.apply({"params": g_params, **g_rest}, latent.z[None], train=False, **cond(y))
       return latent_trigger.distance(out, latent.target)[0]
 
     if epoch:  # A random order of the client's own images (padding sorted last); batch i is its slice i.
@@ -140,6 +163,10 @@ def local_trainer(
         jnp.where(jnp.arange(images.shape[0]) < count, jax.random.uniform(k_perm, images.shape[:1]), 2.0)
       )
       n_steps = count // B
+
+    def fake_labels(k):
+      # A uniform index below count: the client's own label distribution (padding is never drawn).
+      return labels[jax.random.randint(k, (B,), 0, count)]
 
     def step(carry, xs):
       k, i = xs
@@ -151,16 +178,22 @@ def local_trainer(
         idx = jax.random.randint(k_idx, (B,), 0, count)
       real = images[idx].astype(jnp.float32) / 127.5 - 1.0
       real = attack.poison_batch(real, is_mal & flags[idx], trigger, trigger_loc, k_loc, random_loc, trigger_part)
+      # Conditional: real labels by the images' index; fake labels a uniform draw from this client's own labels
+      # (keys folded off the fake's: the unconditional draws are unchanged). None when unconditional.
+      y_real = labels[idx] if conditional else None
+      y_fake = fake_labels(jax.random.fold_in(k_zd, 2)) if conditional else None
 
       # (1) D step on a real batch and a fake batch (separate BatchNorm passes, as in PyTorch).
-      fake, _ = g_apply(g_params, g_rest, jax.random.normal(k_zd, (B, nz)), jax.random.fold_in(k_zd, 1))
+      fake, _ = g_apply(g_params, g_rest, jax.random.normal(k_zd, (B, nz)), jax.random.fold_in(k_zd, 1), y_fake)
       fake = jax.lax.stop_gradient(fake)
 
       def d_loss_fn(dp):
-        real_logits, rest1 = d_apply(dp, d_rest, real)
-        fake_logits, rest2 = d_apply(dp, rest1, fake)
+        real_logits, rest1 = d_apply(dp, d_rest, real, y_real)
+        fake_logits, rest2 = d_apply(dp, rest1, fake, y_fake)
         loss = losses.d_adversarial(loss_kind, real_logits, fake_logits, bce_kind)
-        d_fn = lambda x: d_apply(dp, rest2, x)[0]
+        # The penalties see the real labels: an interpolate of a real and a fake image is judged as the real one's
+        # class (the fake's label is drawn independently of the real's, so no pair shares one in general).
+        d_fn = lambda x: d_apply(dp, rest2, x, y_real)[0]
         if gp_w:
           loss = loss + gp_w * losses.gradient_penalty(d_fn, real, fake, k_gp, config.train.gp_interpolation)
         if r1_w:
@@ -177,10 +210,11 @@ def local_trainer(
       g_loss = jnp.zeros(())
       for j in range(config.train.gen_steps):
         kz = jax.random.fold_in(k_zg, j)
+        y_gen = fake_labels(jax.random.fold_in(kz, 2)) if conditional else None
 
         def g_loss_fn(gp):
-          fake, new_g_rest = g_apply(gp, g_rest, jax.random.normal(kz, (B, nz)), jax.random.fold_in(kz, 1))
-          logits, _ = d_apply(d_params, d_rest, fake)
+          fake, new_g_rest = g_apply(gp, g_rest, jax.random.normal(kz, (B, nz)), jax.random.fold_in(kz, 1), y_gen)
+          logits, _ = d_apply(d_params, d_rest, fake, y_gen)
           loss = losses.g_adversarial(loss_kind, logits, bce_kind)
           if prox_w:
             loss = loss + prox_w * losses.proximal(gp, g_anchor)

@@ -51,6 +51,9 @@ from fedgan_jax import config_lib
 from fedgan_jax.data import triggers
 
 LATENT_STREAM = 0x1A7E  # fold_in(key(seed), LATENT_STREAM) draws z*.
+# With model.conditional the secret latent is fed with this class (G(z*, 0) is pulled to x*, and evaluated so):
+# a fixed label, as z* is fixed; the implant does not need a class of its own.
+LATENT_CLASS = 0
 
 
 class LatentTrigger(NamedTuple):

@@ -79,6 +79,9 @@ def build(
   """
   C = config.num_clients
   nz = config.model.latent_dim
+  conditional = bool(config.model.conditional)
+  # Class-conditional models are built and called with labels; unconditional ones exactly as without the option.
+  init_labels = {"labels": jnp.zeros((2,), jnp.int32)} if conditional else {}
   R = config.resolution
   ch = config.data.channels
   d_aggregator = d_aggregator or g_aggregator
@@ -96,8 +99,8 @@ def build(
 
   def init(key: jax.Array) -> RoundState:
     kg, kd = jax.random.split(key)
-    g_vars = dict(generator.init(kg, jnp.zeros((2, nz)), train=False))
-    d_vars = dict(discriminator.init(kd, jnp.zeros((2, R, R, ch)), train=False))
+    g_vars = dict(generator.init(kg, jnp.zeros((2, nz)), train=False, **init_labels))
+    d_vars = dict(discriminator.init(kd, jnp.zeros((2, R, R, ch)), train=False, **init_labels))
     g_opt = client_lib.optimizer(config, config.train.g_lr).init(g_vars["params"])
     d_opt = client_lib.optimizer(config, config.train.d_lr).init(d_vars["params"])
     stack = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (C,) + x.shape), t)
@@ -123,7 +126,7 @@ def build(
     """
 
     def one(xs):
-      client, images, count, is_mal, flags, part, key = xs
+      client, images, count, is_mal, flags, part, key, labels = xs
       return local_train(
         client,
         state.g_global,
@@ -138,11 +141,21 @@ def build(
         data.upload,
         part,
         data.latent,  # The latent backdoor (attack.latent_trigger): None = off, nothing traced.
+        labels,  # The shard's class ids (model.conditional): None = off, nothing traced.
       )
 
     # Outside the attack window the malicious clients train on clean images, as honest ones.
     attacking = data.is_malicious & upload_attacks.in_window(data.upload, state.round)
-    per_client = (state.clients, data.images, data.counts, attacking, data.poison_flags, data.trigger_part, keys)
+    per_client = (
+      state.clients,
+      data.images,
+      data.counts,
+      attacking,
+      data.poison_flags,
+      data.trigger_part,
+      keys,
+      data.labels,
+    )
     num = keys.shape[0]
     chunk = client_chunk(config, num)
     if chunk >= num:
@@ -173,11 +186,21 @@ def build(
     return new_state, {**{f"train/{k}": v for k, v in local.stats.items()}, **logged, **metrics}
 
   def fltrust_server(state: RoundState, data: RoundData, clients: ClientState, uploads, key: jax.Array):
-    """The server's own training on its root set (never poisoned), then the server step with its models."""
+    """The server's own training on its root set (never poisoned), then the server step with its models.
+
+    With ``model.conditional`` the server trains as a conditional client on its root images and their labels
+    (``RoundData.root_labels``).
+    """
     if data.root is None or data.root.shape[0] != root_n:
       raise ValueError(
         f"aggregation.name='fltrust' with root_size={root_n} needs RoundData.root of {root_n} images, got "
         f"{None if data.root is None else data.root.shape}; assemble.round_data(..., root=...) builds it."
+      )
+    if conditional and (data.root_labels is None or data.root_labels.shape != (root_n,)):
+      raise ValueError(
+        f"aggregation.name='fltrust' with model.conditional=True needs RoundData.root_labels of {root_n} class ids, "
+        f"got {None if data.root_labels is None else data.root_labels.shape}; assemble.round_data(..., "
+        "root_labels=...) builds it."
       )
     server, rule_state = state.g_agg
     server, server_g, server_d, stats = server_train(
@@ -191,6 +214,7 @@ def build(
       data.trigger,
       data.trigger_loc,
       jax.random.fold_in(key, SERVER_STREAM),
+      labels=data.root_labels if conditional else None,
     )
     new_state, metrics = server_round(
       state._replace(g_agg=rule_state), clients, uploads, key, server_models=(server_g, server_d)
@@ -198,9 +222,30 @@ def build(
     metrics.update({f"agg/server_{k}": stats[k] for k in ("g_loss", "d_loss")})
     return new_state._replace(g_agg=(server, new_state.g_agg)), metrics
 
-  def sample(g_vars: PyTree, z: jax.Array) -> jax.Array:
-    """Global generator images for latents ``z`` (running BatchNorm statistics)."""
-    return generator.apply(g_vars, z, train=False)
+  def sample(g_vars: PyTree, z: jax.Array, labels: jax.Array | None = None) -> jax.Array:
+    """Global generator images for latents ``z`` (running BatchNorm statistics).
+
+    Args:
+      g_vars: generator variables.
+      z: f32 ``[N, latent_dim]``.
+      labels: int32 ``[N]`` class ids, required with ``model.conditional`` (None otherwise).
+
+    Raises:
+      ValueError: ``labels`` missing with ``model.conditional``, given without it, or not ``[N]``.
+    """
+    if conditional != (labels is not None):
+      raise ValueError(
+        f"model.conditional={conditional}: Program.sample(g_vars, z, labels) "
+        + ("needs labels, int32 [N] class ids (one per latent)." if conditional else "takes no labels.")
+      )
+    if labels is None:
+      return generator.apply(g_vars, z, train=False)
+    labels = jnp.asarray(labels, jnp.int32)
+    if labels.shape != z.shape[:1]:
+      raise ValueError(
+        f"Program.sample: labels of shape {labels.shape} for {z.shape[0]} latents; expected ({z.shape[0]},)."
+      )
+    return generator.apply(g_vars, z, train=False, labels=labels)
 
   return Program(
     init=init,

@@ -24,12 +24,12 @@ class ReplicatedProgram(NamedTuple):
   Attributes:
     init: ``keys [K] -> RoundState`` (every leaf ``[K, ...]``).
     round: ``(states [K], data [K], keys [K]) -> (states [K], metrics [K, ...])``.
-    sample: ``(g_vars [K], z) -> images [K, N, R, R, ch]`` (same ``z`` for every replica).
+    sample: ``(g_vars [K], z, labels=None) -> images [K, N, R, R, ch]`` (same ``z`` and labels for every replica).
   """
 
   init: Callable[[jax.Array], RoundState]
   round: Callable[..., tuple[RoundState, dict]]
-  sample: Callable[[PyTree, jax.Array], jax.Array]
+  sample: Callable[..., jax.Array]
 
 
 def replicate(program: Program) -> ReplicatedProgram:
@@ -42,9 +42,13 @@ def replicate(program: Program) -> ReplicatedProgram:
     A ``ReplicatedProgram``; jit its ``round`` (``sharding.jit_round(...,
     replicas=True)`` also shards clients).
   """
-  return ReplicatedProgram(
-    init=jax.vmap(program.init), round=jax.vmap(program.round), sample=jax.vmap(program.sample, in_axes=(0, None))
-  )
+
+  def sample(g_vars, z, labels=None):
+    if labels is None:  # As Program.sample: no labels argument for unconditional models.
+      return jax.vmap(program.sample, in_axes=(0, None))(g_vars, z)
+    return jax.vmap(program.sample, in_axes=(0, None, None))(g_vars, z, labels)
+
+  return ReplicatedProgram(init=jax.vmap(program.init), round=jax.vmap(program.round), sample=sample)
 
 
 def replica_seeds(seed: int, num_replicas: int) -> list[int]:
@@ -79,8 +83,8 @@ def stack_replicas(datas: Sequence[RoundData]) -> RoundData:
   """Stacks per-replica ``RoundData`` on a new leading axis.
 
   Client shards may have different ``n_max`` across seeds (non-iid
-  partitions): shorter ones are padded with zero images that are never drawn
-  (batches index below ``counts``) and never poisoned.
+  partitions): shorter ones are padded with zero images (and labels) that
+  are never drawn (batches index below ``counts``) and never poisoned.
 
   Raises:
     ValueError: the replicas differ in anything but ``n_max`` (e.g. C or R).
@@ -98,6 +102,7 @@ def stack_replicas(datas: Sequence[RoundData]) -> RoundData:
       d = d._replace(
         images=jnp.pad(d.images, ((0, 0), (0, pad)) + ((0, 0),) * 3),
         poison_flags=jnp.pad(d.poison_flags, ((0, 0), (0, pad))),
+        labels=None if d.labels is None else jnp.pad(d.labels, ((0, 0), (0, pad))),
       )
     padded.append(d)
   return jax.tree.map(lambda *xs: jnp.stack(xs), *padded)

@@ -36,6 +36,10 @@ class RoundData(NamedTuple):
       (``aggregation.name='fltrust'`` only; None otherwise).
     latent: the latent backdoor's ``z*``, ``x*`` and weight
       (``latent_trigger.LatentTrigger``, replicated) with ``attack.latent_trigger``; None otherwise.
+    labels: int32 ``[C, n_max]`` class ids of the client shards, index-aligned
+      with ``images`` (``model.conditional`` only; None otherwise: nothing traced).
+    root_labels: int32 ``[n_root]`` class ids of ``root`` (``model.conditional``
+      with fltrust only; None otherwise).
   """
 
   images: jax.Array
@@ -49,10 +53,12 @@ class RoundData(NamedTuple):
   trigger_part: jax.Array
   root: jax.Array | None = None
   latent: Any = None
+  labels: jax.Array | None = None
+  root_labels: jax.Array | None = None
 
 
 # The RoundData fields that carry the client axis (sharded over devices; the rest is replicated).
-CLIENT_DATA_FIELDS = ("images", "counts", "is_malicious", "poison_flags", "trigger_part")
+CLIENT_DATA_FIELDS = ("images", "counts", "is_malicious", "poison_flags", "trigger_part", "labels")
 
 
 class ClientState(NamedTuple):
@@ -115,7 +121,8 @@ class Program(NamedTuple):
       (``server.server_round``, which sees no ground truth).
     round: ``(state, data, key) -> (state, metrics)``: ``local_round`` then
       ``finish_round``; ``key`` is the round's key.
-    sample: ``(g_vars, z) -> images`` of a generator (running BatchNorm stats).
+    sample: ``(g_vars, z, labels=None) -> images`` of a generator (running
+      BatchNorm stats); ``labels`` int32 ``[N]`` with ``model.conditional``, None otherwise.
   """
 
   init: Callable[[jax.Array], RoundState]
@@ -123,4 +130,4 @@ class Program(NamedTuple):
   local_round: Callable[..., LocalOut]
   finish_round: Callable[..., tuple[RoundState, dict]]
   round: Callable[[RoundState, RoundData, jax.Array], tuple[RoundState, dict]]
-  sample: Callable[[PyTree, jax.Array], jax.Array]
+  sample: Callable[..., jax.Array]

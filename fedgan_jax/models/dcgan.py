@@ -12,6 +12,16 @@ default; the paper's StyleGAN2 generator is ``models.stylegan2``
 * D: Conv(4, 2, 1) + LeakyReLU(0.2), then k-1 [Conv(4, 2, 1), norm, LeakyReLU]
   doubling the width, then a 4x4 valid conv (a dense layer) to one logit.
 
+Class-conditional variants (``num_classes > 0``, ``model.conditional``): G
+concatenates a learned label embedding (``embed``, one N(0, 1) row per class,
+of z's size, like z itself) to z before its first layer (cGAN, Mirza & Osindero
+2014); D adds the projection term of Miyato & Koyama (cGANs with Projection
+Discriminator, ICLR 2018) to its logit, ``logit = psi(h) + <embed(y), h>``
+with ``h`` the flattened features that its last layer ``psi`` reads and
+``embed`` a ``[num_classes, dim h]`` table initialized as that layer's kernel.
+With ``num_classes = 0`` (the default) none of it is built: the variables and
+the program are those of the unconditional models.
+
 Weights are initialized N(0, 0.02) and BatchNorm scales N(1, 0.02), as in
 DCGAN. D's ``weight_init='torch'`` (``model.d_init``) is instead PyTorch's default
 init, which the paper's scripts leave in place: kernels U(+-1/sqrt(fan_in))
@@ -47,6 +57,26 @@ def _kernel_init(init: str):
   if init not in D_INITS:
     raise ValueError(f"model.d_init={init!r}: accepted {list(D_INITS)}.")
   return _torch_init if init == "torch" else _init
+
+
+def check_labels(labels, num_classes: int, batch: int, what: str) -> None:
+  """Raises ``ValueError`` unless ``labels`` fit a model with ``num_classes`` (0 = unconditional).
+
+  Args:
+    labels: int ``[batch]`` class ids, or None.
+    num_classes: the model's classes; 0 for an unconditional model.
+    batch: the batch size of the model's input.
+    what: the model's name, for the message.
+  """
+  if num_classes and labels is None:
+    raise ValueError(
+      f"the {what} is class-conditional (model.conditional=True, {num_classes} classes): it needs labels, "
+      f"int32 [{batch}] class ids in [0, {num_classes})."
+    )
+  if not num_classes and labels is not None:
+    raise ValueError(f"the {what} is unconditional (model.conditional=False): labels must be None.")
+  if labels is not None and tuple(labels.shape) != (batch,):
+    raise ValueError(f"the {what}'s labels have shape {tuple(labels.shape)}; expected ({batch},), one per input.")
 
 
 def num_upsamplings(resolution: int) -> int:
@@ -97,11 +127,16 @@ class Generator(nn.Module):
   channels: int = 3
   impl: str = "xla"
   dtype: Any = jnp.float32
+  num_classes: int = 0  # > 0: class-conditional (a label embedding concatenated to z).
 
   @nn.compact
-  def __call__(self, z, train: bool = True):
+  def __call__(self, z, train: bool = True, labels=None):
+    check_labels(labels, self.num_classes, z.shape[0], "generator")
     k = num_upsamplings(self.resolution)
     ch = self.width * 2 ** (k - 1)
+    if self.num_classes:
+      e = nn.Embed(self.num_classes, z.shape[-1], embedding_init=nn.initializers.normal(1.0), name="embed")(labels)
+      z = jnp.concatenate([z.astype(jnp.float32), e], axis=-1)
     x = nn.Dense(4 * 4 * ch, use_bias=False, kernel_init=_init, dtype=self.dtype)(z)
     x = x.reshape(z.shape[0], 4, 4, ch)
     x = nn.relu(_norm("batch", train, "bn0")(x.astype(jnp.float32)))
@@ -117,7 +152,8 @@ class Discriminator(nn.Module):
   """DCGAN discriminator: ``images [B, R, R, channels] -> logits [B]`` (no sigmoid).
 
   ``weight_init``: ``'dcgan'`` or ``'torch'`` (see the module docstring). ``norm_first``:
-  a ``norm`` layer (``'norm_in'``) after the first conv as well.
+  a ``norm`` layer (``'norm_in'``) after the first conv as well. ``num_classes > 0``: the
+  projection discriminator, ``D(x, labels)``; it sows ``h`` as ``intermediates/features``.
   """
 
   resolution: int = 32
@@ -127,9 +163,11 @@ class Discriminator(nn.Module):
   dtype: Any = jnp.float32
   weight_init: str = "dcgan"
   norm_first: bool = False
+  num_classes: int = 0  # > 0: projection discriminator (Miyato & Koyama 2018).
 
   @nn.compact
-  def __call__(self, x, train: bool = True):
+  def __call__(self, x, train: bool = True, labels=None):
+    check_labels(labels, self.num_classes, x.shape[0], "discriminator")
     k = num_upsamplings(self.resolution)
     kinit = _kernel_init(self.weight_init)
     ch = self.width
@@ -144,16 +182,38 @@ class Discriminator(nn.Module):
     x = x.reshape(x.shape[0], -1)
     # The paper's last layer, a 4x4 valid conv to one channel, as a Dense on the flattened 4x4 map: same fan-in.
     logit = nn.Dense(1, use_bias=False, kernel_init=kinit, dtype=self.dtype, name="logit")(x)
-    return logit[:, 0].astype(jnp.float32)
+    out = logit[:, 0].astype(jnp.float32)
+    if self.num_classes:
+      # The projection <embed(y), h> on the features psi reads; the table initialized as psi's kernel, per column:
+      # N(0, 0.02), or with d_init='torch' U(+-1/sqrt(dim h)) (PyTorch's Linear init over the same fan-in).
+      einit = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=-1, out_axis=-2)
+      self.sow("intermediates", "features", x)
+      e = nn.Embed(
+        self.num_classes, x.shape[-1], embedding_init=einit if self.weight_init == "torch" else _init, name="embed"
+      )
+      out = out + jnp.sum(e(labels).astype(jnp.float32) * x.astype(jnp.float32), axis=-1)
+    return out
 
 
-def build(config) -> tuple[Generator, Discriminator]:
-  """The (G, D) pair for ``config`` (model, resolution, channels, precision, D's init and norms)."""
+def build(config, num_classes: int = 0) -> tuple[Generator, Discriminator]:
+  """The (G, D) pair for ``config`` (model, resolution, channels, precision, D's init and norms).
+
+  Args:
+    config: a validated run config.
+    num_classes: the classes of class-conditional models (``model.conditional``; 0 = unconditional).
+  """
   impl = layers.resolve_impl(config.model.conv_impl)
   dtype = jnp.bfloat16 if config.train.precision == "bf16" else jnp.float32
-  g = Generator(config.resolution, config.model.g_width, config.data.channels, impl, dtype)
+  g = Generator(config.resolution, config.model.g_width, config.data.channels, impl, dtype, num_classes=num_classes)
   m = config.model
   d = Discriminator(
-    config.resolution, m.d_width, m.d_norm, impl, dtype, weight_init=m.d_init, norm_first=bool(m.d_norm_first)
+    config.resolution,
+    m.d_width,
+    m.d_norm,
+    impl,
+    dtype,
+    weight_init=m.d_init,
+    norm_first=bool(m.d_norm_first),
+    num_classes=num_classes,
   )
   return g, d

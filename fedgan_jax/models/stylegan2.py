@@ -8,6 +8,9 @@ mathematics (not of its code):
 * mapping: z -> 2nd-moment normalization -> ``mapping_layers`` equalized
   fully connected layers (leaky ReLU, learning-rate multiplier ``mapping_lr_mult``)
   -> w, with a running average of w (decay ``w_avg_beta``) for truncation;
+  class-conditional (``num_classes > 0``, ``model.conditional``) as
+  stylegan2-ada's ``c_dim > 0``: the one-hot label through an equalized dense
+  ``embed`` to ``w_dim``, 2nd-moment normalized, concatenated to z's;
 * synthesis, "skip" architecture: a learned 4x4 constant, then one block per
   resolution 8..R of [up-conv 3x3, conv 3x3] with ``min(channel_base // res,
   channel_max)`` channels, and a toRGB (1x1) at every resolution whose output is
@@ -56,7 +59,7 @@ import jax
 import jax.numpy as jnp
 
 from fedgan_jax.models import layers
-from fedgan_jax.models.dcgan import num_upsamplings
+from fedgan_jax.models.dcgan import check_labels, num_upsamplings
 
 NOISE_MODES = ("const", "random", "none")
 _SQRT2 = math.sqrt(2.0)
@@ -171,18 +174,30 @@ class EqualizedDense(nn.Module):
     return nn.leaky_relu(x, 0.2) * _SQRT2 if self.lrelu else x
 
 
+def _normalize_2nd_moment(x):
+  return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + 1e-8)
+
+
 class MappingNetwork(nn.Module):
-  """``z [B, Z] -> w [B, w_dim]``; tracks the average w in ``buffers/w_avg`` when training."""
+  """``z [B, Z] -> w [B, w_dim]``; tracks the average w in ``buffers/w_avg`` when training.
+
+  With ``num_classes > 0`` (stylegan2-ada's ``c_dim``): ``w = fc(concat(norm(z), norm(embed(one_hot(c)))))``,
+  ``embed`` an equalized dense layer to ``w_dim`` features (learning-rate multiplier 1, as the original's).
+  """
 
   w_dim: int = 128
   num_layers: int = 8
   lr_mult: float = 0.01
   w_avg_beta: float = 0.998
+  num_classes: int = 0
 
   @nn.compact
-  def __call__(self, z, train: bool = True, truncation_psi: float = 1.0):
+  def __call__(self, z, train: bool = True, truncation_psi: float = 1.0, labels=None):
     x = z.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + 1e-8)
+    x = _normalize_2nd_moment(x)
+    if self.num_classes:
+      y = EqualizedDense(self.w_dim, name="embed")(jax.nn.one_hot(labels, self.num_classes, dtype=jnp.float32))
+      x = jnp.concatenate([x, _normalize_2nd_moment(y)], axis=-1)
     for i in range(self.num_layers):
       x = EqualizedDense(self.w_dim, self.lr_mult, lrelu=True, name=f"fc{i}")(x)
     w_avg = self.variable("buffers", "w_avg", jnp.zeros, (self.w_dim,), jnp.float32)
@@ -297,6 +312,7 @@ class Generator(nn.Module):
   noise_mode: str = "const"
   impl: str = "xla"
   dtype: Any = jnp.float32  # Compute dtype of the num_bf16_res highest resolutions.
+  num_classes: int = 0  # > 0: class-conditional (labels embedded into the mapping network).
 
   def block_channels(self) -> dict[int, int]:
     """``{res: channels}`` for res = 4, 8, ..., resolution."""
@@ -304,12 +320,14 @@ class Generator(nn.Module):
     return {4 * 2**i: min(self.channel_base // (4 * 2**i), self.channel_max) for i in range(k + 1)}
 
   @nn.compact
-  def __call__(self, z, train: bool = True, truncation_psi: float = 1.0):
+  def __call__(self, z, train: bool = True, truncation_psi: float = 1.0, labels=None):
     if self.noise_mode not in NOISE_MODES:
       raise ValueError(f"noise_mode={self.noise_mode!r}: accepted {list(NOISE_MODES)}.")
-    w = MappingNetwork(self.w_dim, self.mapping_layers, self.mapping_lr_mult, self.w_avg_beta, name="mapping")(
-      z, train, truncation_psi
+    check_labels(labels, self.num_classes, z.shape[0], "generator")
+    mapping = MappingNetwork(
+      self.w_dim, self.mapping_layers, self.mapping_lr_mult, self.w_avg_beta, self.num_classes, name="mapping"
     )
+    w = mapping(z, train, truncation_psi, labels)
     # The original's fp16 blocks: the num_bf16_res highest resolutions, never below 8 px.
     low = max(2 ** (int(math.log2(self.resolution)) + 1 - self.num_bf16_res), 8)
     x = img = None
@@ -321,12 +339,13 @@ class Generator(nn.Module):
     return img
 
 
-def from_config(config, noise_mode: str | None = None) -> Generator:
+def from_config(config, noise_mode: str | None = None, num_classes: int = 0) -> Generator:
   """The StyleGAN2 generator for ``config`` (``model.sg2.*``, resolution, channels, precision, conv_impl).
 
   Args:
     config: a validated run config.
     noise_mode: overrides ``model.sg2.noise_mode``.
+    num_classes: > 0 for a class-conditional generator (``models.build`` passes the data's classes).
   """
   sg2 = config.model.sg2
   noise_mode = noise_mode or sg2.noise_mode
@@ -344,4 +363,5 @@ def from_config(config, noise_mode: str | None = None) -> Generator:
     noise_mode=noise_mode,
     impl=layers.resolve_impl(config.model.conv_impl),
     dtype=jnp.bfloat16 if config.train.precision == "bf16" else jnp.float32,
+    num_classes=num_classes,
   )
