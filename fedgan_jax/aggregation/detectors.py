@@ -442,4 +442,5 @@ def decay_flagged(
     diagnostics = {"times_flagged": times, "blocked": blocked, "decay_active": active, "decay_factor": factor}
     return client_params, stats, new_state, diagnostics
 
-  return Stage(init, update)
+  # times_flagged and factor are each client's (gathered and scattered when clients are sampled); round is global.
+  return Stage(init, update, DecayState(round=False, times_flagged=True, factor=True))
