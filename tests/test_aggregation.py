@@ -201,8 +201,9 @@ def test_contract_with_sampled_clients(name):
   rng = np.random.default_rng(5)
   g = make_global(rng)
   cp, stats = make_clients(rng, g), make_stats(rng)
-  _, fn = compiled(name)  # Jitted for C uploads.
+  # The rule as a run builds it (num_clients = the federation), fed the C sampled clients' uploads.
   agg = aggregation.get(name, num_clients=N_FULL, **RULE_KWARGS[name])
+  fn = jax.jit(agg.aggregate)
   state = agg.init(g)
   aggregation.base.check_client_axes(state, agg.client_axes, N_FULL, name)
   flags = _leaf_flags(agg.client_axes, state)

@@ -434,7 +434,7 @@ def decay_flagged(
     exponent = times * (times + 1) // 2
     kept = jnp.power(jnp.float32(decay), (exponent - jnp.min(exponent)).astype(jnp.float32))
     factor = kept if mode == "persistent" else this_round
-    blocked = (times >= block_after) if block_after is not None else jnp.zeros((c,), bool)
+    blocked = (times >= block_after) if block_after is not None else jnp.zeros(times.shape, bool)
     counts = jnp.asarray(client_stats["num_examples"], jnp.float32) * factor
     counts = jnp.where(blocked, 0.0, counts)
     stats = {**client_stats, "num_examples": counts}
