@@ -3,6 +3,7 @@ detection over the sampled clients, DP accounting with q = m / C, and the round 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fedgan_jax import assemble, experiment, privacy
-from fedgan_jax.federated import sampling, sharding
+from fedgan_jax import assemble, experiment, privacy, run_console
+from fedgan_jax.federated import replicas, sampling, sharding
 from fedgan_jax.federated.state import CLIENT_DATA_FIELDS
 from fedgan_jax.metrics import detection
 
@@ -255,9 +256,16 @@ def test_end_to_end_run_with_sampled_clients(tmp_path):
     tpr, fpr = detection.detection_rates(r["agg/flagged"], assemble.malicious_mask(config), sampled)
     assert r["eval/detect_tpr"] == (None if np.isnan(tpr) else tpr) and r["eval/detect_fpr"] == fpr
   # Every round's draw is the documented one from the run's round keys.
-  from fedgan_jax.federated import replicas
-
   _, k_rounds, _ = replicas.run_keys(config.seed)
   for r in records:
     idx = np.asarray(sampling.sampled_clients(jax.random.fold_in(k_rounds, r["round"]), 6, 3))
     np.testing.assert_array_equal(np.flatnonzero(r["agg/sampled"]), idx)
+
+
+def test_console_header_says_how_many_clients_a_round():
+  out = io.StringIO()
+  run_console.Console(out=out).header(tiny_config(num_clients=6, clients_per_round=2), "/tmp/w", jax.devices(), 0)
+  assert "clients: 6 (malicious: [0]), 2 a round" in out.getvalue()
+  out = io.StringIO()
+  run_console.Console(out=out).header(tiny_config(num_clients=6), "/tmp/w", jax.devices(), 0)
+  assert "clients: 6 (malicious: [0])  aggregation" in out.getvalue()
