@@ -19,7 +19,7 @@ from fedgan_jax import aggregation, models
 from fedgan_jax.aggregation.fltrust import root_size_of
 from fedgan_jax.data import partition as partition_lib
 from fedgan_jax.data import sources, triggers
-from fedgan_jax.federated import latent_trigger, upload_attacks
+from fedgan_jax.federated import latent_trigger, sampling, upload_attacks
 from fedgan_jax.federated import program as program_lib
 from fedgan_jax.federated import replicas as replicas_lib
 from fedgan_jax.federated.state import Program, RoundData
@@ -66,7 +66,18 @@ def build_program(config, steps: int | None = None, num_classes: int = 0) -> tup
     ValueError: ``model.conditional`` without ``num_classes >= 2``.
   """
   g, d = models.build(config, num_classes)
-  agg = aggregation.get(config.aggregation.name, num_clients=config.num_clients, **config.aggregation.kwargs.to_dict())
+  kwargs = config.aggregation.kwargs.to_dict()
+  m = sampling.clients_per_round(config)
+  if m is not None:  # The rule aggregates m uploads a round: its requirements (Krum's C > 2f + 2 ...) are on m.
+    try:
+      aggregation.get(config.aggregation.name, num_clients=m, **kwargs)
+    except ValueError as e:
+      raise ValueError(
+        f"config.clients_per_round={m}: aggregation.name={config.aggregation.name!r} aggregates the {m} "
+        f"sampled clients of each round, and with {m} clients: {e}"
+      ) from e
+  # num_clients=C: a rule's per-client state has a row for every client (aggregation.base: client_axes).
+  agg = aggregation.get(config.aggregation.name, num_clients=config.num_clients, **kwargs)
   return program_lib.build(config, g, d, agg, local_steps=steps), g, d
 
 

@@ -26,6 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # Everything random derives from it: data, init, rounds.
   c.num_rounds = 200  # Federated rounds (communication rounds).
   c.num_clients = 4  # C: the paper uses 4 hospitals.
+  # m: clients drawn per round from the round's key (federated/sampling.py); 0 = all C (the paper), e.g. 10 of 100.
+  c.clients_per_round = 0
   c.resolution = 32  # Image side in px (a power of two, 32..256).
   c.eval_every = 25  # Rounds between evaluations (metrics + sample grid).
   c.ckpt_every = 50  # Rounds between orbax checkpoints (the last round is always saved).
@@ -384,6 +386,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   chunk = config.train.client_chunk
   if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
     _fail("train.client_chunk", chunk, "must be an integer >= 0 (0 = auto; >= num_clients = all clients at once)")
+
+  m = config.clients_per_round
+  if m is not None and (isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= config.num_clients):
+    _fail(
+      "clients_per_round",
+      m,
+      f"must be an integer in 0..num_clients={config.num_clients} (0 = every client takes part in every round)",
+    )
 
   mal = config.attack.malicious
   if isinstance(mal, int):

@@ -26,7 +26,7 @@ from absl import logging
 
 from fedgan_jax import assemble, config_lib, distributed, evaluation, fork, privacy, report, resume, run_console
 from fedgan_jax.federated import replicas as replicas_lib
-from fedgan_jax.federated import sharding, upload_attacks
+from fedgan_jax.federated import sampling, sharding, upload_attacks
 from fedgan_jax.io import checkpoint as ckpt_lib
 from fedgan_jax.io import lock as lock_lib
 from fedgan_jax.io import rundir, tensorboard, wandb_writer, writers
@@ -38,8 +38,8 @@ class RunInterruptedError(Exception):
 
 
 def _detection(record: dict, is_mal: np.ndarray) -> dict:
-  """``eval/detect_tpr`` / ``eval/detect_fpr`` of this round's flags vs the truth."""
-  tpr, fpr = detection.detection_rates(record["agg/flagged"], is_mal)
+  """``eval/detect_tpr`` / ``eval/detect_fpr`` of this round's flags vs the truth (over its sampled clients)."""
+  tpr, fpr = detection.detection_rates(record["agg/flagged"], is_mal, record.get(sampling.SAMPLED))
   return {"eval/detect_tpr": tpr, "eval/detect_fpr": fpr}
 
 
@@ -233,7 +233,7 @@ def _train(
   replicated = config.num_replicas > 1
   # Clients sharded over the devices when they divide evenly (local training under shard_map);
   # after the host-side copies above, which need addressable arrays.
-  mesh = sharding.auto_client_mesh(config.num_clients)
+  mesh = sharding.auto_client_mesh(config.num_clients, sampling.clients_per_round(config))
   state, data = sharding.shard_round_inputs(state, b.data, mesh, replicas=replicated)
   round_fn = sharding.jit_round(b.program, state, data, mesh, replicas=replicated)
   pending: list[tuple[int, dict, float]] = []

@@ -23,8 +23,19 @@ and the accounting counts two Gaussian releases per round (an equivalent single
 Gaussian with noise multiplier z / sqrt(2)).
 
 ``config.privacy.delta`` (default 1e-5) and ``config.privacy.accountant``
-(``'rdp'``, default, or ``'pld'``) set the reported guarantee; every client
-takes part in every round (sampling probability 1).
+(``'rdp'``, default, or ``'pld'``) set the reported guarantee. By default every
+client takes part in every round (sampling probability 1). With
+``config.clients_per_round = m`` of C clients, each round's clients are a
+uniformly drawn set of exactly m (``federated/sampling.py``), ``dp_mean``
+averages over those m slots with noise z S / m, and the rounds are accounted
+as the Poisson-sampled Gaussian with q = m / C (``PoissonSampledDpEvent``):
+the accounting McMahan et al. (ICLR 2018) give DP-FedAvg, whose clients join
+independently with probability q and whose mean has the fixed denominator qC.
+Drawing exactly m clients instead is the usual implementation and the usual
+approximation (TensorFlow Federated, Opacus with fixed batches); it is not a
+proven bound for fixed-size sampling (Lebeda et al., "Avoiding Pitfalls for
+Privacy Accounting of Subsampled Mechanisms under Composition", 2024), and
+``summary_block`` says so in its ``sampling`` entry.
 """
 
 from __future__ import annotations
@@ -147,7 +158,8 @@ def summary_block(config, records: Sequence[dict[str, Any]]) -> dict[str, Any] |
 
   Returns:
     ``{epsilon, delta, noise_multiplier, clip_norm, rounds, accountant, unit}`` (and ``note`` where the
-    records disagree with the config).
+    records disagree with the config; ``sampling_prob`` and ``sampling`` when clients are sampled per
+    round: ``config.clients_per_round``, read back from each round's ``agg/sampled``).
   """
   if config.aggregation.name != RULE:
     return None
@@ -163,8 +175,16 @@ def summary_block(config, records: Sequence[dict[str, Any]]) -> dict[str, Any] |
   elif seen and min(seen) < z * (1 - 1e-6):  # The records hold float32: a relative 1e-6 is their rounding.
     z = float(min(seen))
     note = f"rounds ran with a smaller noise multiplier (a resumed run): every round accounted with {z:.6g}"
+  q, sampling_note = _sampling_prob(config, records)
+  if sampling_note:
+    note = f"{note}; {sampling_note}" if note else sampling_note
   eps = client_level_epsilon(
-    z, rounds, float(config.privacy.delta), accountant=config.privacy.accountant, releases_per_round=2 if both else 1
+    z,
+    rounds,
+    float(config.privacy.delta),
+    sampling_prob=q,
+    accountant=config.privacy.accountant,
+    releases_per_round=2 if both else 1,
   )
   block = {
     "epsilon": eps,
@@ -175,9 +195,34 @@ def summary_block(config, records: Sequence[dict[str, Any]]) -> dict[str, Any] |
     "accountant": config.privacy.accountant,
     "unit": unit(both),
   }
+  if q < 1:
+    block["sampling_prob"] = q
+    block["sampling"] = (
+      f"every round draws exactly {round(q * config.num_clients)} of the {config.num_clients} clients without "
+      f"replacement, accounted as Poisson sampling with q = {q:.4g}: the usual approximation, not a proven bound"
+    )
   if note:
     block["note"] = note
   return block
+
+
+def _sampling_prob(config, records: Sequence[dict[str, Any]]) -> tuple[float, str | None]:
+  """The clients' per-round participation q of the rounds in ``records``, and a note when it varied.
+
+  A round's q is its share of sampled clients (``agg/sampled``; 1 for a round
+  without it: every client took part). Every round is accounted with the
+  largest q of the run (an upper bound when a resumed run changed
+  ``clients_per_round``); with no records, the config's ``m / C``.
+  """
+  m, c = config.clients_per_round or 0, config.num_clients
+  configured = m / c if 0 < m < c else 1.0
+  if not records:
+    return configured, None
+  shares = [sum(map(bool, r["agg/sampled"])) / len(r["agg/sampled"]) if "agg/sampled" in r else 1.0 for r in records]
+  q = max(shares)
+  if min(shares) != q:
+    return q, f"rounds sampled different shares of the clients (a resumed run): every round accounted with q = {q:.4g}"
+  return q, None
 
 
 def epsilon_text(eps: float) -> str:
@@ -192,6 +237,8 @@ def guarantee_text(block: dict[str, Any]) -> str:
     f"(ε = {epsilon_text(float(block['epsilon']))}, δ = {float(block['delta']):.3g})-DP at the client level "
     f"for the {what} over {block['rounds']} round{'' if block['rounds'] == 1 else 's'}"
   )
+  if block.get("sampling_prob"):
+    text += f", clients sampled with q = {float(block['sampling_prob']):.4g} a round"
   if block.get("note"):
     text += f" ({block['note']})"
   elif not math.isfinite(float(block["epsilon"])) and block["rounds"]:

@@ -133,7 +133,8 @@ class Console:
     mal = list(config.attack.malicious)
     parts = [
       devices_text(devices),
-      f"clients: {config.num_clients} (malicious: {mal if mal else 'none'})",
+      f"clients: {config.num_clients} (malicious: {mal if mal else 'none'})"
+      + (f", {config.clients_per_round} a round" if 0 < (config.clients_per_round or 0) < config.num_clients else ""),
       f"aggregation: {config.aggregation.name}",
       f"rounds: {total}",
     ]

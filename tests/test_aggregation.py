@@ -176,6 +176,88 @@ def test_identical_clients_give_that_client(name):
   assert abs(float(jnp.sum(diag["weights"])) - 1) < 1e-5
 
 
+# The federation when the C uploads are the clients sampled for a round (config.clients_per_round): no
+# parameter of make_global has a dimension of N_FULL, so a state leaf with N_FULL rows is per-client state.
+N_FULL = 10
+SAMPLED = np.array([0, 2, 3, 5, 6, 8, 9])  # C = 7 of the N_FULL clients.
+
+
+def _leaf_flags(axes, state):
+  """Per leaf of ``state``: is it declared per-client by the prefix ``axes``?"""
+  return jax.tree.leaves(jax.tree.map(lambda f, sub: jax.tree.map(lambda _: bool(f), sub), axes, state))
+
+
+@pytest.mark.parametrize("name", sorted(RULE_KWARGS))
+def test_contract_with_sampled_clients(name):
+  """One aggregate call over C sampled clients of N_FULL: the per-client state (``Aggregator.client_axes``)
+  is gathered for them and scattered back; the other clients' rows are unchanged."""
+  rng = np.random.default_rng(5)
+  g = make_global(rng)
+  cp, stats = make_clients(rng, g), make_stats(rng)
+  # The rule as a run builds it (num_clients = the federation), fed the C sampled clients' uploads.
+  agg = aggregation.get(name, num_clients=N_FULL, **RULE_KWARGS[name])
+  fn = jax.jit(agg.aggregate)
+  state = agg.init(g)
+  aggregation.base.check_client_axes(state, agg.client_axes, N_FULL, name)
+  flags = _leaf_flags(agg.client_axes, state)
+  # Every leaf with a row per client is declared (an undeclared one would meet the uploads of other clients).
+  for flag, x in zip(flags, jax.tree.leaves(state)):
+    assert flag == (np.ndim(x) > 0 and np.shape(x)[0] == N_FULL), (name, np.shape(x))
+  # Each client's rows get values of their own, so a row that moves or is overwritten is seen.
+  own = lambda x: (
+    x + (rng.integers(0, 3, x.shape) if jnp.issubdtype(x.dtype, jnp.integer) else rng.normal(size=x.shape))
+  )
+  state = jax.tree.map(
+    lambda f, sub: jax.tree.map(lambda x: own(np.asarray(x)).astype(x.dtype), sub) if f else sub, agg.client_axes, state
+  )
+  clients = jnp.asarray(SAMPLED, jnp.int32)
+  sub = aggregation.base.gather_state(state, agg.client_axes, clients)
+  if name == "fltrust":
+    stats = {**stats, aggregation.SERVER_MODEL: jax.tree.map(lambda x: np.median(np.asarray(x), axis=0), cp)}
+  out, new_sub, diag = fn(sub, g, cp, stats, jax.random.key(0))
+  new = aggregation.base.scatter_state(state, agg.client_axes, clients, new_sub)
+  assert jax.tree.structure(new) == jax.tree.structure(state)
+  others = np.setdiff1d(np.arange(N_FULL), SAMPLED)
+  for flag, before, after, returned in zip(
+    flags, jax.tree.leaves(state), jax.tree.leaves(new), jax.tree.leaves(new_sub)
+  ):
+    assert after.shape == before.shape and after.dtype == before.dtype
+    if flag:
+      np.testing.assert_array_equal(np.asarray(after)[others], np.asarray(before)[others])
+      np.testing.assert_array_equal(np.asarray(after)[SAMPLED], np.asarray(returned))
+    else:
+      np.testing.assert_array_equal(np.asarray(after), np.asarray(returned))
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(out))
+  # Diagnostics are scalars or per-client arrays of the round's C clients (sampling scatters the latter by id).
+  for k, v in diag.items():
+    assert np.ndim(v) == 0 or np.shape(v)[0] == C, (k, np.shape(v))
+  assert abs(float(np.sum(diag["weights"])) - 1) < 1e-5
+
+
+def test_gather_scatter_state_by_hand():
+  """decay's state: times_flagged and factor are per client, round is not; chain declares the tuple."""
+  agg = aggregation.get("detect", num_clients=4, warmup_rounds=0)
+  state = agg.init({"w": jnp.zeros(2)})
+  assert agg.client_axes == (False, aggregation.DecayState(round=False, times_flagged=True, factor=True), False)
+  decay = state[1]._replace(times_flagged=jnp.array([1, 2, 3, 4], jnp.int32), round=jnp.int32(7))
+  state = (state[0], decay, state[2])
+  clients = jnp.array([1, 3])
+  sub = aggregation.base.gather_state(state, agg.client_axes, clients)
+  np.testing.assert_array_equal(sub[1].times_flagged, [2, 4])
+  assert int(sub[1].round) == 7 and sub[1].factor.shape == (2,)
+  new_sub = (sub[0], sub[1]._replace(times_flagged=jnp.array([20, 40]), round=jnp.int32(8)), sub[2])
+  new = aggregation.base.scatter_state(state, agg.client_axes, clients, new_sub)
+  np.testing.assert_array_equal(new[1].times_flagged, [1, 20, 3, 40])
+  assert int(new[1].round) == 8
+  with pytest.raises(ValueError, match=r"came back as \(3,\), expected \[2, ...\]"):
+    bad = (sub[0], sub[1]._replace(times_flagged=jnp.zeros(3, jnp.int32)), sub[2])
+    aggregation.base.scatter_state(state, agg.client_axes, clients, bad)
+  with pytest.raises(ValueError, match=r"expected \[num_clients=5, ...\]"):
+    aggregation.base.check_client_axes(state, agg.client_axes, 5)
+  with pytest.raises(ValueError, match="not a prefix"):
+    aggregation.base.check_client_axes(state, (True, False), 4)
+
+
 # ---------------------------------------------------------------- golden numbers
 
 

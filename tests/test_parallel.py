@@ -182,7 +182,7 @@ _SCRIPT = textwrap.dedent("""
     from fedgan_jax.federated import sharding
     assert jax.device_count() == 8, jax.devices()
     shard_map = {shard_map!r}
-    config = tiny_config(num_clients=8, **{{"data.num_images": 128, "train.local_steps": 1}})
+    config = tiny_config(**{{"num_clients": 8, "data.num_images": 128, "train.local_steps": 1, **{extra!r}}})
     program, _, _ = assemble.build_program(config)
     data, _, _ = assemble.setup_data(config)
     state = program.init(jax.random.key(0))
@@ -199,9 +199,9 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run_8_devices(shard_map: bool) -> str:
+def _run_8_devices(shard_map: bool, **extra) -> str:
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  script = _SCRIPT.format(tests=os.path.join(ROOT, "tests"), shard_map=shard_map)
+  script = _SCRIPT.format(tests=os.path.join(ROOT, "tests"), shard_map=shard_map, extra=extra)
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc.stdout
@@ -210,6 +210,12 @@ def _run_8_devices(shard_map: bool) -> str:
 def test_sharded_round_on_8_devices_equals_single_device():
   """Local training under shard_map (one client per device) + aggregation = the 1-device round."""
   assert "OK 1" in _run_8_devices(shard_map=True)
+
+
+@pytest.mark.slow
+def test_sampled_round_on_8_devices_equals_single_device():
+  """8 of 16 clients a round (config.clients_per_round): gathered from their devices, trained one per device."""
+  assert "OK 1" in _run_8_devices(shard_map=True, num_clients=16, clients_per_round=8)
 
 
 @pytest.mark.slow

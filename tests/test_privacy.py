@@ -178,11 +178,15 @@ def test_bad_kwargs_name_the_field(kwargs, match):
     aggregation.get("dp_mean", **kwargs)
 
 
-def test_client_axis_must_match_num_clients():
+def test_client_axis_may_not_exceed_num_clients():
   agg = aggregation.get("dp_mean", clip_norm=1.0, noise_multiplier=1.0, num_clients=3)
   g = {"w": jnp.zeros(2)}
-  with pytest.raises(ValueError, match="2 clients.*num_clients=3"):
-    agg.aggregate(agg.init(g), g, {"w": jnp.zeros((2, 2))}, {"num_examples": jnp.ones(2)}, jax.random.key(0))
+  with pytest.raises(ValueError, match="4 clients.*num_clients=3"):
+    agg.aggregate(agg.init(g), g, {"w": jnp.zeros((4, 2))}, {"num_examples": jnp.ones(4)}, jax.random.key(0))
+  # Fewer uploads: the m clients sampled for the round (config.clients_per_round), m slots of weight 1/m.
+  _, _, diag = agg.aggregate(agg.init(g), g, {"w": jnp.zeros((2, 2))}, {"num_examples": jnp.ones(2)}, jax.random.key(0))
+  np.testing.assert_allclose(diag["weights"], [0.5, 0.5])
+  assert float(diag["noise_std"]) == pytest.approx(1.0 / 2)
 
 
 # ---------------------------------------------------------------- the accountant

@@ -13,6 +13,18 @@ set), ``compose`` (stages and ``chain`` of built elements), ``detectors``
 (Isolation Forest, robust z-score, the detect and decay stages), ``privacy``
 (DP-FedAvg's clipped, noised mean), ``stats``
 (server statistics of the uploads), ``registry`` (names).
+
+A rule with state per client (FoolsGold's history, the detection's
+``times_flagged``, ``alpha_detect``'s levels) declares it in
+``Aggregator.client_axes`` (a ``Stage`` in ``Stage.client_axes``; ``chain``
+collects them): a prefix of its state's pytree, True where the leaves have a
+row per client. When only m of the C clients take part in a round
+(``config.clients_per_round``) the round gathers those rows for the m
+(``gather_state``), the rule aggregates the m uploads as if they were all
+the clients, and the new rows are scattered back into their clients' slots
+(``scatter_state``); the other clients' rows are untouched. ``base``'s
+docstring states the contract; a contract test runs every registered rule
+this way.
 """
 
 from __future__ import annotations
@@ -22,9 +34,12 @@ from fedgan_jax.aggregation.backdoor import flame, foolsgold, rlr
 from fedgan_jax.aggregation.base import (
   Aggregator,
   EmptyState,
+  check_client_axes,
   finite_mask,
+  gather_state,
   mean,
   normalize,
+  scatter_state,
   stateless_init,
   valid_mask,
   weighted_average,
@@ -59,6 +74,7 @@ __all__ = [
   "bulyan",
   "centered_clip",
   "chain",
+  "check_client_axes",
   "clip_updates",
   "decay_flagged",
   "detect",
@@ -68,6 +84,7 @@ __all__ = [
   "finite_mask",
   "flame",
   "fltrust",
+  "gather_state",
   "foolsgold",
   "geometric_median",
   "get",
@@ -80,6 +97,7 @@ __all__ = [
   "normalize",
   "rlr",
   "robust_zscore",
+  "scatter_state",
   "SERVER_MODEL",
   "server_stats",
   "stateless_init",

@@ -380,7 +380,7 @@ def recovering_weights(
     diagnostics = {"flag_level": level, "weight_factor": factor, "reweight_active": active}
     return client_params, stats, new_state, diagnostics
 
-  return Stage(init, update)
+  return Stage(init, update, RecoveryState(round=False, level=True))  # Each client's level is its own.
 
 
 def alpha_detect(

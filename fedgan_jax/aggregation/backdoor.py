@@ -379,7 +379,8 @@ def foolsgold(kappa: float = 1.0, use_history: bool = True, num_clients: int | N
   Raises:
     ValueError: ``kappa <= 0``, ``use_history`` not a bool, ``num_clients``
       missing or not a positive integer; at aggregation, a client axis that
-      is not ``num_clients`` long.
+      is not as long as the history (``num_clients``, or the round's sampled
+      clients: ``Aggregator.client_axes``).
   """
   kappa = _check_real("kappa", kappa, "a finite number > 0", lambda v: v > 0)
   if not isinstance(use_history, bool):
@@ -392,9 +393,11 @@ def foolsgold(kappa: float = 1.0, use_history: bool = True, num_clients: int | N
   def aggregate(state, global_params, client_params, client_stats, key):
     del key
     valid, nonfinite = valid_mask(client_params, client_stats)
-    if valid.shape[0] != c:
+    rows = jax.tree.leaves(state.history)[0].shape[0]  # C, or the m clients of a sampled round (gathered).
+    if valid.shape[0] != rows:
       raise ValueError(
-        f"aggregation.kwargs.num_clients={c} does not match the client axis of size {valid.shape[0]} (foolsgold)."
+        f"aggregation.kwargs.num_clients={c} does not match the client axis of size {valid.shape[0]} "
+        f"(foolsgold's history has {rows} rows)."
       )
     u = client_deltas(global_params, client_params, valid)
     history = jax.tree.map(lambda h, d: h + d, state.history, u)
@@ -410,4 +413,4 @@ def foolsgold(kappa: float = 1.0, use_history: bool = True, num_clients: int | N
     }
     return new_global, FoolsGoldState(history), diagnostics
 
-  return Aggregator(init, aggregate)
+  return Aggregator(init, aggregate, FoolsGoldState(history=True))  # Each client's history is its own.

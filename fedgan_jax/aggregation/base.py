@@ -12,8 +12,27 @@ factory that closes over its hyperparameters, in the manner of optax::
 ``client_stats`` is a dict of ``[C]`` arrays that always holds
 ``num_examples``; ``diagnostics`` always holds ``weights: f32[C]`` (the
 effective weight each client got, 0 when excluded, summing to 1 over the
-included clients) and ``flagged: bool[C]``. The aggregator never sees which
-clients are malicious.
+included clients) and ``flagged: bool[C]``; every diagnostic is a scalar or
+a per-client array ``[C, ...]``. The aggregator never sees which clients are
+malicious.
+
+Per-client state (``Aggregator.client_axes``). A rule whose state holds
+something for each client (FoolsGold's update history, the detection's
+``times_flagged``) declares which parts of its state carry the client axis:
+``client_axes`` is a pytree *prefix* of the state ``init`` returns (as
+``jax.vmap``'s ``in_axes``), ``True`` over every subtree whose leaves are
+``[num_clients, ...]`` with row ``i`` client ``i``'s, ``False`` over the rest
+(round counters, running centres); the default ``False`` is "no per-client
+state". When clients are sampled (``config.clients_per_round = m < C``) the
+round gives ``aggregate`` the m sampled clients only: the program gathers
+those clients' rows of the per-client state (``gather_state``), calls
+``aggregate`` on ``[m, ...]`` uploads, stats and state, and scatters the new
+rows back into their clients' slots (``scatter_state``); the other clients'
+rows stay as they were. So ``aggregate`` must read the client count from its
+inputs (never assume C rows), keep row ``j`` of its per-client state with
+upload ``j``, and leave the rest of its state free of the client axis.
+``compose.chain`` declares the tuple of its elements' declarations. A
+contract test runs every registered rule this way.
 
 Exclusion rule shared by every built-in rule: a client is *valid* iff every
 entry of its upload is finite and its ``num_examples`` is > 0. Invalid clients
@@ -44,13 +63,23 @@ Diagnostics = dict[str, jax.Array]
 
 
 class Aggregator(NamedTuple):
-  """A server aggregation rule: a pair of pure, jittable functions."""
+  """A server aggregation rule: a pair of pure, jittable functions.
+
+  Attributes:
+    init: ``global_params -> state``.
+    aggregate: ``(state, global_params, client_params, client_stats, key) ->
+      (new_global_params, new_state, diagnostics)``.
+    client_axes: which parts of the state are per client (module docstring):
+      a prefix of the state's pytree with ``True`` where the leaves are
+      ``[num_clients, ...]``; ``False`` (the default) for none.
+  """
 
   init: Callable[[PyTree], PyTree]
   aggregate: Callable[
     [PyTree, PyTree, PyTree, Stats, jax.Array],
     tuple[PyTree, PyTree, Diagnostics],
   ]
+  client_axes: Any = False
 
 
 class EmptyState(NamedTuple):
@@ -61,6 +90,68 @@ def stateless_init(global_params: PyTree) -> EmptyState:
   """``init`` of a rule or stage that keeps no state between rounds."""
   del global_params
   return EmptyState()
+
+
+def gather_state(state: PyTree, client_axes: Any, clients: jax.Array) -> PyTree:
+  """The state a rule sees when only ``clients`` take part in a round.
+
+  Args:
+    state: the rule's full state (per-client leaves ``[C, ...]``).
+    client_axes: the rule's ``Aggregator.client_axes``.
+    clients: int ``[m]`` client ids (rows of the per-client leaves).
+
+  Returns:
+    The state with every per-client leaf ``x`` replaced by ``x[clients]``
+    (``[m, ...]``); the other leaves unchanged.
+  """
+  return jax.tree.map(lambda f, sub: jax.tree.map(lambda x: x[clients], sub) if f else sub, client_axes, state)
+
+
+def scatter_state(state: PyTree, client_axes: Any, clients: jax.Array, new_state: PyTree) -> PyTree:
+  """The full state after a round in which only ``clients`` took part (the inverse of ``gather_state``).
+
+  Args:
+    state: the rule's full state before the round (per-client leaves ``[C, ...]``).
+    client_axes: the rule's ``Aggregator.client_axes``.
+    clients: int ``[m]`` distinct client ids, as given to ``gather_state``.
+    new_state: what ``aggregate`` returned for them (per-client leaves ``[m, ...]``).
+
+  Returns:
+    ``new_state`` with each per-client leaf written back into its clients'
+    rows of ``state`` (the other clients' rows unchanged).
+
+  Raises:
+    ValueError: a per-client leaf of ``new_state`` without ``m`` rows.
+  """
+  m = clients.shape[0]
+
+  def put(old, new):
+    if new.shape[:1] != (m,) or old.shape[1:] != new.shape[1:]:
+      raise ValueError(
+        f"aggregation: a per-client state leaf (client_axes True) came back as {new.shape}, expected "
+        f"[{m}, ...] rows for the {m} clients of the round (full leaf {old.shape})."
+      )
+    return jnp.asarray(old).at[clients].set(jnp.asarray(new, old.dtype))
+
+  # Per-client subtrees: the new rows into the old leaves; the rest of the state is the new one.
+  return jax.tree.map(lambda f, old, new: jax.tree.map(put, old, new) if f else new, client_axes, state, new_state)
+
+
+def check_client_axes(state: PyTree, client_axes: Any, num_clients: int, where: str = "aggregation") -> None:
+  """Raises ``ValueError`` unless every per-client leaf of ``state`` has ``num_clients`` rows.
+
+  Also checks that ``client_axes`` is a prefix of the state's structure.
+  """
+  try:
+    flags = jax.tree.map(lambda flag, sub: jax.tree.map(lambda _: bool(flag), sub), client_axes, state)
+  except ValueError as e:
+    raise ValueError(f"{where}: client_axes {client_axes!r} is not a prefix of the state's structure ({e}).") from e
+  for flag, x in zip(jax.tree.leaves(flags), jax.tree.leaves(state)):
+    if flag and jnp.shape(x)[:1] != (num_clients,):
+      raise ValueError(
+        f"{where}: a per-client state leaf (client_axes True) has shape {jnp.shape(x)}; expected "
+        f"[num_clients={num_clients}, ...]."
+      )
 
 
 def finite_mask(client_params: PyTree) -> jax.Array:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,13 +46,18 @@ from fedgan_jax.aggregation.base import (
 
 
 class Stage(NamedTuple):
-  """A pre-aggregation step of a ``chain``: a pair of pure, jittable functions."""
+  """A pre-aggregation step of a ``chain``: a pair of pure, jittable functions.
+
+  ``client_axes`` declares the per-client part of the stage's state, as
+  ``Aggregator.client_axes`` does (``base``): ``False`` (the default) for none.
+  """
 
   init: Callable[[PyTree], PyTree]
   update: Callable[
     [PyTree, PyTree, PyTree, Stats, jax.Array],
     tuple[PyTree, Stats, PyTree, Diagnostics],
   ]
+  client_axes: Any = False
 
 
 def clip_updates(max_norm: float) -> Stage:
@@ -98,7 +103,8 @@ def chain(*elements: Stage | Aggregator) -> Aggregator:
   Per round, the key is split once per element. Diagnostics are the union of
   the elements' diagnostics (later keys win), with ``weights`` from the
   reduction and ``flagged`` the OR of every element's ``flagged``. The state
-  is the tuple of the elements' states. ``aggregation.chain`` is the same
+  is the tuple of the elements' states, its ``client_axes`` the tuple of
+  theirs. ``aggregation.chain`` is the same
   with elements given by registry name (how configs spell it).
 
   Args:
@@ -143,4 +149,4 @@ def chain(*elements: Stage | Aggregator) -> Aggregator:
     diagnostics["flagged"] = d["flagged"] if flagged is None else flagged | d["flagged"]
     return new_global, tuple(new_state), diagnostics
 
-  return Aggregator(init, aggregate)
+  return Aggregator(init, aggregate, tuple(e.client_axes for e in elements))

@@ -434,7 +434,7 @@ def decay_flagged(
     exponent = times * (times + 1) // 2
     kept = jnp.power(jnp.float32(decay), (exponent - jnp.min(exponent)).astype(jnp.float32))
     factor = kept if mode == "persistent" else this_round
-    blocked = (times >= block_after) if block_after is not None else jnp.zeros((c,), bool)
+    blocked = (times >= block_after) if block_after is not None else jnp.zeros(times.shape, bool)
     counts = jnp.asarray(client_stats["num_examples"], jnp.float32) * factor
     counts = jnp.where(blocked, 0.0, counts)
     stats = {**client_stats, "num_examples": counts}
@@ -442,4 +442,5 @@ def decay_flagged(
     diagnostics = {"times_flagged": times, "blocked": blocked, "decay_active": active, "decay_factor": factor}
     return client_params, stats, new_state, diagnostics
 
-  return Stage(init, update)
+  # times_flagged and factor are each client's (gathered and scattered when clients are sampled); round is global.
+  return Stage(init, update, DecayState(round=False, times_flagged=True, factor=True))

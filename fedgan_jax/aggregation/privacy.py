@@ -4,7 +4,8 @@
 "Learning Differentially Private Recurrent Language Models", ICLR 2018; the
 same clip-and-noise scheme as Geyer, Klein & Nabi, "Differentially Private
 Federated Learning: A Client Level Perspective", 2017) with every client
-taking part in every round (fixed-size participation):
+taking part in every round (fixed-size participation), or the m clients
+sampled for the round (``config.clients_per_round``: C below is then m):
 
     new_global = global + (1 / C) * sum_c clip(client_c - global, S) + N(0, (z S / C)^2 I)
 
@@ -84,7 +85,10 @@ def dp_mean(clip_norm: float, noise_multiplier: float, num_clients: int | None =
     clip_norm: S, the L2 bound on each client's update (> 0).
     noise_multiplier: z, the noise's standard deviation in units of the
       per-client sensitivity ``S`` of the sum (>= 0; 0 = clipping only, no privacy).
-    num_clients: C, optional: when given, the client axis must have this size.
+    num_clients: C, optional: when given, the client axis may not be longer.
+      With clients sampled per round (``config.clients_per_round = m``) the
+      axis has the m sampled clients: C above is then m, the fixed number of
+      slots of every round, and ``fedgan_jax.privacy`` accounts the sampling.
 
   Returns:
     A stateless ``Aggregator``; diagnostics ``weights``, ``flagged`` (all
@@ -112,7 +116,7 @@ def dp_mean(clip_norm: float, noise_multiplier: float, num_clients: int | None =
   def aggregate(state, global_params, client_params, client_stats, key):
     valid, nonfinite = valid_mask(client_params, client_stats)
     C = valid.shape[0]
-    if num_clients is not None and C != num_clients:
+    if num_clients is not None and C > num_clients:
       raise ValueError(f"dp_mean: the uploads have {C} clients, the rule was built for num_clients={num_clients}.")
     raw = client_deltas(global_params, client_params)
     norm = jnp.sqrt(tree_sq_norms(raw))  # NaN/Inf for a non-finite upload, as clip_updates reports it.

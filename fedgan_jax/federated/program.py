@@ -6,7 +6,8 @@ clients that run in turn, see ``client_chunk``); the clients' reports are the
 attack simulation's (``attack.report``); the server's aggregation is a pure
 function over the client axis (``server.server_round``). Everything that
 differs between attack settings is an array input, so one compiled program
-serves them all.
+serves them all. With ``config.clients_per_round = m`` only m clients, drawn
+from the round's key, train and upload (``sampling``).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from fedgan_jax import config_lib
-from fedgan_jax.aggregation.base import Aggregator
+from fedgan_jax.aggregation.base import Aggregator, check_client_axes
 from fedgan_jax.aggregation.fltrust import root_size_of
-from fedgan_jax.federated import attack, upload_attacks
+from fedgan_jax.federated import attack, sampling, upload_attacks
 from fedgan_jax.federated import client as client_lib
 from fedgan_jax.federated import server as server_lib
 from fedgan_jax.federated.state import ClientState, LocalOut, Program, RoundData, RoundState
@@ -89,9 +90,13 @@ def build(
   server_round = server_lib.server_round(
     g_aggregator, d_aggregator, bool(config.aggregation.average_discriminator), config.aggregation.weighting
   )
+  m = sampling.clients_per_round(config)  # None: every client, every round.
   # fltrust: the server trains on its root set as an honest client would (same steps, losses and optimizers,
   # its own discriminator kept in g_agg); with one local epoch, the largest client's steps (batches drawn).
   root_n = root_size_of(config.aggregation.name, config.aggregation.kwargs)
+  # Per-client parts of RoundState.g_agg / d_agg (aggregation.base: client_axes); under fltrust g_agg is
+  # (the server's ClientState, the rule's state) and the server's part has no client axis.
+  agg_axes = ((False, g_aggregator.client_axes) if root_n else g_aggregator.client_axes, d_aggregator.client_axes)
   if root_n:
     steps = local_steps or config.train.local_steps
     server_config = config if config.train.local_steps else config_lib.copy_with(config, {"train.local_steps": steps})
@@ -106,6 +111,8 @@ def build(
     stack = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (C,) + x.shape), t)
     clients = ClientState(d_vars=stack(d_vars), g_opt=stack(g_opt), d_opt=stack(d_opt))
     g_agg = g_aggregator.init(g_vars)
+    if m is not None:  # Sampled clients: the per-client state must have a row per client (gathered each round).
+      check_client_axes(g_agg, g_aggregator.client_axes, C, f"aggregation.name={config.aggregation.name!r}")
     if root_n:  # The server starts as every client does.
       g_agg = (ClientState(d_vars=d_vars, g_opt=g_opt, d_opt=d_opt), g_agg)
     return RoundState(
@@ -163,8 +170,23 @@ def build(
     return LocalOut(*jax.lax.map(one, per_client, batch_size=chunk if chunk > 1 else None))
 
   def round_fn(state: RoundState, data: RoundData, key: jax.Array):
-    """Local training of all clients, their reports, the server; ``key`` is this round's key."""
-    return finish_round(state, data, local_round(state, data, client_keys(key, C)), key)
+    """Local training of the round's clients, their reports, the server; ``key`` is this round's key."""
+    return round_with(state, data, key)
+
+  def round_with(state: RoundState, data: RoundData, key: jax.Array, local_fn=None, clients=None):
+    """The round with local training by ``local_fn`` (default ``local_round``) for ``clients``.
+
+    ``clients``: int ``[m]`` distinct client ids that take part (``sampling.sampled_round``); None:
+    those drawn from ``key`` with ``clients_per_round``, else every client (the unsampled round).
+    """
+    local_fn = local_fn or local_round
+    keys = client_keys(key, C)
+    if clients is None and m is None:
+      return finish_round(state, data, local_fn(state, data, keys), key)
+    clients = sampling.sampled_clients(key, C, m) if clients is None else jnp.asarray(clients, jnp.int32)
+    return sampling.sampled_round(
+      state, data, key, clients, client_keys=keys, local_fn=local_fn, finish_fn=finish_round, agg_axes=agg_axes
+    )
 
   def finish_round(state: RoundState, data: RoundData, local: LocalOut, key: jax.Array):
     """The clients' reports and the server step after local training (the true losses are logged).
@@ -254,4 +276,5 @@ def build(
     finish_round=finish_round,
     round=round_fn,
     sample=sample,
+    round_with=round_with,
   )

@@ -12,7 +12,10 @@ round to the partitioner is correct but moves activations between devices for
 every conv (measured in docs/benchmarks.md), so it is only an option
 (``jit_round(..., local_shard_map=False)``). ``num_clients`` must be a
 multiple of the device count: an uneven client axis would need padding
-clients, which every aggregation rule would then have to mask out.
+clients, which every aggregation rule would then have to mask out. With
+clients sampled per round (``config.clients_per_round = m``, ``sampling``)
+so must m be: the m sampled clients are gathered from their devices and
+trained under ``shard_map``, m / devices per device.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fedgan_jax.federated import program as program_lib
 from fedgan_jax.federated.replicas import replicate
 from fedgan_jax.federated.state import CLIENT_DATA_FIELDS, Program, RoundData, RoundState
 
@@ -62,17 +64,36 @@ def client_mesh(num_clients: int, devices: Sequence[jax.Device] | None = None) -
   return Mesh(np.asarray(devices), (CLIENT_AXIS,))
 
 
-def auto_client_mesh(num_clients: int) -> Mesh | None:
+def auto_client_mesh(num_clients: int, clients_per_round: int | None = None) -> Mesh | None:
   """``client_mesh`` when the clients divide evenly over several devices, else ``None``.
 
   For a run: one whose ``num_clients`` does not divide the device count still
   runs (unsharded, on the default device), with a warning.
+
+  Args:
+    num_clients: C.
+    clients_per_round: m when clients are sampled (``sampling.clients_per_round``), else None.
+
+  Raises:
+    ValueError: the clients are sharded (C a multiple of the device count)
+      and ``clients_per_round`` is not a multiple of the device count.
   """
   n = jax.device_count()
   if n > 1 and num_clients % n:
     logging.warning("num_clients=%d is not a multiple of the %d devices: clients are not sharded.", num_clients, n)
     return None
+  check_clients_per_round(clients_per_round, n)
   return client_mesh(num_clients)
+
+
+def check_clients_per_round(clients_per_round: int | None, num_devices: int) -> None:
+  """Raises ``ValueError`` unless the sampled clients (if any) divide evenly over ``num_devices``."""
+  if clients_per_round and num_devices > 1 and clients_per_round % num_devices:
+    raise ValueError(
+      f"config.clients_per_round={clients_per_round} is invalid on {num_devices} devices: the sampled clients "
+      f"are trained sharded over the devices, so it must be a multiple of {num_devices} (or 0: every client); "
+      "or limit the devices (e.g. CUDA_VISIBLE_DEVICES)."
+    )
 
 
 def _client_axis(state: RoundState, data: RoundData) -> tuple[PyTree, PyTree]:
@@ -161,17 +182,20 @@ def sharded_round(program: Program, mesh: Mesh) -> Callable:
     ``round(state, data, key) -> (state, metrics)``, not jitted (``jit_round`` does).
   """
 
-  def round_fn(state, data, key):
-    keys = program_lib.client_keys(key, data.counts.shape[0])
+  def local(state, data, keys):
+    # The clients of the round: all of them, or the sampled ones gathered (program.round_with).
+    check_clients_per_round(keys.shape[0], mesh.size)
     state_specs, data_specs = jax.tree.map(lambda c: _spec(c, False), _client_axis(state, data))
-    local = jax.shard_map(
+    return jax.shard_map(
       program.local_round,
       mesh=mesh,
       in_specs=(state_specs, data_specs, P(CLIENT_AXIS)),
       out_specs=P(CLIENT_AXIS),
       check_vma=False,
     )(state, data, keys)
-    return program.finish_round(state, data, local, key)
+
+  def round_fn(state, data, key):
+    return program.round_with(state, data, key, local_fn=local)
 
   return round_fn
 

@@ -115,14 +115,22 @@ class Program(NamedTuple):
   Attributes:
     init: ``key -> RoundState``.
     local_train: ONE client's local training (see ``client.local_trainer``).
-    local_round: ``(state, data, client_keys [C]) -> LocalOut``: every client.
+    local_round: ``(state, data, client_keys [C]) -> LocalOut``: every client
+      of ``state`` and ``data`` (the sampled ones when they are gathered).
     finish_round: ``(state, data, local_out, key) -> (state, metrics)``: the
       clients' reports (``attack.report``) and the server step
       (``server.server_round``, which sees no ground truth).
     round: ``(state, data, key) -> (state, metrics)``: ``local_round`` then
-      ``finish_round``; ``key`` is the round's key.
+      ``finish_round``; ``key`` is the round's key. With
+      ``config.clients_per_round`` both run on the round's sampled clients
+      (``sampling.sampled_round``).
     sample: ``(g_vars, z, labels=None) -> images`` of a generator (running
       BatchNorm stats); ``labels`` int32 ``[N]`` with ``model.conditional``, None otherwise.
+    round_with: ``(state, data, key, local_fn=None, clients=None) -> (state, metrics)``:
+      ``round`` with another local-training function of the same signature as
+      ``local_round`` (``sharding`` passes its ``shard_map``-ped form), or
+      for given client ids ``clients`` (int ``[m]``) instead of those
+      ``config.clients_per_round`` draws from ``key`` (``sampling``).
   """
 
   init: Callable[[jax.Array], RoundState]
@@ -131,3 +139,4 @@ class Program(NamedTuple):
   finish_round: Callable[..., tuple[RoundState, dict]]
   round: Callable[[RoundState, RoundData, jax.Array], tuple[RoundState, dict]]
   sample: Callable[..., jax.Array]
+  round_with: Callable[..., tuple[RoundState, dict]] | None = None

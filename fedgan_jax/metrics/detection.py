@@ -15,22 +15,28 @@ from typing import Any
 import numpy as np
 
 
-def detection_rates(flagged, is_malicious) -> tuple[float, float]:
+def detection_rates(flagged, is_malicious, sampled=None) -> tuple[float, float]:
   """True- and false-positive rates of one round's flags.
 
   Args:
     flagged: ``bool[C]`` the detector's flags.
     is_malicious: ``bool[C]`` ground truth.
+    sampled: ``bool[C]``, the clients that took part in the round
+      (``agg/sampled`` with ``config.clients_per_round``); None: all of them.
+      Only they count: a client that sat the round out was not judged.
 
   Returns:
-    ``(tpr, fpr)``: TP / #malicious and FP / #honest. A rate whose
-    denominator is 0 is NaN: ``tpr`` is undefined without attackers (a clean
-    run), ``fpr`` without honest clients; ``mean_rate`` skips them.
+    ``(tpr, fpr)``: TP / #malicious and FP / #honest among the clients of
+    the round. A rate whose denominator is 0 is NaN: ``tpr`` is undefined
+    without attackers (a clean run, or a round none was drawn for), ``fpr``
+    without honest clients; ``mean_rate`` skips them.
   """
   flagged = np.asarray(flagged, bool)
   mal = np.asarray(is_malicious, bool)
+  took_part = np.ones(mal.shape, bool) if sampled is None else np.asarray(sampled, bool)
+  flagged, honest, mal = flagged[took_part], ~mal[took_part], mal[took_part]
   tpr = float(flagged[mal].mean()) if mal.any() else float("nan")
-  fpr = float(flagged[~mal].mean()) if (~mal).any() else float("nan")
+  fpr = float(flagged[honest].mean()) if honest.any() else float("nan")
   return tpr, fpr
 
 
@@ -114,7 +120,10 @@ def after_warmup(records: Sequence[dict], is_malicious, warmup_rounds: int) -> d
     'tpr_acted', 'fpr_acted', 'rounds_acted', 'attacker_final_weights',
     'honest_final_weights'}``: TPR / FPR of the flags (mean over rounds;
     None when undefined), the fraction of rounds with at least one flag, the
-    same for the acted-on flags, and the last round's weights.
+    same for the acted-on flags, and the last round's weights. With
+    clients sampled per round (``agg/sampled`` in the records) the rates are
+    over each round's sampled clients, and a client not sampled in the last
+    round has weight NaN.
   """
   mal = np.asarray(is_malicious, bool)
   after = [r for r in records if r["round"] - 1 > warmup_rounds]
@@ -123,7 +132,7 @@ def after_warmup(records: Sequence[dict], is_malicious, warmup_rounds: int) -> d
     ("flagged", [np.asarray(r["agg/flagged"], bool) for r in after]),
     ("acted", [acted_flags(r) for r in after]),
   ):
-    rates = [detection_rates(f, mal) for f in flags]
+    rates = [detection_rates(f, mal, r.get("agg/sampled")) for f, r in zip(flags, after)]
     out[f"tpr_{kind}"] = mean_rate(t for t, _ in rates)
     out[f"fpr_{kind}"] = mean_rate(f for _, f in rates)
     out[f"rounds_{kind}"] = mean_rate(float(f.any()) for f in flags)
