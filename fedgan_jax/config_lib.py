@@ -148,8 +148,8 @@ def base_config() -> ml_collections.ConfigDict:
   # a batch's images). Each client's (epsilon, privacy.delta) per image lands in summary.json's privacy.dp_sgd.
   c.train.dp_sgd = ml_collections.ConfigDict()
   c.train.dp_sgd.enabled = False  # Off: the program is exactly the one without it.
-  # S: each example's D gradient clipped to this L2 norm (over all of D's parameters); > 0. The gradient's scale
-  # is the loss's: WGAN-GP critics' per-image gradients run ~1-10 (train/dp_clip_frac shows how many get clipped).
+  # S: each example's D gradient clipped to this L2 norm (over all of D's parameters); > 0. train/dp_clip_frac
+  # shows how many get clipped (configs/dp_sgd.py's WGAN-GP critic: every one, at S = 1).
   c.train.dp_sgd.clip_norm = 1.0
   # sigma: Gaussian noise of std sigma * S on the sum of the clipped gradients (then / batch_size); >= 0
   # (0 = clipping only, no privacy: epsilon is infinite). Only sigma, q = batch_size / images and the steps set
