@@ -33,13 +33,19 @@ def local_steps(config, counts) -> int:
     counts: ``[C]`` (or ``[K, C]`` for replicas) real images per client.
 
   Raises:
-    ValueError: one local epoch (``train.local_steps = 0``) and a client with
-      fewer images than ``train.batch_size`` (it would make no step).
+    ValueError: one local epoch (``train.local_steps = 0``) or DP-SGD
+      (``train.dp_sgd.enabled``: batches of distinct images) and a client with
+      fewer images than ``train.batch_size``.
   """
-  if config.train.local_steps:
-    return config.train.local_steps
   counts = np.asarray(counts)
   B = config.train.batch_size
+  if config.train.dp_sgd.enabled and counts.min() < B:
+    raise ValueError(
+      f"config.train.dp_sgd.enabled=True draws batches of train.batch_size={B} distinct images per client; the "
+      f"smallest client has {int(counts.min())}. Use a smaller batch_size or fewer clients."
+    )
+  if config.train.local_steps:
+    return config.train.local_steps
   if counts.min() < B:
     raise ValueError(
       f"config.train.local_steps=0 (one local epoch of full batches) needs at least train.batch_size={B} "

@@ -149,6 +149,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.gp_interpolation = "uniform"
   c.train.regularizers.r1 = 0.0  # R1 gamma.
   c.train.regularizers.proximal = 0.0  # FedProx mu (toward the round's global weights).
+  # DP-SGD on every client's discriminator (Abadi et al. 2016; fedgan_jax/federated/dp_sgd.py), the only network
+  # that reads private images (G learns through D: post-processing, no noise). One example = one real image with
+  # its paired fake and its gradient-penalty interpolate. Needs model.d_norm 'instance' or 'none' (BatchNorm mixes
+  # a batch's images). Each client's (epsilon, privacy.delta) per image lands in summary.json's privacy.dp_sgd.
+  c.train.dp_sgd = ml_collections.ConfigDict()
+  c.train.dp_sgd.enabled = False  # Off: the program is exactly the one without it.
+  # S: each example's D gradient clipped to this L2 norm (over all of D's parameters); > 0. train/dp_clip_frac
+  # shows how many get clipped (configs/dp_sgd.py's WGAN-GP critic: every one, at S = 1).
+  c.train.dp_sgd.clip_norm = 1.0
+  # sigma: Gaussian noise of std sigma * S on the sum of the clipped gradients (then / batch_size); >= 0
+  # (0 = clipping only, no privacy: epsilon is infinite). Only sigma, q = batch_size / images and the steps set
+  # epsilon.
+  c.train.dp_sgd.noise_multiplier = 1.0
 
   c.aggregation = ml_collections.ConfigDict()
   c.aggregation.name = "mean"  # A registered rule or 'module:factory'.
@@ -156,9 +169,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.aggregation.average_discriminator = False  # Paper's code averages generators only.
   c.aggregation.weighting = "examples"  # examples: weights by image count | uniform: 1/C (the paper's code).
 
-  # The (epsilon, delta) reported for aggregation.name='dp_mean' (client-level DP, fedgan_jax/privacy.py).
+  # The (epsilon, delta) reported for aggregation.name='dp_mean' (client-level DP) and train.dp_sgd (per image of a
+  # client), fedgan_jax/privacy.py.
   c.privacy = ml_collections.ConfigDict()
-  c.privacy.delta = 1e-5  # delta of the reported guarantee: in (0, 1), and below 1/num_clients with dp_mean.
+  # delta of the reported guarantees: in (0, 1), and below 1/num_clients with dp_mean (with dp_sgd, a delta not
+  # below 1 / a client's image count is flagged in the block's note).
+  c.privacy.delta = 1e-5
   c.privacy.accountant = "rdp"  # rdp (Renyi DP, an upper bound; instant) | pld (privacy loss distributions; tight).
 
   c.eval = ml_collections.ConfigDict()
@@ -206,6 +222,41 @@ def _check_privacy(config) -> None:
       "(a delta of 1/n allows publishing one client's data outright), e.g. 1e-5",
     )
   _check_choice(config, "privacy.accountant", set(PRIVACY_ACCOUNTANTS))
+
+
+def _check_dp_sgd(config) -> None:
+  """``train.dp_sgd.*``: checked whatever ``enabled`` is; with it, a D without BatchNorm."""
+  dp = config.train.dp_sgd
+  if not isinstance(dp.enabled, bool):
+    _fail("train.dp_sgd.enabled", dp.enabled, "must be True or False")
+  s = dp.clip_norm
+  if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
+    _fail("train.dp_sgd.clip_norm", s, "must be a finite number > 0 (the per-example L2 clip norm S)")
+  z = dp.noise_multiplier
+  if isinstance(z, bool) or not isinstance(z, (int, float)) or not math.isfinite(z) or z < 0:
+    _fail(
+      "train.dp_sgd.noise_multiplier",
+      z,
+      "must be a finite number >= 0 (noise std in units of clip_norm; 0 = no privacy)",
+    )
+  if not dp.enabled:
+    return
+  if config.model.d_norm == "batch":
+    _fail(
+      "model.d_norm",
+      "batch",
+      "train.dp_sgd.enabled=True needs a discriminator without BatchNorm (it mixes the images of a batch, so one "
+      "image's gradient depends on the others, and its running statistics are released without noise); "
+      "use 'instance' (WGAN-GP's critic) or 'none'",
+    )
+  root = config.aggregation.kwargs.get("root_size", FLTRUST_ROOT_SIZE) if config.aggregation.name == "fltrust" else 0
+  if isinstance(root, int) and 0 < root < config.train.batch_size:
+    _fail(
+      "aggregation.kwargs.root_size",
+      root,
+      f"with train.dp_sgd.enabled=True the fltrust server trains as a client does, on batches of "
+      f"train.batch_size={config.train.batch_size} distinct images: accepted >= {config.train.batch_size}",
+    )
 
 
 # fltrust's default root-set size (fedgan_jax.aggregation.fltrust.DEFAULT_ROOT_SIZE, kept equal by a test).
@@ -373,6 +424,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_choice(config, "aggregation.weighting", {"examples", "uniform"})
   _check_privacy(config)
   _check_fltrust(config)
+  _check_dp_sgd(config)
   profile_window(config)
   if config.init_from.startswith("@"):
     _fail("init_from", config.init_from, "accepted '' (a new run), '<workdir>' or '<workdir>@<round>'")

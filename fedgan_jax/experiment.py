@@ -391,7 +391,8 @@ def _summary(config, records, info, is_mal, wall, t_compile, start) -> dict[str,
     "first_round_sec": t_compile,
     "num_records": n,
   }
-  block = privacy.summary_block(config, records)  # aggregation.name='dp_mean' only.
+  # aggregation.name='dp_mean' (client level) and train.dp_sgd (per image of a client) only.
+  block = privacy.privacy_summary(config, records, info.get("client_counts", ()))
   if block is not None:
     out["privacy"] = block
   return out

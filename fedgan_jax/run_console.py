@@ -174,8 +174,8 @@ class Console:
     for label, summary, workdir, report_ok in results:
       prefix = f"{label}: " if label else ""
       self._print(f"{prefix}final: {key_metrics(summary) or 'no metrics'}")
-      if summary.get("privacy"):  # aggregation.name='dp_mean': the guarantee of what was released.
-        self._print(f"{prefix}privacy: {privacy.guarantee_text(summary['privacy'])}")
+      for line in privacy.summary_lines(summary.get("privacy") or {}):  # dp_mean, train.dp_sgd: the guarantees.
+        self._print(f"{prefix}privacy: {line}")
       collapsed = diversity.collapse_warning(summary.get("final", {}))
       if collapsed:  # A result, beside the metrics it qualifies (stderr is for problems of the run itself).
         self._print(f"{prefix}note: {collapsed}")

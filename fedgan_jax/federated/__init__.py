@@ -13,4 +13,5 @@
   ``shard_map``).
 * ``replicas``: K seeds of one run as one program (a leading replica axis).
 * ``losses``: adversarial losses and the local regularizers.
+* ``dp_sgd``: DP-SGD on the discriminator (per-example clipping and noise, ``train.dp_sgd``).
 """

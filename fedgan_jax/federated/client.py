@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedgan_jax.federated import attack, latent_trigger, losses, upload_attacks
+from fedgan_jax.federated import attack, dp_sgd, latent_trigger, losses, upload_attacks
 from fedgan_jax.federated.state import ClientState
 
 PyTree = Any
@@ -58,7 +58,9 @@ def local_trainer(
   """The local training function of one client for ``config``.
 
   With ``train.local_steps = L > 0`` every client makes L steps on batches
-  drawn uniformly (with replacement) from its images. With
+  drawn uniformly (with replacement) from its images (with ``train.dp_sgd``:
+  B distinct images, uniformly without replacement, so no image is counted
+  twice in one step's sensitivity). With
   ``train.local_steps = 0`` every client makes one local epoch, as in the
   paper's code: its images in a fresh random order, ``count // batch_size``
   full batches (PyTorch's ``drop_last=True``); the program runs the largest
@@ -91,8 +93,19 @@ def local_trainer(
     client fakes its own class mix), and the gradient penalty's interpolates
     and R1 take the real images' labels.
 
+    With ``train.dp_sgd.enabled`` the D step is DP-SGD (``federated.dp_sgd``):
+    one example is one real image with its paired fake and its own
+    gradient-penalty interpolate, each example's gradient clipped to
+    ``clip_norm``, Gaussian noise of std ``noise_multiplier * clip_norm``
+    added to their sum, divided by B; ``stats['dp_clip_frac']`` is the mean
+    fraction of examples clipped. The G steps add no noise: G sees the private
+    images only through the (private) D, so its updates are post-processing.
+    Off, the program is the one without the feature.
+
   Raises:
     ValueError: (when traced) ``labels`` given without ``model.conditional``, or missing with it.
+    ValueError: ``train.dp_sgd.enabled`` with a discriminator that has
+      BatchNorm statistics (examples coupled, statistics released).
   """
   B = config.train.batch_size
   epoch = config.train.local_steps == 0
@@ -109,6 +122,9 @@ def local_trainer(
   d_tx = optimizer(config, config.train.d_lr)
   unroll = scan_unroll(config)
   conditional = bool(config.model.conditional)
+  dp = config.train.dp_sgd
+  dp_on = bool(dp.enabled)
+  clip_norm, noise_multiplier = float(dp.clip_norm), float(dp.noise_multiplier)
 
   # Labels are passed only to conditional models (y None: the unconditional call, unchanged).
   cond = lambda y: {} if y is None else {"labels": y}
@@ -150,6 +166,12 @@ def local_trainer(
     g_params, g_rest = split_vars(g_global)
     d_params, d_rest = split_vars(d_global if avg_d else client.d_vars)
     g_anchor, d_anchor = g_params, d_params
+    if dp_on and d_rest:
+      raise ValueError(
+        f"config.train.dp_sgd.enabled=True needs a discriminator without BatchNorm statistics, got {sorted(d_rest)}: "
+        "BatchNorm couples the examples of a batch and its running statistics are released without noise; "
+        "use model.d_norm='instance' or 'none'."
+      )
 
     def latent_dist(g_params, g_rest):
       # Inference mode (running statistics, nothing updated), as the global generator is sampled and evaluated.
@@ -171,9 +193,14 @@ def local_trainer(
     def step(carry, xs):
       k, i = xs
       g_params, g_rest, d_params, d_rest, g_opt, d_opt = carry
-      k_idx, k_zd, k_zg, k_gp, k_loc = jax.random.split(k, 5)
+      if dp_on:  # One more key, the noise's (the program without DP-SGD keeps its five).
+        k_idx, k_zd, k_zg, k_gp, k_loc, k_noise = jax.random.split(k, 6)
+      else:
+        k_idx, k_zd, k_zg, k_gp, k_loc = jax.random.split(k, 5)
       if epoch:
         idx = jax.lax.dynamic_slice(order, (i * B,), (B,))
+      elif dp_on:  # B distinct images: no image counted twice in one step's sensitivity.
+        idx = dp_sgd.distinct_indices(k_idx, count, images.shape[0], B)
       else:
         idx = jax.random.randint(k_idx, (B,), 0, count)
       real = images[idx].astype(jnp.float32) / 127.5 - 1.0
@@ -202,7 +229,30 @@ def local_trainer(
           loss = loss + prox_w * losses.proximal(dp, d_anchor)
         return loss, rest2
 
-      (d_loss, d_rest), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(d_params)
+      if dp_on:
+        if conditional:
+          d_fn = lambda dp, x, y: d_apply(dp, d_rest, x, y)[0]
+        else:
+          d_fn = lambda dp, x: d_apply(dp, d_rest, x)[0]
+        d_example_loss = dp_sgd.example_loss(d_fn, loss_kind, bce_kind, gp_w, r1_w)
+        eps = (
+          losses.interpolation_coefficients(k_gp, real, config.train.gp_interpolation)
+          if gp_w
+          else jnp.zeros((B,) + (1,) * (real.ndim - 1), real.dtype)
+        )
+        d_loss, d_grads, clip_frac = dp_sgd.private_value_and_grad(
+          d_example_loss,
+          d_params,
+          (real, fake, eps) + ((y_real, y_fake) if conditional else ()),
+          clip_norm,
+          noise_multiplier,
+          k_noise,
+        )
+        if prox_w and avg_d:  # Reads no data: added after the noise, unclipped.
+          p_loss, p_grads = jax.value_and_grad(lambda dp: prox_w * losses.proximal(dp, d_anchor))(d_params)
+          d_loss, d_grads = d_loss + p_loss, jax.tree.map(jnp.add, d_grads, p_grads)
+      else:
+        (d_loss, d_rest), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(d_params)
       d_upd, d_opt = d_tx.update(d_grads, d_opt, d_params)
       d_params = optax.apply_updates(d_params, d_upd)
 
@@ -235,10 +285,12 @@ def local_trainer(
       new = (g_params, g_rest, d_params, d_rest, g_opt, d_opt)
       if epoch:  # Past this client's epoch: the step changes nothing.
         new = jax.tree.map(lambda a, b: jnp.where(i < n_steps, a, b), new, carry)
-      return new, (g_loss, d_loss)
+      return new, (g_loss, d_loss) + ((clip_frac,) if dp_on else ())
 
     carry = (g_params, g_rest, d_params, d_rest, client.g_opt, client.d_opt)
-    carry, (g_losses, d_losses) = jax.lax.scan(step, carry, (jax.random.split(key, L), jnp.arange(L)), unroll=unroll)
+    carry, (g_losses, d_losses, *clip_fracs) = jax.lax.scan(
+      step, carry, (jax.random.split(key, L), jnp.arange(L)), unroll=unroll
+    )
     g_params, g_rest, d_params, d_rest, g_opt, d_opt = carry
     if epoch:
       used = jnp.arange(L) < n_steps
@@ -256,6 +308,9 @@ def local_trainer(
         "g_loss_last": g_losses[-1],
         "d_loss_last": d_losses[-1],
       }
+    if dp_on:
+      used = (jnp.arange(L) < n_steps) if epoch else jnp.ones((L,), bool)
+      stats["dp_clip_frac"] = jnp.sum(jnp.where(used, clip_fracs[0], 0.0)) / jnp.maximum(jnp.sum(used), 1)
     if latent is not None:
       stats["latent_dist"] = latent_dist(g_params, g_rest)
     new_client = ClientState(d_vars={"params": d_params, **d_rest}, g_opt=g_opt, d_opt=d_opt)

@@ -147,13 +147,30 @@ def gradient_penalty(
   Returns:
     The penalty (unweighted scalar).
   """
+  return gradient_penalty_at(d_fn, real, fake, interpolation_coefficients(key, real, interpolation))
+
+
+def interpolation_coefficients(key: jax.Array, real: jax.Array, interpolation: str = "uniform") -> jax.Array:
+  """WGAN-GP's ``eps`` of each image, ``[B, 1, 1, 1]``: ``U[0, 1]`` or (``'normal'``) ``N(0, 1)``.
+
+  Raises:
+    ValueError: ``interpolation`` is neither ``'uniform'`` nor ``'normal'``.
+  """
   shape = (real.shape[0],) + (1,) * (real.ndim - 1)
   if interpolation == "normal":
-    eps = jax.random.normal(key, shape, real.dtype)
-  elif interpolation == "uniform":
-    eps = jax.random.uniform(key, shape, real.dtype)
-  else:
-    raise ValueError(f"train.gp_interpolation={interpolation!r}: accepted 'uniform', 'normal'.")
+    return jax.random.normal(key, shape, real.dtype)
+  if interpolation == "uniform":
+    return jax.random.uniform(key, shape, real.dtype)
+  raise ValueError(f"train.gp_interpolation={interpolation!r}: accepted 'uniform', 'normal'.")
+
+
+def gradient_penalty_at(
+  d_fn: Callable[[jax.Array], jax.Array], real: jax.Array, fake: jax.Array, eps: jax.Array
+) -> jax.Array:
+  """``gradient_penalty`` with given coefficients ``eps`` (``[B, 1, 1, 1]``): one image's term at ``B = 1``.
+
+  DP-SGD (``federated.dp_sgd``) computes each real image's penalty on its own interpolate with this.
+  """
   x_hat = eps * real + (1.0 - eps) * fake
   grads = jax.grad(lambda x: jnp.sum(d_fn(x)))(x_hat)
   norms = jnp.sqrt(jnp.sum(grads.reshape(grads.shape[0], -1) ** 2, axis=1) + 1e-12)

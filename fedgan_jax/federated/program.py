@@ -195,9 +195,13 @@ def build(
     uploaded generators (``upload_attacks.tamper``) and, with ``mimic``, lie about their losses.
     """
     attackers = data.is_malicious & upload_attacks.in_window(data.upload, state.round)
-    # G(z*)'s distance to x* (attack.latent_trigger) is the simulation's record, never reported to the server.
+    # G(z*)'s distance to x* (attack.latent_trigger) and DP-SGD's clipped fraction (train.dp_sgd) are the
+    # simulation's records, never reported to the server; the noise multiplier is logged with every round so that
+    # privacy.dp_sgd_block accounts a resumed run by what each round ran with.
     stats = dict(local.stats)
-    logged = {"train/latent_dist": stats.pop("latent_dist")} if "latent_dist" in stats else {}
+    logged = {f"train/{k}": stats.pop(k) for k in ("latent_dist", "dp_clip_frac") if k in stats}
+    if config.train.dp_sgd.enabled:
+      logged["train/dp_noise_multiplier"] = jnp.float32(config.train.dp_sgd.noise_multiplier)
     local = local._replace(stats=stats)
     local = local._replace(client_g=upload_attacks.tamper(state.g_global, local.client_g, attackers, data.upload))
     uploads = attack.report(local, data, attackers)
