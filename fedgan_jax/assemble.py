@@ -9,7 +9,7 @@ poisoned images, the trigger).
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,7 @@ from fedgan_jax import aggregation, models
 from fedgan_jax.aggregation.fltrust import root_size_of
 from fedgan_jax.data import partition as partition_lib
 from fedgan_jax.data import sources, triggers
+from fedgan_jax.data.types import Dataset
 from fedgan_jax.federated import latent_trigger, sampling, upload_attacks
 from fedgan_jax.federated import program as program_lib
 from fedgan_jax.federated import replicas as replicas_lib
@@ -200,8 +201,78 @@ def round_data(config, images, counts, poison_flags=None, root=None, labels=None
   )
 
 
+class RunData(NamedTuple):
+  """Everything ``setup_run_data`` loads for one run.
+
+  Attributes:
+    data: the device-resident ``RoundData``.
+    heldout: the clean held-out ``Dataset`` (uint8).
+    info: facts for ``summary.json``.
+    members: a fixed random subset of the clients' clean (never poisoned)
+      training images with their labels (uint8 ``Dataset``): the members of
+      the membership inference and the real training set of TRTR
+      (``evaluation``); at most ``member_count(config)`` images.
+    target_class: the most common label of the poisoned training images (the
+      class a conditional generator's backdoor is read toward), -1 when none
+      is poisoned.
+  """
+
+  data: RoundData
+  heldout: Any
+  info: dict
+  members: Any
+  target_class: int
+
+
+def member_count(config) -> int:
+  """How many clean training images the evaluation keeps: for ``eval.mia_samples`` and, conditional, TRTR."""
+  n = config.eval.mia_samples
+  if config.model.conditional and config.eval.utility_every >= 0:
+    n = max(n, config.eval.utility_samples)
+  return int(n)
+
+
+def clean_members(images, labels, counts, poison_flags, n: int, seed: int) -> Dataset:
+  """``n`` (or fewer) clean training images drawn without replacement from the client shards, with labels.
+
+  Args:
+    images: uint8 ``[C, n_max, R, R, ch]`` client shards.
+    labels: int ``[C, n_max]``.
+    counts: ``[C]`` real images per client (the rest is padding).
+    poison_flags: bool ``[C, n_max]`` images that carry the trigger (left out).
+    n: images wanted.
+    seed: the run's seed (the draw is fixed for the run).
+
+  Returns:
+    A ``Dataset`` of at most ``n`` images in a random order.
+  """
+  counts, flags = np.asarray(counts), np.asarray(poison_flags)
+  real = np.arange(flags.shape[1])[None, :] < counts[:, None]
+  c_idx, i_idx = np.nonzero(real & ~flags)
+  # Its own stream of the seed: it does not correlate with the partition's or the poison flags' draws.
+  order = np.random.default_rng((seed, 0x3E3B)).permutation(len(c_idx))
+  images = np.asarray(images)
+  # The same image can sit at several clients (data.partition='full'): each is kept once.
+  seen, pick = set(), []
+  for j in order:
+    if len(pick) == n:
+      break
+    digest = hash(images[c_idx[j], i_idx[j]].tobytes())
+    if digest not in seen:
+      seen.add(digest)
+      pick.append(j)
+  c_idx, i_idx = c_idx[pick], i_idx[pick]
+  return Dataset(images=images[c_idx, i_idx], labels=np.asarray(labels)[c_idx, i_idx].astype(np.int32))
+
+
 def setup_data(config) -> tuple[RoundData, Any, dict]:
-  """Loads, partitions and poisons the data; returns device-resident round inputs.
+  """``setup_run_data``'s round data, clean held-out ``Dataset`` and info dict."""
+  r = setup_run_data(config)
+  return r.data, r.heldout, r.info
+
+
+def setup_run_data(config) -> RunData:
+  """Loads, partitions and poisons the data; returns device-resident round inputs and the evaluation's references.
 
   With ``aggregation.name='fltrust'`` the server's root set is the first
   ``aggregation.kwargs.root_size`` images of the clean held-out split: images
@@ -211,7 +282,7 @@ def setup_data(config) -> tuple[RoundData, Any, dict]:
   root set's), and ``info['num_classes']`` is what ``build_program`` needs.
 
   Returns:
-    (round data, clean held-out ``Dataset``, info dict for ``summary.json``).
+    A ``RunData``.
 
   Raises:
     ValueError: fewer held-out images than ``aggregation.kwargs.root_size``;
@@ -243,7 +314,13 @@ def setup_data(config) -> tuple[RoundData, Any, dict]:
     "poisoned_per_client": np.asarray(data.poison_flags).sum(1).tolist(),
     **({"fltrust_root_images": n_root} if n_root else {}),
   }
-  return data, heldout, info
+  flags = np.asarray(data.poison_flags)
+  members = clean_members(
+    clients.images, clients.labels, clients.counts, flags, member_count(config), config.seed
+  )._replace(num_classes=train.num_classes, class_names=train.class_names)
+  poisoned_labels = np.asarray(clients.labels)[flags]
+  target = int(np.bincount(poisoned_labels).argmax()) if len(poisoned_labels) else -1
+  return RunData(data, heldout, info, members, target)
 
 
 def replica_configs(config) -> list[Any]:

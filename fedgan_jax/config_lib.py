@@ -113,6 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
   # StyleGAN2: embedded into the mapping network, as stylegan2-ada's c_dim), D a projection term (Miyato & Koyama,
   # ICLR 2018). The classes are the data's (Dataset.num_classes, >= 2 needed); fakes get labels drawn from each
   # client's own labels, so label-skewed partitions (data.partition='dirichlet') train as in the literature.
+  # It also enables the downstream utility metrics (eval/tstr_*, trtr_*, trigger_transfer: metrics/utility.py).
   c.model.conditional = False
   c.model.conv_impl = "auto"  # auto | xla | fast_cpu | gemm: conv lowering (auto: fast_cpu on CPU, gemm elsewhere).
   c.model.sg2 = ml_collections.ConfigDict()  # model.name='stylegan2' (Projected GAN's StyleGAN2 G, as the paper's).
@@ -188,6 +189,16 @@ def base_config() -> ml_collections.ConfigDict:
   # Further trigger sizes (px) of the same pattern whose implant is also scored (eval/implant_amplitude@<s>px):
   # a clean run read against every template an attack uses.
   c.eval.implant_sizes = ()
+  # GAN-Leaks membership inference (eval/mia_auc, with the feature metrics: final evaluation or eval.fid_every):
+  # this many clean training images (members) against as many held-out ones; 0 = off.
+  c.eval.mia_samples = 256
+  # Downstream utility (metrics/utility.py; model.conditional only): TSTR/TRTR and trigger transfer.
+  c.eval.utility_every = 0  # Rounds between them: 0 = final evaluation only, -1 = off.
+  c.eval.utility_samples = 512  # N labelled synthetic (TSTR) = N real training (TRTR) images.
+  c.eval.utility_steps = 300  # Adam steps of the small classifier (a few seconds on a CPU at 32 px).
+  # The classifier's input side: larger images are average-pooled to it (64: a paper-scaled trigger keeps 4 px);
+  # 0 = the run's resolution.
+  c.eval.utility_resolution = 64
   return c
 
 
@@ -505,6 +516,21 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_choice(config, "eval.extractor", {"effnet_lite0", "inception_v3", "none"})
   if config.eval.fid_every < 0:
     _fail("eval.fid_every", config.eval.fid_every, "must be >= 0 (0 = final evaluation only)")
+  for f in ("eval.mia_samples", "eval.utility_samples", "eval.utility_steps", "eval.utility_every"):
+    v = config.eval[f.split(".")[1]]
+    if not isinstance(v, int) or isinstance(v, bool):
+      _fail(f, v, "must be an integer")
+  if config.eval.mia_samples < 0:
+    _fail("eval.mia_samples", config.eval.mia_samples, "must be >= 0 (0 = no membership inference)")
+  if config.eval.utility_every < -1:
+    _fail("eval.utility_every", config.eval.utility_every, "must be -1 (off), 0 (final evaluation only) or >= 1")
+  if config.eval.utility_samples < 2:
+    _fail("eval.utility_samples", config.eval.utility_samples, "must be >= 2 (labelled images per training set)")
+  if config.eval.utility_steps < 1:
+    _fail("eval.utility_steps", config.eval.utility_steps, "must be >= 1 (Adam steps of the classifier)")
+  side = config.eval.utility_resolution
+  if not isinstance(side, int) or isinstance(side, bool) or (side and (side < 8 or side & (side - 1))):
+    _fail("eval.utility_resolution", side, "must be 0 (the run's resolution) or a power of two >= 8")
   if config.data.heldout < 0:
     _fail("data.heldout", config.data.heldout, "must be >= 0")
   sizes = config.eval.implant_sizes

@@ -34,6 +34,23 @@ Every ``eval_every`` rounds (and at the first and last round):
   the evaluation's ordinary samples: the backdoor is there when the first is
   far below the second. (With ``attack.malicious=()`` the same flag trains a
   clean run and gives the clean reference of both.)
+* membership inference (``metrics.membership``, GAN-Leaks' full black box)
+  with the feature metrics: ``eval/mia_auc``, the ROC AUC of telling
+  ``eval.mia_samples`` clean training images (members) from as many held-out
+  ones by their distance to the nearest generated sample, in the extractor's
+  features (pixels with ``eval.extractor='none'``); 0.5 = no leak;
+* with ``model.conditional`` (``metrics.utility``), every
+  ``eval.utility_every`` rounds (0 = final evaluation only, -1 = never):
+  ``eval/tstr_{acc,bacc,auc}`` (a small classifier trained on
+  ``eval.utility_samples`` generated images labelled as a fixed subset of
+  the clean training images, tested on the held-out images),
+  ``eval/trtr_{acc,bacc,auc}`` (the same classifier, key and steps, trained on
+  those real images), ``eval/trigger_transfer`` (the fraction of held-out
+  predictions of the TSTR classifier that change when the trigger is pasted)
+  beside ``eval/trigger_transfer_real`` (the same for the TRTR classifier:
+  what pasting a patch does by itself), and, when the attacker's images have
+  labels, ``eval/trigger_target_rate`` (``_real``): BadNets' attack success
+  rate toward their most common class.
 """
 
 from __future__ import annotations
@@ -49,13 +66,15 @@ import numpy as np
 from absl import logging
 
 from fedgan_jax import config_lib
+from fedgan_jax.aggregation.fltrust import root_size_of
 from fedgan_jax.data import triggers
 from fedgan_jax.federated import latent_trigger
 from fedgan_jax.io import images as image_io
-from fedgan_jax.metrics import diversity, extractors, fidelity, swd
+from fedgan_jax.metrics import diversity, extractors, fidelity, membership, swd, utility
 from fedgan_jax.metrics import trigger as trigger_metrics
 
 _MAX_FPR = 0.01  # The above-threshold fraction's target false-positive rate on clean images.
+_TRANSFER_KEYS = {"flip_rate": "transfer", "target_rate": "target_rate"}  # utility.trigger_transfer -> eval/trigger_*.
 
 
 class Template(NamedTuple):
@@ -116,8 +135,9 @@ class Evaluator:
 
   Args:
     config: the run config.
-    sample_fn: ``(g_vars, z) -> images [N, H, W, ch]`` in [-1, 1]; ``(g_vars, z, labels)`` with ``model.conditional``.
-    heldout: clean held-out ``Dataset`` (uint8 images).
+    sample_fn: ``(g_vars, z) -> images [N, H, W, ch]`` in [-1, 1]; with
+      ``model.conditional``, ``(g_vars, z, labels int32[N]) -> images``.
+    heldout: clean held-out ``Dataset`` (uint8 images; labels for the utility metrics).
     trigger: float ``[s, s, ch]`` trigger.
     trigger_loc: (top, left) of the trigger region.
     key: PRNG key for the fixed noise.
@@ -126,10 +146,16 @@ class Evaluator:
       (trigger pasted), for the ``real_poisoned_amplitude`` sanity check (1 = the measure sees pasted triggers).
     write: save files (False on non-primary processes of a multi-host run).
     num_classes: the data's classes with ``model.conditional`` (then ``sample_fn``
-      is ``(g_vars, z, labels) -> images``); ignored otherwise.
+      is ``(g_vars, z, labels) -> images``; 0 = read them from ``heldout`` and
+      ``members``); ignored otherwise.
+    members: clean training images with labels (uint8 ``Dataset``, a fixed
+      random subset: ``assemble.RunData.members``): the membership
+      inference's members and TRTR's training set. None = neither.
+    target_class: the class ``eval/trigger_target_rate`` reads the backdoor
+      toward (-1 = none).
 
   Raises:
-    ValueError: ``model.conditional`` with ``num_classes < 2``.
+    ValueError: ``model.conditional`` with fewer than 2 classes.
   """
 
   def __init__(
@@ -144,6 +170,8 @@ class Evaluator:
     poisoned: np.ndarray | None = None,
     write: bool = True,
     num_classes: int = 0,
+    members=None,
+    target_class: int = -1,
   ):
     self.config = config
     self.write = write
@@ -154,19 +182,28 @@ class Evaluator:
     k_grid, k_eval = jax.random.split(key)
     self.z_grid = jax.random.normal(k_grid, (config.eval.grid_size**2, nz))
     self.z_eval = jax.random.normal(k_eval, (config.eval.num_samples, nz))
-    # model.conditional: fixed labels cycling over the classes (grid: row i is class i % K); None otherwise.
-    self.num_classes = int(num_classes) if config.model.conditional else 0
-    if config.model.conditional and self.num_classes < 2:
-      raise ValueError(
-        f"config.model.conditional=True: the evaluation needs the data's classes (>= 2), got {num_classes}."
+    self.conditional = bool(config.model.conditional)
+    self.real = heldout.images.astype(np.float32) / 127.5 - 1.0
+    # model.conditional: the data's classes (given, or read from the labelled images); 0 otherwise.
+    self.num_classes = 0
+    if self.conditional:
+      labelled = [np.asarray(d.labels) for d in (heldout, members) if getattr(d, "labels", None) is not None]
+      self.num_classes = int(num_classes) or max(
+        [int(getattr(d, "num_classes", 1)) for d in (heldout, members) if d is not None]
+        + [int(y.max()) + 1 for y in labelled if len(y)]
+        + [1]
       )
+      if self.num_classes < 2:
+        raise ValueError(
+          f"config.model.conditional=True: the evaluation needs the data's classes (>= 2), got {self.num_classes}."
+        )
+    # Fixed labels cycling over the classes (grid: row i is class i % K); None when unconditional.
     self.grid_labels = self.eval_labels = None
     if self.num_classes:
       g = config.eval.grid_size
       self.grid_labels = jnp.asarray((np.arange(g * g) // g) % self.num_classes, jnp.int32)
       self.eval_labels = jnp.asarray(np.arange(config.eval.num_samples) % self.num_classes, jnp.int32)
     self._sample = jax.jit(sample_fn)
-    self.real = heldout.images.astype(np.float32) / 127.5 - 1.0
     self.latent = latent_trigger.from_config(config)  # None unless attack.latent_trigger.
     self.last_grid: np.ndarray | None = None
     self.templates: list[Template] = []
@@ -201,22 +238,97 @@ class Evaluator:
         inception_weights=config.eval.inception_weights,
         effnet_weights=config.eval.effnet_weights,
       )
+    self.references: dict[str, Any] = {}  # What the membership and utility metrics are computed on (summary.json).
+    self._init_membership(config, members)
+    self._init_utility(config, heldout, members, key, target_class)
+
+  def _init_membership(self, config, members) -> None:
+    """Members: the first ``eval.mia_samples`` clean training images; non-members: as many held-out ones."""
+    self.mia_members: np.ndarray | None = None
+    self._member_feats = None
+    # fltrust's server trains on the first root_size held-out images: they are not non-members.
+    n_root = root_size_of(config.aggregation.name, config.aggregation.kwargs)
+    m = min(config.eval.mia_samples, 0 if members is None else len(members.images), max(len(self.real) - n_root, 0))
+    self.mia_nonmembers = slice(n_root, n_root + m)
+    if m:
+      self.mia_members = members.images[:m].astype(np.float32) / 127.5 - 1.0
+      space = config.eval.extractor if self.extractor is not None else "pixels"
+      self.references["membership"] = {"members": m, "nonmembers": m, "space": space}
+    elif config.eval.mia_samples:
+      logging.warning("eval/mia_auc off: no clean training images or held-out images to compare")
+
+  def _init_utility(self, config, heldout, members, key: jax.Array, target_class: int) -> None:
+    """TSTR / TRTR training sets, test set, trigger locations (model.conditional, eval.utility_every >= 0)."""
+    self.utility_on = False
+    self._trtr: dict[str, float] | None = None
+    if not self.conditional or config.eval.utility_every < 0:
+      return
+    test_labels = getattr(heldout, "labels", None)
+    n = min(config.eval.utility_samples, 0 if members is None else len(members.images))
+    if self.num_classes < 2 or n < 2 or test_labels is None or not len(self.real):
+      logging.warning(
+        "utility metrics off: need >= 2 classes (got %d), >= 2 labelled training images (got %d) and labelled "
+        "held-out images (got %d)",
+        self.num_classes,
+        n,
+        0 if test_labels is None else len(self.real),
+      )
+      return
+    self.utility_on = True
+    side = config.eval.utility_resolution
+    self.util_side = side
+    self.util_labels = jnp.asarray(members.labels[:n], jnp.int32)
+    self.util_real = utility.downsample(members.images[:n].astype(np.float32) / 127.5 - 1.0, side)
+    self.util_test = utility.downsample(self.real, side)
+    self.util_test_labels = np.asarray(test_labels, np.int32)
+    # New streams of the evaluation key: the existing draws (grid and evaluation noise) are unchanged.
+    self.z_util = jax.random.normal(jax.random.fold_in(key, 1), (n, config.model.latent_dim))
+    self.util_key = jax.random.fold_in(key, 2)  # One classifier key: TSTR and TRTR differ only in their images.
+    if config.attack.trigger_location == "random":
+      k_loc = jax.random.fold_in(key, 3)
+      self.util_loc = triggers.random_locations(k_loc, len(self.real), self.trigger.shape[0], config.resolution)
+    else:
+      self.util_loc = jnp.asarray(self.loc, jnp.int32)
+    self.target_class = None if target_class < 0 else int(target_class)
+    self.references["utility"] = {
+      "train_images": n,
+      "test_images": len(self.real),
+      "num_classes": self.num_classes,
+      "target_class": target_class,
+      "classifier_steps": config.eval.utility_steps,
+      "classifier_resolution": side or config.resolution,
+    }
 
   def device_samples(self, g_vars, z: jax.Array, batch: int = 256, labels: jax.Array | None = None) -> jax.Array:
-    """Generated images for latents ``z`` (and class ids ``labels [N]``, conditional models only), on the device."""
-    if labels is None:
+    """Generated images for latents ``z`` (and ``labels`` of a conditional G), left on the device.
+
+    A conditional generator given no labels draws class ``i % num_classes`` for the i-th latent.
+    """
+    if not self.conditional:
       parts = [self._sample(g_vars, z[i : i + batch]) for i in range(0, len(z), batch)]
     else:
+      if labels is None:
+        labels = jnp.arange(len(z), dtype=jnp.int32) % self.num_classes
       parts = [self._sample(g_vars, z[i : i + batch], labels[i : i + batch]) for i in range(0, len(z), batch)]
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
   def samples(self, g_vars, z: jax.Array, batch: int = 256, labels: jax.Array | None = None) -> np.ndarray:
-    """Generated images for latents ``z`` (and ``labels``, see ``device_samples``) as a host array."""
+    """Generated images for latents ``z`` (and ``labels``) as a host array."""
     return np.asarray(self.device_samples(g_vars, z, batch, labels))
 
   def _save_grid(self, grid: np.ndarray, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     image_io.save_png(path, grid, scale=max(1, 128 // self.config.resolution))
+
+  def features_due(self, round_: int, final: bool) -> bool:
+    """Whether this evaluation computes the feature-space metrics and the membership inference."""
+    every = self.config.eval.fid_every
+    return final or bool(every and round_ % every == 0)
+
+  def utility_due(self, round_: int, final: bool) -> bool:
+    """Whether this evaluation computes TSTR/TRTR and trigger transfer."""
+    every = self.config.eval.utility_every
+    return self.utility_on and (final or bool(every > 0 and round_ % every == 0))
 
   def __call__(self, g_vars, round_: int, final: bool = False) -> dict[str, Any]:
     grid_imgs = image_io.to_uint8(self.samples(g_vars, self.z_grid, labels=self.grid_labels))
@@ -253,17 +365,66 @@ class Evaluator:
         else:
           swd_fake = fake
         out["eval/swd"] = float(self.swd_ref.distance(swd_fake, backend=self.swd_backend).mean)
-      every = self.config.eval.fid_every
-      if self.extractor is not None and (final or (every and round_ % every == 0)):
-        out.update(self.feature_metrics(fake))
+      if self.features_due(round_, final):
+        feats = None
+        if self.extractor is not None:
+          feats = self.extractor.fn(fake)
+          out.update(self.feature_metrics(fake, feats))
+        if self.mia_members is not None:
+          out["eval/mia_auc"] = self.membership_auc(fake, feats)
+    if self.utility_due(round_, final):
+      out.update(self.utility_metrics(g_vars))
     return out
 
-  def feature_metrics(self, fake: np.ndarray) -> dict[str, float]:
-    """FD, KID and precision/recall in the extractor's feature space."""
+  def membership_auc(self, fake: np.ndarray, fake_feats: np.ndarray | None = None) -> float:
+    """GAN-Leaks' full black-box AUC of the members against as many held-out images (extractor features or pixels).
+
+    Args:
+      fake: the generated images.
+      fake_feats: their extractor features when there is an extractor (computed here if None).
+    """
+    if self.extractor is None:
+      return membership.mia_auc(self.mia_members, self.real[self.mia_nonmembers], fake)
+    if self._real_feats is None:
+      self._real_feats = self.extractor.fn(self.real)
+    if self._member_feats is None:
+      self._member_feats = self.extractor.fn(self.mia_members)
+    if fake_feats is None:
+      fake_feats = self.extractor.fn(fake)
+    return membership.mia_auc(self._member_feats, self._real_feats[self.mia_nonmembers], fake_feats)
+
+  def utility_metrics(self, g_vars) -> dict[str, float]:
+    """TSTR and TRTR accuracy / balanced accuracy / AUC, and trigger transfer (``metrics.utility``)."""
+    cfg = self.config.eval
+    syn = self.samples(g_vars, self.z_util, labels=self.util_labels)
+    syn = np.where(np.isfinite(syn).all(axis=(1, 2, 3), keepdims=True), syn, 0.0)
+    train = lambda x: utility.train_and_test(
+      x,
+      self.util_labels,
+      self.util_test,
+      self.util_test_labels,
+      self.num_classes,
+      self.util_key,
+      steps=cfg.utility_steps,
+    )
+    tstr, clf = train(utility.downsample(syn, self.util_side))
+    transfer = lambda c: utility.trigger_transfer(
+      c, self.real, self.util_test_labels, self.trigger, self.util_loc, self.target_class, self.util_side
+    )
+    if self._trtr is None:  # The real side does not change during the run: computed once.
+      trtr, real_clf = train(self.util_real)
+      self._trtr = {f"eval/trtr_{k}": v for k, v in trtr.items()}
+      self._trtr.update({f"eval/trigger_{_TRANSFER_KEYS[k]}_real": v for k, v in transfer(real_clf).items()})
+    out = {f"eval/tstr_{k}": v for k, v in tstr.items()}
+    out.update({f"eval/trigger_{_TRANSFER_KEYS[k]}": v for k, v in transfer(clf).items()})
+    return {**out, **self._trtr}
+
+  def feature_metrics(self, fake: np.ndarray, feats: np.ndarray | None = None) -> dict[str, float]:
+    """FD, KID and precision/recall in the extractor's feature space (``feats``: the extractor's of ``fake``)."""
     name = self.extractor.name
     if self._real_feats is None:
       self._real_feats = self.extractor.fn(self.real)
-    f = self.extractor.fn(fake)
+    f = self.extractor.fn(fake) if feats is None else feats
     precision, recall = fidelity.precision_recall(self._real_feats, f)
     return {
       f"eval/fid@{name}": float(fidelity.frechet_distance(f, self._real_feats)),

@@ -63,6 +63,7 @@ class _Built(NamedTuple):
   data: Any
   heldouts: list
   infos: list
+  references: list  # (clean training members, target class) per replica, for the Evaluator.
   program: Any
   init: Any  # Jitted key -> RoundState (stacked with replicas).
   k_init: Any
@@ -110,12 +111,10 @@ def _build(config, workdir: str) -> _Built:
   members = [
     (c, os.path.join(workdir, f"seed_{c.seed}") if K > 1 else workdir) for c in assemble.replica_configs(config)
   ]
-  if K > 1:
-    datas, heldouts, infos = zip(*[assemble.setup_data(c) for c, _ in members])
-    data = replicas_lib.stack_replicas(datas)
-  else:
-    data, heldout, info = assemble.setup_data(config)
-    heldouts, infos = [heldout], [info]
+  runs = [assemble.setup_run_data(c) for c, _ in members]
+  heldouts, infos = [r.heldout for r in runs], [r.info for r in runs]
+  references = [(r.members, r.target_class) for r in runs]
+  data = replicas_lib.stack_replicas([r.data for r in runs]) if K > 1 else runs[0].data
   # model.conditional: the models' classes are the data's (every replica reads the same source).
   num_classes = int(infos[0]["num_classes"]) if config.model.conditional else 0
   program, _, _ = assemble.build_program(config, assemble.local_steps(config, data.counts), num_classes)
@@ -130,7 +129,7 @@ def _build(config, workdir: str) -> _Built:
     init = jax.jit(program.init)  # One compiled program, not hundreds of op-by-op dispatches.
     view = lambda tree, k: tree
     round_key = lambda r: jax.random.fold_in(k_rounds, r)
-  return _Built(members, data, list(heldouts), list(infos), program, init, k_init, k_eval, round_key, view, num_classes)
+  return _Built(members, data, heldouts, infos, references, program, init, k_init, k_eval, round_key, view, num_classes)
 
 
 def _abstract_state(init, k_init) -> Any:
@@ -168,6 +167,8 @@ def _open_outputs(b: _Built, start: int, primary: bool, console, forked: bool = 
       poisoned=assemble.poisoned_examples(dk, c),
       write=primary,
       num_classes=b.num_classes,
+      members=b.references[k][0],
+      target_class=b.references[k][1],
     )
     tb = tensorboard.TensorBoardWriter(os.path.join(d, "tb"), active=primary, keep_until=start)
     wb = wandb_writer.WandbWriter(c, d, active=primary)
@@ -176,11 +177,14 @@ def _open_outputs(b: _Built, start: int, primary: bool, console, forked: bool = 
 
 
 def _long_evaluation(config, evaluator: evaluation.Evaluator, r: int) -> str | None:
-  """What makes round ``r``'s evaluation long (feature-space metrics), or None."""
-  every = config.eval.fid_every
-  if evaluator.extractor is None or not (r == config.num_rounds or (every and r % every == 0)):
-    return None
-  return f"FD/KID/precision/recall in {config.eval.extractor} features of {config.eval.num_samples} samples"
+  """What makes round ``r``'s evaluation long (feature-space metrics, the utility classifiers), or None."""
+  final = r == config.num_rounds
+  parts = []
+  if evaluator.extractor is not None and evaluator.features_due(r, final):
+    parts.append(f"FD/KID/precision/recall in {config.eval.extractor} features of {config.eval.num_samples} samples")
+  if evaluator.utility_due(r, final):
+    parts.append(f"TSTR/TRTR classifiers ({config.eval.utility_steps} steps each)")
+  return "; ".join(parts) or None
 
 
 def _run(config, workdir: str, console: run_console.Console, primary: bool) -> dict[str, Any]:
@@ -328,6 +332,8 @@ def _finish(config, workdir, b, outputs, progress, start, t_start, console, prim
     summary = _summary(rep.config, records, rep.info, rep.is_mal, wall, progress.first, start)
     summary["time_sec"] = seconds
     summary["trigger_calibration"] = rep.evaluator.calibration
+    if rep.evaluator.references:
+      summary["eval_references"] = rep.evaluator.references
     if replicated:
       summary["replica"] = {"index": k, "of": config.num_replicas, "group_workdir": workdir}
     rep.evaluator.finish()

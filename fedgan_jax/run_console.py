@@ -36,6 +36,10 @@ _KEY_METRICS = (
   "eval/diversity",
   "eval/latent_trigger_dist",
   "eval/latent_clean_dist",
+  "eval/mia_auc",
+  "eval/tstr_acc",
+  "eval/trtr_acc",
+  "eval/trigger_transfer",
 )
 _MAX_DEVICES_SHOWN = 4
 

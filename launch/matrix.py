@@ -53,6 +53,7 @@ COLUMNS = (
   "delta",
   "latent_trigger_dist",
   "latent_clean_dist",
+  "mia_auc_final",
   "wall_sec",
 )
 

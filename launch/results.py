@@ -33,6 +33,21 @@ from launch import results_page, sweep
 
 CONFIG = "configs/results.py"
 SIZES = (2, 4, 8)  # The templates every run is scored with (configs/results.py: eval.implant_sizes).
+# Final-evaluation keys read as ``<key>_final`` columns (evaluation.py; empty where a run has none).
+UTILITY_KEYS = (
+  "mia_auc",
+  "tstr_acc",
+  "tstr_bacc",
+  "tstr_auc",
+  "trtr_acc",
+  "trtr_bacc",
+  "trtr_auc",
+  "trigger_transfer",
+  "trigger_transfer_real",
+  "trigger_target_rate",
+  "trigger_target_rate_real",
+)
+UTILITY_COLUMNS = tuple(f"{k}_final" for k in UTILITY_KEYS)
 COLUMNS = (
   "setting",
   "seed",
@@ -57,6 +72,8 @@ COLUMNS = (
   "attacker_weight",
   "honest_weight_min",
   "honest_weight_max",
+  # Final evaluation: membership inference (every run) and, conditional runs only, downstream utility.
+  *UTILITY_COLUMNS,
   "tpr_flagged",
   "fpr_flagged",
   "rounds_flagged",
@@ -111,6 +128,7 @@ def run_row(setting: str, config, run_dir: str) -> dict[str, Any] | None:
     "honest_weight_max": float(weights[~is_mal].max()),
     "wall_sec": round(summary.get("wall_sec") or 0.0, 1),
   }
+  row.update({f"{k}_final": final.get(f"eval/{k}") for k in UTILITY_KEYS})
   for s in SIZES:
     row[f"implant_{s}px"] = row["implant"] if s == size else late_mean(f"eval/implant_amplitude@{s}px")
   if config.aggregation.name == "detect":

@@ -354,6 +354,10 @@ def test_a_conditional_run_writes_per_class_grids_and_finite_metrics(tmp_path):
     assert math.isfinite(rec[key]), key
   assert np.isfinite(rec["train/g_loss"]).all() and np.isfinite(rec["train/d_loss"]).all()
   assert rec["eval/nonfinite_samples"] == 0
+  # The downstream utility and membership metrics of the final evaluation (metrics/utility.py, membership.py).
+  for key in ("eval/tstr_acc", "eval/tstr_bacc", "eval/trtr_acc", "eval/trigger_transfer", "eval/mia_auc"):
+    assert 0.0 <= rec[key] <= 1.0, key
+  assert summary["eval_references"]["utility"]["num_classes"] == 2
   load = lambda *p: np.asarray(Image.open(os.path.join(tmp_path, "samples", *p)), np.int16)
   main = load("round_000001.png")
   per_class = [load(f"class_{k}", "round_000001.png") for k in range(2)]

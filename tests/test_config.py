@@ -41,6 +41,11 @@ def test_default_is_valid():
     ({"train.regularizers.gradient_penalty": 10.0}, r"model.d_norm='batch'.*gradient penalty"),
     ({"train.g_lr": 0.0}, r"train.g_lr=0.0"),
     ({"train.client_chunk": -1}, r"train.client_chunk=-1 .*integer >= 0"),
+    ({"eval.mia_samples": -1}, r"eval.mia_samples=-1 .*>= 0"),
+    ({"eval.utility_every": -2}, r"eval.utility_every=-2 .*-1 \(off\)"),
+    ({"eval.utility_samples": 1}, r"eval.utility_samples=1 .*>= 2"),
+    ({"eval.utility_steps": 0}, r"eval.utility_steps=0 .*>= 1"),
+    ({"eval.utility_resolution": 12}, r"eval.utility_resolution=12 .*power of two"),
   ],
 )
 def test_bad_values(overrides, match):

@@ -56,6 +56,8 @@ def test_run_writes_every_output(full_run):
     assert r["eval/implant_amplitude_lo"] <= r["eval/implant_amplitude"] <= r["eval/implant_amplitude_hi"]
     assert 0.0 <= r["eval/implant_above_p99"] <= 1.0 and r["eval/diversity"] > 0
     assert r["eval/fid@effnet_lite0"] > 0 and 0 <= r["eval/precision@effnet_lite0"] <= 1
+    assert 0.0 <= r["eval/mia_auc"] <= 1.0  # With the feature metrics (every round here), in their space.
+    assert not any(k.startswith(("eval/tstr", "eval/trtr")) for k in r)  # Unconditional: no utility metrics.
   calibration = json.load(open(os.path.join(workdir, "trigger_calibration.json")))
   assert calibration["real_poisoned_amplitude"] == pytest.approx(1.0, abs=1e-5)  # Sanity: pasted reads as 1.
   floor = calibration["templates"]["run"]
@@ -71,6 +73,8 @@ def test_run_writes_every_output(full_run):
   cfg = json.load(open(os.path.join(workdir, "config.json")))
   assert cfg["num_clients"] == 2 and cfg["attack"]["malicious"] == [0]
   assert summary["rounds"] == 2 and summary["data"]["poisoned_per_client"] == [32, 0]
+  # Members: client 1's 32 clean images (client 0's are all poisoned), against 32 held-out ones.
+  assert summary["eval_references"] == {"membership": {"members": 32, "nonmembers": 32, "space": "effnet_lite0"}}
   assert json.load(open(os.path.join(workdir, "summary.json")))["final"]["round"] == 2
   # Where the time went: the parts cover the run's wall time (rounded to 0.01 s each).
   t = summary["time_sec"]
@@ -81,11 +85,13 @@ def test_run_writes_every_output(full_run):
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
-  # Without the feature network (the full run above checks it); the three runs share one compiled round.
+  # Without the feature network (the full run above checks it) and the membership inference, which the
+  # "interrupted" run computes at its final round 1; the three runs share one compiled round.
   workdir, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
-  experiment.run(tiny_config(num_rounds=2), workdir)
-  experiment.run(tiny_config(num_rounds=1), resumed)  # "Interrupted" after round 1.
-  summary = experiment.run(tiny_config(num_rounds=2), resumed)  # Same command, more rounds: resumes.
+  cfg = lambda n: tiny_config(num_rounds=n, **{"eval.mia_samples": 0})
+  experiment.run(cfg(2), workdir)
+  experiment.run(cfg(1), resumed)  # "Interrupted" after round 1.
+  summary = experiment.run(cfg(2), resumed)  # Same command, more rounds: resumes.
   assert summary["resumed_from"] == 1
   a = _strip_timing(rundir.read_records(os.path.join(workdir, "metrics.jsonl")))
   b = _strip_timing(rundir.read_records(os.path.join(resumed, "metrics.jsonl")))

@@ -124,6 +124,8 @@ def test_run_row_reads_a_finished_run(tmp_path):
   assert [r["round"] for r in late] == [2, 3] and late[-1]["eval/implant_amplitude"] == row["implant_final"]
   assert row["implant"] == pytest.approx(np.mean([r["eval/implant_amplitude"] for r in late]), rel=1e-9)
   assert results.run_row("attack", tiny_config(num_rounds=5), str(tmp_path / "run")) is None  # Not finished.
+  # Membership inference in every run (pixels: the tiny config has no extractor); utility only when conditional.
+  assert 0.0 <= row["mia_auc_final"] <= 1.0 and row["tstr_acc_final"] is None and row["trigger_transfer_final"] is None
   results.write_csv(str(tmp_path / "r.csv"), [row])
   back = results.read_csv(str(tmp_path / "r.csv"))[0]
   assert back["seed"] == 0 and np.isclose(back["attacker_weight"], row["attacker_weight"])

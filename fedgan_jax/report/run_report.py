@@ -16,6 +16,7 @@ from fedgan_jax.report import markup, plots
 from fedgan_jax.report.labels import clients_phrase, metric_label
 from fedgan_jax.report.runs import REPORT_DIR, Run
 from fedgan_jax.report.samples import plot_strip, write_gif
+from fedgan_jax.report.table import PRIVACY_UTILITY_COLUMNS
 
 # Figure file -> caption on the page, in page order.
 CAPTIONS = {
@@ -49,6 +50,7 @@ def _final_metric_keys(final: dict[str, Any]) -> list[str]:
   first = ["eval/implant_amplitude", "eval/implant_above_p99", "eval/diversity", "eval/swd"]
   keys = [k for k in first if k in final]
   keys += sorted(k for k in final if k.startswith(("eval/fid@", "eval/kid@", "eval/precision@", "eval/recall@")))
+  keys += [k for k in PRIVACY_UTILITY_COLUMNS if k in final]
   keys += [k for k in ("eval/detect_tpr", "eval/detect_fpr", "eval/nonfinite_samples") if k in final]
   keys += sorted(k for k in final if k.startswith("eval/") and k not in keys)
   return keys

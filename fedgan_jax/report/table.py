@@ -38,6 +38,20 @@ DETECTION_MEANS = ("detect_tpr_mean", "detect_fpr_mean")
 _TIMES = ("wall_sec", "first_round_sec")
 # Feature-space metrics, one column per extractor found (sorted), after the headline ones.
 _FEATURE_PREFIXES = ("eval/fid@", "eval/kid@", "eval/precision@", "eval/recall@")
+# Membership inference and downstream utility (evaluation.py), after the feature-space metrics, when present.
+PRIVACY_UTILITY_COLUMNS = (
+  "eval/mia_auc",
+  "eval/tstr_acc",
+  "eval/tstr_bacc",
+  "eval/tstr_auc",
+  "eval/trtr_acc",
+  "eval/trtr_bacc",
+  "eval/trtr_auc",
+  "eval/trigger_transfer",
+  "eval/trigger_transfer_real",
+  "eval/trigger_target_rate",
+  "eval/trigger_target_rate_real",
+)
 
 
 def _is_scalar(v: Any) -> bool:
@@ -126,13 +140,15 @@ def metric_columns(rows: Sequence[Mapping[str, Any]]) -> list[Column]:
     rows: ``sweep_row`` rows.
 
   Returns:
-    The headline metrics and the feature-space metrics (sorted) that some row
-    has, then the detection means and ``first_flag_round`` (the earliest
-    attacker's, ``earliest_flag``) always.
+    The headline metrics, the feature-space metrics (sorted), and the
+    membership-inference and utility metrics that some row has, then the
+    detection means and ``first_flag_round`` (the earliest attacker's,
+    ``earliest_flag``) always.
   """
   present = {k for r in rows for k in r}
   keys = [k for k in SUMMARY_COLUMNS if k in present]
   keys += sorted(k for k in present if k.startswith(_FEATURE_PREFIXES))
+  keys += [k for k in PRIVACY_UTILITY_COLUMNS if k in present]
   return [column(k) for k in keys + list(DETECTION_MEANS)] + [Column("first_flag_round", earliest_flag)]
 
 
