@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, tiny_config
 from fedgan_jax import experiment, pack
 from fedgan_jax.io import rundir
-from launch import sweep
+from launch import pack_bench, sweep
 
 # Two points of one program: different seed, malicious mask, trigger pattern, poison rate, reports and upload attack.
 POINT_A = {"seed": 0, "attack.malicious": (0,)}
@@ -145,6 +145,18 @@ def test_sweep_pack_plan_and_fallback(tmp_path, monkeypatch):
   assert packed == [["point-a", "point-b"]] and ran == ["point-a", "point-b", "point-wide"]
   assert [r["status"] for r in rows] == ["done"] * 3
   assert "not packed (different local steps); its 2 points run one by one" in out.getvalue()
+
+
+def test_pack_bench_measures_points_of_the_largest_pack(tmp_path):
+  paper = os.path.join(ROOT, "configs", "paper_sweep.py")
+  names, configs = pack_bench.select(paper, ["eval.extractor=none"], 4)
+  assert len(names) == 4 and len({pack.signature(c) for c in configs}) == 1
+  assert all(c.eval.extractor == "none" for c in configs)
+  assert names[0] == "malicious-none__defense-none__trigger_size-4__seed-0"
+  plan = sweep.plan_sweep(pack_bench.write_sweep_file(str(tmp_path), paper, names), str(tmp_path / "w"))
+  assert plan.names == names
+  with pytest.raises(ValueError, match="no two points pack"):
+    pack_bench.select(paper, [], 1)
 
 
 @pytest.mark.slow
