@@ -59,7 +59,7 @@ class ReplicaOutputs(NamedTuple):
 class _Built(NamedTuple):
   """The run's parts before any output is written."""
 
-  members: list  # (config, workdir) per replica.
+  members: list  # (config, workdir) per member: replica, or packed sweep point (fedgan_jax/pack.py).
   data: Any
   heldouts: list
   infos: list
@@ -71,6 +71,24 @@ class _Built(NamedTuple):
   round_key: Any
   view: Any  # (tree, k) -> replica k's part.
   num_classes: int  # The data's classes with model.conditional; 0 otherwise.
+  stacked: bool = False  # The members train as one program over a leading member axis.
+  labels: tuple = ("",)  # Each member's name on the console ('' for a single run).
+  kind: str = "replica"  # What a member is: 'replica' (num_replicas) or 'pack' (packed sweep points).
+
+
+class RunCheckpointer(ckpt_lib.Checkpointer):
+  """The run's ``<workdir>/checkpoints`` (with replicas, the stacked state) and how the run starts from them.
+
+  ``fedgan_jax.pack.PackCheckpointer`` has the same methods for packed sweep points (one directory each).
+  """
+
+  def resume(self, like: Any, config, warn) -> tuple[int, Any | None]:
+    """``resume.restore`` of the newest checkpoint that fits: ``(round, state)``, ``(0, None)`` if none."""
+    return resume.restore(self, like, config, warn)
+
+  def fork(self, like: Any, fresh: Any, config) -> tuple[int, Any]:
+    """The start of a fork (``config.init_from``): ``fork.restore`` into ``fresh``."""
+    return fork.restore(config.init_from, like, fresh, config)
 
 
 def run(config, workdir: str, console: run_console.Console | None = None) -> dict[str, Any]:
@@ -103,7 +121,7 @@ def run(config, workdir: str, console: run_console.Console | None = None) -> dic
   primary = distributed.is_primary()  # Multi-host: only process 0 writes outputs (all checkpoint).
   console = console or run_console.Console(active=primary)
   with lock_lib.WorkdirLock(workdir, active=primary):
-    return _run(config, workdir, console, primary)
+    return run_members(config, workdir, console, primary)
 
 
 def _build(config, workdir: str) -> _Built:
@@ -111,15 +129,33 @@ def _build(config, workdir: str) -> _Built:
   members = [
     (c, os.path.join(workdir, f"seed_{c.seed}") if K > 1 else workdir) for c in assemble.replica_configs(config)
   ]
-  runs = [assemble.setup_run_data(c) for c, _ in members]
+  return build_members(members, stacked=K > 1)
+
+
+def build_members(members: list, stacked: bool, kind: str = "replica", labels=None, check_steps=None) -> _Built:
+  """The parts of a run whose members (``(config, workdir)`` each) train as one program.
+
+  Args:
+    members: ``(config, workdir)`` per member; the first config builds the program.
+    stacked: a leading member axis (replicas, packed points); False: one single run.
+    kind: ``'replica'`` or ``'pack'`` (the summary's block and the console's note).
+    labels: each member's name on the console (default: ``seed <s>`` when stacked).
+    check_steps: called with each member's ``(config, RoundData)`` before the program is built
+      (``pack`` refuses members whose own runs would differ in shape).
+  """
+  runs = [assemble.setup_run_data(c) for c, _ in (members if stacked else members[:1])]
   heldouts, infos = [r.heldout for r in runs], [r.info for r in runs]
   references = [(r.members, r.target_class) for r in runs]
-  data = replicas_lib.stack_replicas([r.data for r in runs]) if K > 1 else runs[0].data
-  # model.conditional: the models' classes are the data's (every replica reads the same source).
+  datas = [r.data for r in runs]
+  if stacked and check_steps is not None:
+    check_steps([c for c, _ in members], datas)
+  data = replicas_lib.stack_replicas(datas) if stacked else datas[0]
+  config = members[0][0]
+  # model.conditional: the models' classes are the data's (every member reads the same source).
   num_classes = int(infos[0]["num_classes"]) if config.model.conditional else 0
   program, _, _ = assemble.build_program(config, assemble.local_steps(config, data.counts), num_classes)
-  if K > 1:
-    k_init, k_rounds, k_eval = replicas_lib.replica_keys(config.seed, K)
+  if stacked:
+    k_init, k_rounds, k_eval = replicas_lib.member_keys([c.seed for c, _ in members])
     init = jax.jit(replicas_lib.replicate(program).init)
     view = replicas_lib.unstack
     round_key = lambda r: replicas_lib.round_keys(k_rounds, r)
@@ -129,7 +165,9 @@ def _build(config, workdir: str) -> _Built:
     init = jax.jit(program.init)  # One compiled program, not hundreds of op-by-op dispatches.
     view = lambda tree, k: tree
     round_key = lambda r: jax.random.fold_in(k_rounds, r)
-  return _Built(members, data, heldouts, infos, references, program, init, k_init, k_eval, round_key, view, num_classes)
+  labels = labels or ([f"seed {c.seed}" for c, _ in members] if stacked else [""])
+  b = _Built(members, data, heldouts, infos, references, program, init, k_init, k_eval, round_key, view, num_classes)
+  return b._replace(stacked=stacked, labels=tuple(labels), kind=kind)
 
 
 def _abstract_state(init, k_init) -> Any:
@@ -187,23 +225,38 @@ def _long_evaluation(config, evaluator: evaluation.Evaluator, r: int) -> str | N
   return "; ".join(parts) or None
 
 
-def _run(config, workdir: str, console: run_console.Console, primary: bool) -> dict[str, Any]:
+def run_members(
+  config, workdir: str, console: run_console.Console, primary: bool, build=None, checkpointer=None
+) -> dict[str, Any]:
+  """The body of ``run`` (the caller holds the workdir locks): build, resume or fork, train, finish.
+
+  Args:
+    config: the run's config (with members: the first member's; it sets rounds, evaluation and checkpoints).
+    workdir: the run's directory (with packed members, their common parent: the profile goes there).
+    console: the run's lines.
+    primary: whether this process writes outputs.
+    build: ``() -> _Built`` (default: ``_build(config, workdir)``; ``fedgan_jax.pack`` builds packed points).
+    checkpointer: ``_Built -> RunCheckpointer``-like (default: ``<workdir>/checkpoints``).
+
+  Returns:
+    As ``run``; packed points: ``{'points': [summary per point]}``.
+  """
   t_start = time.perf_counter()
   logging.info("devices: %s", jax.devices())
   if not primary:  # Each process says where it runs; only the primary writes (and prints the rest).
     print(f"process {jax.process_index()} of {jax.process_count()}: {run_console.devices_text(jax.devices())}")
-  b = _build(config, workdir)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), primary=primary)
+  b = build() if build else _build(config, workdir)
+  ckpt = checkpointer(b) if checkpointer else RunCheckpointer(os.path.join(workdir, "checkpoints"), primary=primary)
   progress = None
   start = 0
   try:
     like = _abstract_state(b.init, b.k_init)
-    start, state = resume.restore(ckpt, like, config, console.warn)
+    start, state = ckpt.resume(like, config, console.warn)
     forked = False
     if state is None:
       state = b.init(b.k_init)
       if config.init_from:  # A new run that starts from another run's checkpoint (fork.py).
-        start, state = fork.restore(config.init_from, like, state, config)
+        start, state = ckpt.fork(like, state, config)
         forked = True
     # The run goes ahead from here: only now is anything of this config written.
     ckpt.write_config(config_lib.to_json(config))
@@ -234,7 +287,8 @@ def _train(
   config, workdir: str, b: _Built, state, outputs: list[ReplicaOutputs], ckpt, console, progress, t_start
 ) -> None:
   """The round loop, from ``progress.start + 1`` to ``num_rounds`` (profile_rounds traced in <workdir>/profile)."""
-  replicated = config.num_replicas > 1
+  replicated = b.stacked
+  note = f"  ({len(b.members)} {'replicas' if b.kind == 'replica' else 'points packed'})" if replicated else ""
   # Clients sharded over the devices when they divide evenly (local training under shard_map);
   # after the host-side copies above, which need addressable arrays.
   mesh = sharding.auto_client_mesh(config.num_clients, sampling.clients_per_round(config))
@@ -262,7 +316,7 @@ def _train(
         if not record["train/global_finite"] or not np.isfinite(m["train/g_loss"]).any():
           pending.clear()
           raise FloatingPointError(
-            f"round {r}{f' (seed {rep.config.seed})' if replicated else ''}: training diverged "
+            f"round {r}{f' ({b.labels[k]})' if replicated else ''}: training diverged "
             f"(global generator finite: {record['train/global_finite']}, client G losses: "
             f"{np.asarray(m['train/g_loss']).tolist()}); see {rep.metrics.path}. "
             "Try a lower train.g_lr / train.d_lr, or a robust aggregation.name."
@@ -303,7 +357,7 @@ def _train(
       elif is_ckpt or r % config.log_every == 0:
         flush()
       if r % config.log_every == 0 or r == config.num_rounds:
-        console.line(progress.line(r) + (f"  ({config.num_replicas} replicas)" if replicated else ""))
+        console.line(progress.line(r) + note)
       if is_ckpt:
         jax.block_until_ready(state)
         with progress.timed("checkpoints"):
@@ -321,7 +375,7 @@ def _train(
 
 def _finish(config, workdir, b, outputs, progress, start, t_start, console, primary) -> dict:
   """summary.json and the report of every member; the results on the console."""
-  replicated = config.num_replicas > 1
+  replicated = b.stacked
   wall = time.perf_counter() - t_start
   seconds = progress.seconds(setup=progress.t0 - t_start)
   summaries, ok = [], []
@@ -334,8 +388,10 @@ def _finish(config, workdir, b, outputs, progress, start, t_start, console, prim
     summary["trigger_calibration"] = rep.evaluator.calibration
     if rep.evaluator.references:
       summary["eval_references"] = rep.evaluator.references
-    if replicated:
+    if replicated and b.kind == "replica":
       summary["replica"] = {"index": k, "of": config.num_replicas, "group_workdir": workdir}
+    elif replicated:  # A packed sweep point: its own run's summary, and which program it trained in.
+      summary["pack"] = {"index": k, "of": len(b.members), "points": [d for _, d in b.members]}
     rep.evaluator.finish()
     with open(os.path.join(rep.workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2, sort_keys=True, default=str)
@@ -348,9 +404,10 @@ def _finish(config, workdir, b, outputs, progress, start, t_start, console, prim
     summaries.append(summary)
   if not primary:
     return {}
-  labels = [f"seed {c.seed}" for c, _ in b.members] if replicated else [""]
-  console.done(list(zip(labels, summaries, [d for _, d in b.members], ok)), wall)
-  return {"replicas": summaries} if replicated else summaries[0]
+  console.done(list(zip(b.labels, summaries, [d for _, d in b.members], ok)), wall)
+  if replicated:
+    return {"replicas" if b.kind == "replica" else "points": summaries}
+  return summaries[0]
 
 
 def _attack_summary(config, records) -> dict[str, Any]:

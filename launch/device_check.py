@@ -25,9 +25,16 @@ budget left is ``skipped``, so the check always ends in time):
    and the peer (f32; it has no bf16 mode).
 3. Scaling in C: 4, 16, 64, 256 clients at 64 px, bf16, vmapped.
 4. The default main job (``configs/default.py``), wall time.
+5. The CPU-sized paper grid (``configs/paper_sweep.py``: 32 px DCGAN, 4
+   clients, B = 32) as a sweep: its largest pack (6 points: attack mask x
+   seed) packed into one program against the same points one by one
+   (``launch.pack_bench``, 20 rounds, no feature-network FID): points per
+   hour, and the packed training's TFLOP/s and share of peak. It comes last:
+   give it ``--only packed_sweep`` (or a larger ``--budget``) to run it.
 
 ``--tiny`` shrinks every step to seconds on a CPU (2 clients, 32 px, batch 4,
-one local step, width 8; the main job is ``configs/test.py``); CI runs it.
+one local step, width 8; the main job is ``configs/test.py``; the packed sweep
+2 points of width 8, B = 8, 2 rounds); CI runs it.
 The peer is a PyTorch script of the original sequential design, used as a
 measuring stick only: ``--peer PATH`` (default: ``$FEDGAN_PEER``, else
 ``shared/peers/torch_fedgan_seq.py`` or ``../shared/peers/...`` from the
@@ -54,6 +61,10 @@ from launch.device_report import FULL, TINY, report
 
 BENCH = [sys.executable, "-m", "fedgan_jax.bench"]
 MAIN = [sys.executable, "-m", "fedgan_jax.main"]
+PACK_BENCH = [sys.executable, "-m", "launch.pack_bench", "--config", "configs/paper_sweep.py"]
+# --tiny: the paper grid's points shrunk to seconds on a CPU.
+_TINY_SWEEP = ("model.g_width=8", "model.d_width=8", "train.batch_size=8", "train.local_steps=1")
+_TINY_SWEEP += ("eval.num_samples=64", "data.num_images=256", "data.heldout=64")
 _MIN_START_SEC = 10  # A step is not started with less budget than this left.
 
 
@@ -62,7 +73,7 @@ class Step(NamedTuple):
 
   name: str
   group: str
-  kind: str  # 'bench' | 'peer' | 'main'
+  kind: str  # 'bench' | 'peer' | 'main' | 'pack'
   argv: tuple[str, ...]
   limit: int
   skip: str = ""  # Non-empty: why the step is not run.
@@ -188,6 +199,11 @@ def plan(tiny: bool, platform: str, peer: str | None, out_dir: str) -> list[Step
   steps.append(
     Step("main_default", "the main job", "main", tuple(MAIN) + ("--config", config, "--workdir", workdir), lim(120))
   )
+  points, rounds = (2, 2) if tiny else (6, 20)
+  sets = (*(_TINY_SWEEP if tiny else ()), "eval.extractor=none")  # FID's network: the same cost per point.
+  pack_argv = tuple(PACK_BENCH) + ("--points", str(points), "--rounds", str(rounds))
+  pack_argv += tuple(a for x in sets for a in ("--set", x)) + ("--out", os.path.join(out_dir, "packed_sweep"))
+  steps.append(Step("packed_sweep", f"packed sweep: {points} points of the paper grid", "pack", pack_argv, lim(360)))
   return steps
 
 
@@ -300,6 +316,9 @@ def _headline(rec: dict[str, Any]) -> str:
     return f": {r['sec_per_round']} s/round"
   if "wall_sec_process" in r:
     return f": {r['wall_sec_process']} s wall"
+  if "packed_speedup" in r:
+    one, packed = r["single"]["points_per_hour"], r["packed"]["points_per_hour"]
+    return f": packed {packed} points/h, one by one {one} points/h ({r['packed_speedup']}x)"
   return ""
 
 

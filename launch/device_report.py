@@ -63,7 +63,23 @@ def report(records: Sequence[dict[str, Any]], info: dict[str, Any], budget: floa
       peer_spr[r["group"]] = r["result"]["sec_per_round"]
   for group, recs in groups.items():
     lines += [f"## {group}", ""]
-    if recs[0]["group"] == "the main job":
+    if recs[0]["step"] == "packed_sweep":
+      lines += [
+        "| step | status | points x rounds | packed points/h | one by one points/h | packed / one by one | "
+        "packed training TFLOP/s | of peak | load (1 min) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+      ]
+      for r in recs:
+        x = r["result"] or {}
+        pk, one = x.get("packed") or {}, x.get("single") or {}
+        load = [v for arm in (pk, one) for pair in arm.get("load", []) for v in pair]
+        lines.append(
+          f"| {r['step']} | {r['status']} | {_fmt(x.get('points'))} x {_fmt(x.get('rounds'))} | "
+          f"{_fmt(pk.get('points_per_hour'))} | {_fmt(one.get('points_per_hour'))} | {_fmt(x.get('packed_speedup'))} | "
+          f"{_fmt(pk.get('achieved_tflops'))} | {_pct(pk.get('fraction_of_peak'))} | "
+          f"{_fmt(max(load)) if load else '-'} |"
+        )
+    elif recs[0]["group"] == "the main job":
       lines += [
         "| step | status | wall s (process) | first round s (incl. compile) | rounds | "
         "setup s | training s | evaluation s | checkpoints s |",

@@ -1,7 +1,7 @@
 """Sweeps: expand a grid of config overrides and run every point, resumably.
 
     python -m launch.sweep --config configs/paper_sweep.py --workdir runs/sweep \\
-        [--parallel N] [--dry-run] [--subprocess] [--batch-seeds]
+        [--parallel N] [--dry-run] [--subprocess] [--batch-seeds] [--pack [--pack-size N]]
 
 The config file defines ``get_config()`` (the base run) and ``get_sweep()``
 (a list of dicts of dotted overrides, e.g. ``{'attack.malicious': (0,),
@@ -38,6 +38,17 @@ spelling out the keys that the label stands for.
   ``<workdir>/<name without seed>__seeds-0-2/``, each replica writing
   ``seed_<s>/`` like a single run (printed commands carry
   ``--config.num_replicas=K``).
+* ``--pack``: points whose configs differ only in array inputs of the round
+  (who is malicious, trigger pattern, poison rate, mimic, the upload attack
+  and its window, seed, ...) train as ONE program over a leading point axis
+  (``fedgan_jax/pack.py``, ``launch/packing.py``); every point still writes
+  ``<workdir>/<name>`` exactly as its own run, so packed and unpacked sweeps
+  resume each other. The printed plan names the programs formed and why a
+  point runs alone (with ``--dry-run``: the plan only). ``--pack-size N``
+  caps the points per program (an accelerator's memory). For accelerators:
+  on a 2-core CPU one point already fills the cores, and a packed sweep ran
+  at 0.88x the points per hour of the same points one by one
+  (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -60,6 +71,7 @@ import jax
 from fedgan_jax import config_lib, experiment
 from fedgan_jax.io.rundir import read_summary
 from fedgan_jax.report import table
+from launch import packing
 from launch.grid import _HIDE, Point, _fmt_value, check_names, overrides, point_name, product, zipped  # noqa: F401
 
 SUMMARY_COLUMNS = table.SUMMARY_COLUMNS
@@ -330,6 +342,8 @@ def run_sweep(
   python: str = sys.executable,
   out=sys.stdout,
   base_overrides: dict[str, Any] | None = None,
+  pack: bool = False,
+  pack_size: int = 0,
 ) -> list[dict[str, Any]]:
   """Expands, runs (skipping finished points) and summarizes a sweep.
 
@@ -343,6 +357,8 @@ def run_sweep(
     python: interpreter for subprocesses and printed commands.
     out: where commands and the table are printed.
     base_overrides: sweep-wide ``{field: value}`` set under every point (``--set``).
+    pack: train the points that share a program as one (``launch/packing.py``), in this process.
+    pack_size: with ``pack``, at most this many points per program (0: no limit).
 
   Returns:
     The results rows (also written to ``<workdir>/results.csv``), or ``[]`` on a dry run.
@@ -352,6 +368,10 @@ def run_sweep(
   """
   if parallel < 1:
     raise ValueError(f"--parallel={parallel} must be >= 1.")
+  if pack and (batch_seeds or parallel > 1 or use_subprocess):
+    raise ValueError("--pack trains in this process and packs seeds too: drop --batch-seeds, --parallel, --subprocess.")
+  if pack_size < 0:
+    raise ValueError(f"--pack-size={pack_size} must be >= 0 (0: no limit).")
   plan = plan_sweep(config_path, workdir, batch_seeds, base_overrides)
   points, names, configs, seeds = plan.points, plan.names, plan.configs, plan.seeds
   groups, group_dirs, dirs = plan.groups, plan.group_dirs, plan.dirs
@@ -365,6 +385,9 @@ def run_sweep(
   def base_point(over: dict[str, Any], k: int) -> Point:
     return dict(over, num_replicas=k) if k > 1 else over
 
+  if dry_run and pack:
+    packing.print_plan(plan, out, pack_size)
+    return []
   if dry_run:
     for _, d, k, over in plan.bases:
       print(shlex.join(command(config_path, d, base_point(over, k), "python", plan.base)), file=out)
@@ -383,7 +406,12 @@ def run_sweep(
   )
   cache = os.path.join(workdir, ".jax_cache")
   failures: list[str] = []
-  for bc, d, k, over in plan.bases:  # The clean bases every point forks from, trained once.
+  if pack and todo:
+    jax.config.update("jax_compilation_cache_dir", cache)
+    bases = [(bc, d) for bc, d, k, _ in plan.bases if not _base_finished(bc, d, k)]
+    failures += packing.run_plan(plan, todo, bases, _run_in_process, out, pack_size)
+    todo_groups = []  # All run: nothing is left for the loops below.
+  for bc, d, k, over in [] if pack else plan.bases:  # The clean bases every point forks from, trained once.
     if _base_finished(bc, d, k) or not todo:
       continue
     print(f"base: {os.path.basename(d)} ({bc.num_rounds} rounds; the points fork from it)", file=out, flush=True)
@@ -448,13 +476,25 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--dry-run", action="store_true", help="print the commands, one per line; run nothing")
   p.add_argument("--subprocess", action="store_true", help="run each point in its own process")
   p.add_argument("--batch-seeds", action="store_true", help="run the seeds of a point as replicas of one program")
+  p.add_argument("--pack", action="store_true", help="train points that share a program as one (see --dry-run)")
+  p.add_argument("--pack-size", type=int, default=0, help="with --pack: at most N points per program (0: all)")
   p.add_argument(
     "--set", action="append", default=[], metavar="FIELD=VALUE", help="a config override under every point"
   )
   a = p.parse_args(argv)
   try:
     base = parse_sets(a.set)
-    rows = run_sweep(a.config, a.workdir, a.parallel, a.dry_run, a.subprocess, a.batch_seeds, base_overrides=base)
+    rows = run_sweep(
+      a.config,
+      a.workdir,
+      a.parallel,
+      a.dry_run,
+      a.subprocess,
+      a.batch_seeds,
+      base_overrides=base,
+      pack=a.pack,
+      pack_size=a.pack_size,
+    )
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -25,6 +25,7 @@ def test_plan_full_gpu_and_peer_skips(tmp_path):
     "scale_c4",
     "scale_c256",
     "main_default",
+    "packed_sweep",
   } <= set(names)
   assert "c64_fast_cpu_f32" not in names  # The CPU lowering is not run on accelerators.
   assert all(s.skip for s in steps if s.kind == "peer")  # No peer script given.
@@ -57,6 +58,9 @@ def _fake_record(step) -> dict:
     result = {"rounds": 2, "wall_sec_process": 30.0, "first_round_sec": 20.0, "time_sec": {"training": 1.0}}
   elif step.kind == "peer":
     result = {"sec_per_round": 0.5}
+  elif step.kind == "pack":
+    arm = {"points_per_hour": 100.0, "achieved_tflops": 0.01, "fraction_of_peak": None, "load": [[1.0, 2.5]]}
+    result = {"points": 2, "rounds": 2, "packed": arm, "single": dict(arm, points_per_hour=50.0), "packed_speedup": 2.0}
   else:
     hlo = {"convolution": 0 if "gemm" in step.name else 4, "lhs_dilated_convolution": 0, "dot_general": 9}
     impl = step.argv[step.argv.index("--conv-impl") + 1]
@@ -73,6 +77,9 @@ def test_report_of_every_tiny_step_has_every_section(tmp_path):
   md = device_check.report([_fake_record(s) for s in steps], {"platform": "cpu", "count": 1}, 450, True)
   for text in ("## C = 2, 32 px, B = 4, L = 1", "## scaling in C", "## the main job", "## Targets", "c2_gemm_bf16"):
     assert text in md, text
+  assert "| packed_sweep | ok | 2 x 2 | 100 | 50 | 2 | 0.01 | - | 2.5 |" in md
+  pack = next(s for s in steps if s.name == "packed_sweep")
+  assert pack.argv[pack.argv.index("--points") + 1] == "2" and "eval.extractor=none" in pack.argv
   assert {s.name for s in steps} >= {"c2_gemm_f32", "c2_xla_f32", "c2_fast_cpu_bf16", "scale_c4", "main_default"}
 
 

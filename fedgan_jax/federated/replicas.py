@@ -68,10 +68,15 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   return k_init, k_rounds, k_eval
 
 
+def member_keys(seeds: Sequence[int]) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``run_keys`` of each seed stacked, each ``[K]``: member ``k`` of a stacked program gets its own run's keys."""
+  keys = jnp.stack([jnp.stack(run_keys(s)) for s in seeds])
+  return keys[:, 0], keys[:, 1], keys[:, 2]
+
+
 def replica_keys(seed: int, num_replicas: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Per-replica ``run_keys``, each ``[K]``: replica ``k`` gets those of ``seed + k``."""
-  keys = jnp.stack([jnp.stack(run_keys(s)) for s in replica_seeds(seed, num_replicas)])
-  return keys[:, 0], keys[:, 1], keys[:, 2]
+  return member_keys(replica_seeds(seed, num_replicas))
 
 
 def round_keys(k_rounds: jax.Array, r: int | jax.Array) -> jax.Array:
@@ -80,7 +85,7 @@ def round_keys(k_rounds: jax.Array, r: int | jax.Array) -> jax.Array:
 
 
 def stack_replicas(datas: Sequence[RoundData]) -> RoundData:
-  """Stacks per-replica ``RoundData`` on a new leading axis.
+  """Stacks per-replica (or per packed sweep point) ``RoundData`` on a new leading axis.
 
   Client shards may have different ``n_max`` across seeds (non-iid
   partitions): shorter ones are padded with zero images (and labels) that
@@ -96,7 +101,7 @@ def stack_replicas(datas: Sequence[RoundData]) -> RoundData:
     if d.images.shape[0] != datas[0].images.shape[0] or d.images.shape[2:] != datas[0].images.shape[2:]:
       raise ValueError(
         f"replica {k}: images {d.images.shape} do not match replica 0's "
-        f"{datas[0].images.shape} (replicas may differ only in seed)."
+        f"{datas[0].images.shape} (the members of one program may differ only in array inputs)."
       )
     if pad:
       d = d._replace(

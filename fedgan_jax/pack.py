@@ -1,0 +1,307 @@
+"""Sweep points that share one program shape, trained as ONE program over a leading point axis.
+
+The attack grids of Jin & Li (SASHIMI 2022, FedDetect 2023) and of the
+backdoor literature vary who is malicious, the trigger, the poison rate, the
+attack on the uploads, its window and the seed far more often than the model.
+All of those are array inputs of the round (``RoundData``), not Python values
+the program is traced with, so such points need one compiled program; and on
+an accelerator one point's round is far too small to fill the device
+(docs/design.md §6). ``num_replicas`` already vmaps K seeds of one config over
+a leading axis (``federated/replicas.py``); a pack does the same for any points
+whose configs differ only in such inputs (``PACKABLE_FIELDS``):
+
+* ``signature(config)`` is the config with those fields left out (and the
+  resolved trigger side put in): points with equal signatures pack;
+  ``why_apart`` names the fields that keep two points in separate programs.
+* ``plan(configs)`` groups the points; ``run_packed(configs, workdirs)``
+  trains one group. Point ``k`` writes ``workdirs[k]`` exactly as
+  ``experiment.run(configs[k], workdirs[k])`` would (``config.json``,
+  ``metrics.jsonl`` equal up to float reassociation, samples, ``summary.json``
+  with a ``pack`` block, the report) including its own ``checkpoints/``
+  (unstacked), so each point resumes packed or on its own.
+* A group whose points would not train exactly as their own runs (different
+  local-step counts from their data, client shards of different lengths
+  under one-epoch training, checkpoints at different rounds) raises
+  ``NotPackableError`` before anything is written; ``launch.sweep`` then runs
+  its points one by one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedgan_jax import assemble, config_lib, distributed, experiment, fork, resume, run_console
+from fedgan_jax.federated import replicas as replicas_lib
+from fedgan_jax.io import lock as lock_lib
+
+# Fields that only change array inputs of the round (RoundData, keys) or per-point outputs: points that differ in
+# nothing else share one program. attack.trigger_size is here because the resolved side enters the signature.
+PACKABLE_FIELDS = (
+  "seed",
+  "init_from",
+  "attack.malicious",
+  "attack.trigger",
+  "attack.trigger_size",
+  "attack.trigger_margin",
+  "attack.trigger_range",
+  "attack.poison_rate",
+  "attack.report_losses",
+  "attack.dba",
+  "attack.upload",
+  "attack.upload_strength",
+  "attack.start_round",
+  "attack.end_round",
+  "attack.every",
+  "attack.latent_weight",
+  "data.partition",
+  "data.alpha",
+  "wandb.group",
+)
+
+
+class NotPackableError(ValueError):
+  """The points cannot train as one program exactly as their own runs would (nothing was written)."""
+
+
+def _flat(config) -> dict[str, Any]:
+  out = {}
+
+  def walk(d, prefix):
+    for k, v in d.items():
+      if isinstance(v, dict) and v and not prefix + k == "aggregation.kwargs":
+        walk(v, f"{prefix}{k}.")
+      else:
+        out[f"{prefix}{k}"] = v
+
+  walk(json.loads(config_lib.to_json(config)), "")
+  return out
+
+
+def _program_fields(config) -> dict[str, Any]:
+  """The fields that shape the program: every field but ``PACKABLE_FIELDS``, plus the resolved trigger side."""
+  flat = {k: v for k, v in _flat(config).items() if k not in PACKABLE_FIELDS}
+  flat["(trigger side in px)"] = config_lib.trigger_geometry(config)[0]
+  return flat
+
+
+def signature(config) -> str:
+  """The program a point trains in: points with equal signatures pack (a JSON text)."""
+  return json.dumps(_program_fields(config), sort_keys=True, default=str)
+
+
+def why_apart(a, b, limit: int = 3) -> list[str]:
+  """The fields (``'name: a vs b'``) that keep configs ``a`` and ``b`` in different programs, at most ``limit``."""
+  fa, fb = _program_fields(a), _program_fields(b)
+  diff = [
+    f"{k}: {json.dumps(fa.get(k))} vs {json.dumps(fb.get(k))}"
+    for k in sorted(set(fa) | set(fb))
+    if fa.get(k) != fb.get(k)
+  ]
+  return diff[:limit] + ([f"and {len(diff) - limit} more"] if len(diff) > limit else [])
+
+
+def saved_round(workdir: str) -> int:
+  """The newest checkpointed round in ``<workdir>/checkpoints`` (0 if none), read from the folder names."""
+  d = os.path.join(workdir, "checkpoints")
+  rounds = [int(n) for n in (os.listdir(d) if os.path.isdir(d) else []) if n.isdigit()]
+  return max(rounds, default=0)
+
+
+class PackPlan(NamedTuple):
+  """Points grouped into programs.
+
+  Attributes:
+    groups: point indices per program (every point in exactly one; singletons run alone).
+    reasons: for a point alone, why (``'its program differs from <name>'s in ...'``).
+  """
+
+  groups: list[list[int]]
+  reasons: dict[int, str]
+
+
+def plan(configs: Sequence[Any], names: Sequence[str], workdirs: Sequence[str] | None = None, max_size: int = 0):
+  """Groups points by ``signature`` (and, with ``workdirs``, by the round their checkpoints are at).
+
+  Args:
+    configs: each point's validated config.
+    names: each point's name (in the reasons).
+    workdirs: each point's run directory: points resume together only from the same round.
+    max_size: at most this many points per program (0: no limit), e.g. to fit an accelerator's memory.
+
+  Returns:
+    A ``PackPlan`` (groups in the order of their first point).
+  """
+  at = [saved_round(d) for d in workdirs] if workdirs else [0] * len(configs)
+  sigs = [signature(c) for c in configs]
+  keyed: dict[tuple, list[int]] = {}
+  for i in range(len(configs)):
+    keyed.setdefault((sigs[i], at[i]), []).append(i)
+  groups = []
+  for idx in keyed.values():
+    size = max_size if max_size > 0 else len(idx)
+    groups += [idx[j : j + size] for j in range(0, len(idx), size)]
+  groups.sort(key=lambda g: g[0])
+  reasons = {}
+  for (i,) in (g for g in groups if len(g) == 1):
+    same = [j for j in range(len(configs)) if j != i and sigs[j] == sigs[i]]
+    if any(at[j] == at[i] for j in same):
+      reasons[i] = f"the programs hold at most --pack-size={max_size} points"
+    elif same:
+      reasons[i] = f"its checkpoints are at round {at[i]}, {names[same[0]]}'s at {at[same[0]]}"
+    elif len(configs) == 1:
+      reasons[i] = "the only point to run"
+    else:
+      j = min((j for j in range(len(configs)) if j != i), key=lambda j: (len(why_apart(configs[i], configs[j], 99)), j))
+      reasons[i] = f"its program differs from {names[j]}'s in " + "; ".join(why_apart(configs[i], configs[j]))
+  return PackPlan(groups, reasons)
+
+
+def plan_lines(p: PackPlan, names: Sequence[str]) -> list[str]:
+  """The plan as printed by ``launch.sweep --pack``: one line per program, the reason for each point alone."""
+  packed = [g for g in p.groups if len(g) > 1]
+  lines = [f"pack plan: {sum(map(len, p.groups))} points in {len(p.groups)} programs ({len(packed)} packed)"]
+  for n, g in enumerate(p.groups):
+    if len(g) > 1:
+      lines.append(f"  program {n + 1}: {len(g)} points packed: {', '.join(names[i] for i in g)}")
+    else:
+      lines.append(f"  program {n + 1}: {names[g[0]]} alone ({p.reasons.get(g[0], '')})")
+  return lines
+
+
+def _check_members(configs: Sequence[Any], datas: Sequence[Any]) -> None:
+  """Raises ``NotPackableError`` where a point's own run would differ in shape from the packed program."""
+  steps = [assemble.local_steps(c, d.counts) for c, d in zip(configs, datas)]
+  if len(set(steps)) > 1:
+    raise NotPackableError(f"the points' data give different local steps per round {steps} (one local epoch)")
+  lengths = [d.images.shape[1] for d in datas]
+  if configs[0].train.local_steps == 0 and len(set(lengths)) > 1:
+    # One local epoch shuffles a client's whole (padded) shard: padding would change the order.
+    raise NotPackableError(f"one local epoch over client shards of different lengths {lengths}")
+
+
+def _member_like(like: Any) -> Any:
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype, sharding=s.sharding), like)
+
+
+def _stack(states: Sequence[Any]) -> Any:
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+class PackCheckpointer:
+  """Each point's own ``<workdir>/checkpoints`` (its part of the stacked state), as ``experiment.RunCheckpointer``.
+
+  Args:
+    configs: the points' configs.
+    workdirs: their run directories.
+    primary: whether this process writes.
+  """
+
+  def __init__(self, configs: Sequence[Any], workdirs: Sequence[str], primary: bool = True):
+    self.configs = list(configs)
+    self.ckpts = [experiment.RunCheckpointer(os.path.join(d, "checkpoints"), primary=primary) for d in workdirs]
+
+  def _together(self, starts: list[int], what: str) -> None:
+    if len(set(starts)) > 1:
+      raise NotPackableError(f"the points {what} different rounds {starts}")
+
+  def resume(self, like: Any, config, warn) -> tuple[int, Any | None]:
+    """Every point's ``resume.restore``; they must all start fresh or all resume from the same round."""
+    del config
+    one = _member_like(like)
+    found = [resume.restore(ck, one, c, warn) for ck, c in zip(self.ckpts, self.configs)]
+    self._together([r for r, _ in found], "resume from")
+    if found[0][1] is None:
+      return 0, None
+    return found[0][0], _stack([s for _, s in found])
+
+  def fork(self, like: Any, fresh: Any, config) -> tuple[int, Any]:
+    """Every point's ``fork.restore`` (its own ``init_from``); the bases must be at the same round."""
+    del config
+    one = _member_like(like)
+    found = [
+      fork.restore(c.init_from, one, replicas_lib.unstack(fresh, k), c)
+      if c.init_from
+      else (0, replicas_lib.unstack(fresh, k))
+      for k, c in enumerate(self.configs)
+    ]
+    self._together([r for r, _ in found], "fork at")
+    return found[0][0], _stack([s for _, s in found])
+
+  def write_config(self, config_json: str) -> None:
+    del config_json  # Each point records its own config.
+    for ck, c in zip(self.ckpts, self.configs):
+      ck.write_config(config_lib.to_json(c))
+
+  def save(self, round_: int, state: Any) -> None:
+    for k, ck in enumerate(self.ckpts):
+      ck.save(round_, replicas_lib.unstack(state, k))
+
+  def latest_round(self) -> int | None:
+    rounds = [ck.latest_round() for ck in self.ckpts]
+    return None if None in rounds else min(rounds)
+
+  def close(self) -> None:
+    errors = []
+    for ck in self.ckpts:
+      try:
+        ck.close()
+      except OSError as e:
+        errors.append(e)
+    if errors:
+      raise errors[0]
+
+
+def run_packed(configs: Sequence[Any], workdirs: Sequence[str], console: run_console.Console | None = None):
+  """Trains (or resumes) points of one signature as one program; point k writes ``workdirs[k]``.
+
+  Args:
+    configs: the points' configs (``num_replicas = 1`` each; equal ``signature``).
+    workdirs: their run directories (distinct).
+    console: where the run's lines go (default: stdout/stderr of the primary process).
+
+  Returns:
+    Each point's summary (as ``experiment.run`` returns it).
+
+  Raises:
+    NotPackableError: the points differ in a field that shapes the program, or would not train exactly as their
+      own runs (nothing written; run them one by one).
+    ValueError, OSError, RunInterruptedError, FloatingPointError: as ``experiment.run``.
+  """
+  if not configs or len(configs) != len(workdirs):
+    raise ValueError(f"run_packed: {len(configs)} configs for {len(workdirs)} workdirs (one each, at least one).")
+  configs = [config_lib.validate(copy.deepcopy(c)) for c in configs]
+  if len({os.path.abspath(d) for d in workdirs}) != len(workdirs):
+    raise ValueError(f"run_packed: the workdirs must be distinct, got {list(workdirs)}.")
+  for k, c in enumerate(configs):
+    if c.num_replicas != 1:
+      raise NotPackableError(f"point {workdirs[k]}: num_replicas={c.num_replicas} (a pack already stacks seeds).")
+    if signature(c) != signature(configs[0]):
+      raise NotPackableError(f"points {workdirs[0]} and {workdirs[k]} differ in " + "; ".join(why_apart(configs[0], c)))
+  if len(configs) == 1:
+    return [experiment.run(configs[0], workdirs[0], console)]
+  primary = distributed.is_primary()
+  console = console or run_console.Console(active=primary)
+  members = list(zip(configs, workdirs))
+  labels = [os.path.basename(os.path.normpath(d)) for d in workdirs]
+  where = os.path.commonpath([os.path.abspath(d) for d in workdirs])
+  console.line(f"pack: {len(members)} points as one program in {where}: {', '.join(labels)}")
+  with contextlib.ExitStack() as stack:
+    for d in workdirs:
+      stack.enter_context(lock_lib.WorkdirLock(d, active=primary))
+    out = experiment.run_members(
+      configs[0],
+      where,
+      console,
+      primary,
+      build=lambda: experiment.build_members(members, True, "pack", labels, _check_members),
+      checkpointer=lambda b: PackCheckpointer(configs, workdirs, primary),
+    )
+  return out.get("points", []) if primary else []

@@ -1,0 +1,193 @@
+"""Packed sweep points (fedgan_jax/pack.py, launch/packing.py): signatures, the plan, and packed == single runs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, tiny_config
+from fedgan_jax import experiment, pack
+from fedgan_jax.io import rundir
+from launch import pack_bench, sweep
+
+# Two points of one program: different seed, malicious mask, trigger pattern, poison rate, reports and upload attack.
+POINT_A = {"seed": 0, "attack.malicious": (0,)}
+POINT_B = {
+  "seed": 3,
+  "attack.malicious": (1,),
+  "attack.trigger": "bands",
+  "attack.poison_rate": 0.5,
+  "attack.report_losses": "mimic",
+  "attack.upload": "scale",
+  "attack.start_round": 2,
+}
+
+
+def test_points_that_differ_in_round_inputs_share_a_signature():
+  base = tiny_config()
+  same = [
+    tiny_config(**POINT_B),
+    tiny_config(**{"attack.malicious": ()}),
+    tiny_config(**{"attack.dba": True, "attack.malicious": (0, 1), "num_clients": 3}),
+  ]
+  assert pack.signature(same[0]) == pack.signature(base) == pack.signature(same[1])
+  assert pack.signature(same[2]) != pack.signature(base)  # num_clients shapes the program.
+  # trigger_size 4 is what 0 resolves to at 32 px (max(4, 2)): the same program; 8 px is not.
+  assert pack.signature(tiny_config(**{"attack.trigger_size": 4})) == pack.signature(base)
+  assert pack.why_apart(base, tiny_config(**{"attack.trigger_size": 8})) == ["(trigger side in px): 4 vs 8"]
+  assert pack.why_apart(base, tiny_config(**{"model.g_width": 16, "train.g_lr": 1e-3})) == [
+    "model.g_width: 8 vs 16",
+    "train.g_lr: 0.0002 vs 0.001",
+  ]
+  assert pack.why_apart(base, tiny_config(**{"attack.latent_trigger": True})) == [
+    "attack.latent_trigger: false vs true"
+  ]
+  assert pack.why_apart(base, same[0]) == []
+
+
+def test_plan_groups_points_and_says_why_one_runs_alone(tmp_path):
+  configs = [
+    tiny_config(seed=0),
+    tiny_config(seed=1, **{"model.g_width": 16}),
+    tiny_config(seed=2, **{"attack.malicious": ()}),
+    tiny_config(seed=3),
+  ]
+  names = ["a", "wide", "clean", "d"]
+  p = pack.plan(configs, names)
+  assert p.groups == [[0, 2, 3], [1]]
+  assert p.reasons == {1: "its program differs from a's in model.g_width: 16 vs 8"}
+  lines = pack.plan_lines(p, names)
+  assert lines[0] == "pack plan: 4 points in 2 programs (1 packed)"
+  assert lines[1] == "  program 1: 3 points packed: a, clean, d"
+  assert lines[2].startswith("  program 2: wide alone (its program differs from a's in model.g_width")
+  p = pack.plan(configs, names, max_size=2)
+  assert p.groups == [[0, 2], [1], [3]] and p.reasons[3] == "the programs hold at most --pack-size=2 points"
+  # Points resume together only from the same round: d's checkpoints are at round 3.
+  dirs = [str(tmp_path / n) for n in names]
+  os.makedirs(os.path.join(dirs[3], "checkpoints", "3"))
+  os.makedirs(os.path.join(dirs[3], "checkpoints", "2.damaged"))
+  assert pack.saved_round(dirs[3]) == 3 and pack.saved_round(dirs[0]) == 0
+  p = pack.plan(configs, names, dirs)
+  assert p.groups == [[0, 2], [1], [3]]
+  assert p.reasons[3] == "its checkpoints are at round 3, a's at 0"
+
+
+def test_run_packed_refuses_points_of_different_programs(tmp_path):
+  a, b = tiny_config(), tiny_config(**{"model.d_width": 16})
+  with pytest.raises(pack.NotPackableError, match="model.d_width: 8 vs 16"):
+    pack.run_packed([a, b], [str(tmp_path / "a"), str(tmp_path / "b")])
+  with pytest.raises(ValueError, match="must be distinct"):
+    pack.run_packed([a, a], [str(tmp_path / "a"), str(tmp_path / "a")])
+  with pytest.raises(pack.NotPackableError, match="num_replicas=2"):
+    pack.run_packed([tiny_config(num_replicas=2), a], [str(tmp_path / "a"), str(tmp_path / "b")])
+  assert not (tmp_path / "a").exists()  # Refused before anything is written.
+
+
+def _sweep_file(tmp_path, num_rounds: int, wide: bool = True) -> str:
+  """A sweep of configs/test.py: points a and b (one program) and, with ``wide``, one of another program."""
+  points = [dict(POINT_A, _point="a"), dict(POINT_B, _point="b")]
+  if wide:
+    points.append({"model.g_width": 16, "_point": "wide"})
+  cfg = tmp_path / f"sweep{num_rounds}.py"
+  cfg.write_text(
+    textwrap.dedent(f"""
+      import importlib.util
+      from launch.sweep import product
+      spec = importlib.util.spec_from_file_location("t", {os.path.join(ROOT, "configs", "test.py")!r})
+      mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+
+      def get_config():
+        c = mod.get_config()
+        c.num_rounds = {num_rounds}
+        return c
+
+      def get_sweep():
+        return product({points!r})
+  """)
+  )
+  return str(cfg)
+
+
+def test_sweep_pack_plan_and_fallback(tmp_path, monkeypatch):
+  cfg = _sweep_file(tmp_path, 2)
+  out = io.StringIO()
+  assert sweep.run_sweep(cfg, str(tmp_path / "dry"), dry_run=True, pack=True, out=out) == []
+  assert out.getvalue().splitlines() == [
+    "pack plan: 3 points in 2 programs (1 packed)",
+    "  program 1: 2 points packed: point-a, point-b",
+    "  program 2: point-wide alone (its program differs from point-a's in model.g_width: 16 vs 8)",
+  ]
+  for bad in ({"batch_seeds": True}, {"parallel": 2}, {"use_subprocess": True}):
+    with pytest.raises(ValueError, match="--pack trains in this process"):
+      sweep.run_sweep(cfg, str(tmp_path / "x"), pack=True, **bad)
+  # A program that turns out not packable (nothing written) runs its points one by one.
+  ran, packed = [], []
+
+  def refuse(configs, dirs):
+    packed.append([os.path.basename(d) for d in dirs])
+    raise pack.NotPackableError("different local steps")
+
+  def fake_run(config, run_dir, num_replicas=1):
+    ran.append(os.path.basename(run_dir))
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+      json.dump({"rounds": config.num_rounds, "final": {}}, f)
+
+  monkeypatch.setattr(pack, "run_packed", refuse)
+  monkeypatch.setattr(sweep, "_run_in_process", fake_run)
+  out = io.StringIO()
+  rows = sweep.run_sweep(cfg, str(tmp_path / "sw"), pack=True, out=out)
+  assert packed == [["point-a", "point-b"]] and ran == ["point-a", "point-b", "point-wide"]
+  assert [r["status"] for r in rows] == ["done"] * 3
+  assert "not packed (different local steps); its 2 points run one by one" in out.getvalue()
+
+
+def test_pack_bench_measures_points_of_the_largest_pack(tmp_path):
+  paper = os.path.join(ROOT, "configs", "paper_sweep.py")
+  names, configs = pack_bench.select(paper, ["eval.extractor=none"], 4)
+  assert len(names) == 4 and len({pack.signature(c) for c in configs}) == 1
+  assert all(c.eval.extractor == "none" for c in configs)
+  assert names[0] == "malicious-none__defense-none__trigger_size-4__seed-0"
+  plan = sweep.plan_sweep(pack_bench.write_sweep_file(str(tmp_path), paper, names), str(tmp_path / "w"))
+  assert plan.names == names
+  with pytest.raises(ValueError, match="no two points pack"):
+    pack_bench.select(paper, [], 1)
+
+
+@pytest.mark.slow
+def test_packed_points_equal_their_single_runs_and_resume(tmp_path):
+  """Two points (different seeds, masks, trigger patterns, poison rates, reports, upload attacks) packed:
+  1 round, then resumed to 2 by the sweep from each point's own checkpoint; each equals its own 2-round run."""
+  wd = tmp_path / "sw"
+  configs = [tiny_config(num_rounds=1, **POINT_A), tiny_config(num_rounds=1, **POINT_B)]
+  summaries = pack.run_packed(configs, [str(wd / "point-a"), str(wd / "point-b")])
+  assert [s["rounds"] for s in summaries] == [1, 1] and summaries[1]["pack"]["of"] == 2
+  out = io.StringIO()
+  rows = sweep.run_sweep(_sweep_file(tmp_path, 2, wide=False), str(wd), pack=True, out=out)
+  assert "program 1: 2 points packed: point-a, point-b" in out.getvalue()
+  assert [r["status"] for r in rows] == ["done"] * 2
+  for name, point in (("a", POINT_A), ("b", POINT_B)):
+    d = wd / f"point-{name}"
+    single = tmp_path / f"single-{name}"
+    experiment.run(tiny_config(num_rounds=2, **point), str(single))
+    assert (d / "config.json").read_text() == (single / "config.json").read_text()
+    assert sorted(os.listdir(d / "checkpoints")) == sorted(os.listdir(single / "checkpoints"))
+    assert sorted(os.listdir(d / "samples")) == sorted(os.listdir(single / "samples"))
+    got, want = rundir.read_records(str(d / "metrics.jsonl")), rundir.read_records(str(single / "metrics.jsonl"))
+    assert [r["round"] for r in got] == [1, 2] and set(got[1]) == set(want[1])
+    for g, w in zip(got, want):
+      for key in w:
+        if not key.startswith("z/"):  # Timings.
+          np.testing.assert_allclose(
+            np.asarray(g[key], float), np.asarray(w[key], float), rtol=1e-4, atol=1e-4, err_msg=f"{name} {key}"
+          )
+    s = json.loads((d / "summary.json").read_text())
+    assert s["resumed_from"] == 1 and s["pack"]["index"] == (0 if name == "a" else 1)
+  # The points really differ (else the test could not tell them apart).
+  a, b = (rundir.read_records(str(wd / f"point-{n}" / "metrics.jsonl"))[-1] for n in "ab")
+  assert a["train/g_loss"] != b["train/g_loss"]
