@@ -8,11 +8,15 @@ the program is traced with, so such points need one compiled program; and on
 an accelerator one point's round is far too small to fill the device
 (docs/design.md §6). ``num_replicas`` already vmaps K seeds of one config over
 a leading axis (``federated/replicas.py``); a pack does the same for any points
-whose configs differ only in such inputs (``PACKABLE_FIELDS``):
+whose configs differ only in such inputs (``PACKABLE_FIELDS``), or in the
+learning rates and regularizer weights that the packed program takes per
+point as traced scalars (``TRACED_FIELDS``, ``RoundData.hyper``; a weight
+only where every point has its term on):
 
 * ``signature(config)`` is the config with those fields left out (and the
   resolved trigger side put in): points with equal signatures pack;
-  ``why_apart`` names the fields that keep two points in separate programs.
+  ``why_apart`` names the fields that keep two points in separate programs;
+  ``traced_fields`` those a program's points differ in (each point's own input).
 * ``plan(configs)`` groups the points; ``run_packed(configs, workdirs)``
   trains one group. Point ``k`` writes ``workdirs[k]`` exactly as
   ``experiment.run(configs[k], workdirs[k])`` would (``config.json``,
@@ -66,6 +70,19 @@ PACKABLE_FIELDS = (
   "wandb.group",
 )
 
+# Fields the packed program takes per point as traced f32 scalars (RoundData.hyper, by client.TRACED_HYPER's
+# names) when the points of a pack differ in them. A regularizer weight packs only with others of its kind that
+# are on: 0 (the term is not traced at all) vs nonzero stays in the signature, and under train.dp_sgd (whose
+# per-example loss takes the penalties' weights as constants) the weights stay in it whole.
+TRACED_FIELDS = {
+  "train.g_lr": "g_lr",
+  "train.d_lr": "d_lr",
+  "train.regularizers.gradient_penalty": "gradient_penalty",
+  "train.regularizers.r1": "r1",
+  "train.regularizers.proximal": "proximal",
+}
+_DP_CONSTANT = ("train.regularizers.gradient_penalty", "train.regularizers.r1")
+
 
 class NotPackableError(ValueError):
   """The points cannot train as one program exactly as their own runs would (nothing was written)."""
@@ -85,11 +102,51 @@ def _flat(config) -> dict[str, Any]:
   return out
 
 
+def _traceable(config) -> list[str]:
+  """The ``TRACED_FIELDS`` that may differ between the points of one program of ``config``'s."""
+  dp = bool(config.train.dp_sgd.enabled)
+  return [f for f in TRACED_FIELDS if not (dp and f in _DP_CONSTANT)]
+
+
 def _program_fields(config) -> dict[str, Any]:
-  """The fields that shape the program: every field but ``PACKABLE_FIELDS``, plus the resolved trigger side."""
+  """The fields that shape the program: every field but ``PACKABLE_FIELDS``, plus the resolved trigger side.
+
+  A traced field (``TRACED_FIELDS``) is there only as what the program depends on: nothing for a learning
+  rate, ``'nonzero'`` or ``0.0`` for a regularizer weight.
+  """
   flat = {k: v for k, v in _flat(config).items() if k not in PACKABLE_FIELDS}
+  for f in _traceable(config):
+    if f.startswith("train.regularizers."):
+      flat[f] = "nonzero" if flat[f] else 0.0
+    else:
+      del flat[f]
   flat["(trigger side in px)"] = config_lib.trigger_geometry(config)[0]
   return flat
+
+
+def traced_fields(configs: Sequence[Any]) -> list[str]:
+  """The fields in which the points of one program differ, each a per-point input of it (sorted).
+
+  The ``PACKABLE_FIELDS`` (round data, keys) and the ``TRACED_FIELDS`` (``RoundData.hyper``) that are not
+  equal in all of ``configs``.
+  """
+  flats = [_flat(c) for c in configs]
+  names = set(PACKABLE_FIELDS) | set(TRACED_FIELDS)
+  return sorted(f for f in names if any(fl.get(f) != flats[0].get(f) for fl in flats[1:]))
+
+
+def hyper_inputs(configs: Sequence[Any]) -> dict[str, jax.Array] | None:
+  """``RoundData.hyper`` of packed points: each ``TRACED_FIELDS`` value they differ in, f32 ``[K]``; None if none.
+
+  A field equal in every point stays a constant of the program (as in each point's own run).
+  """
+  flats = [_flat(c) for c in configs]
+  out = {
+    TRACED_FIELDS[f]: jnp.asarray([float(fl[f]) for fl in flats], jnp.float32)
+    for f in _traceable(configs[0])
+    if len({fl[f] for fl in flats}) > 1
+  }
+  return out or None
 
 
 def signature(config) -> str:
@@ -100,8 +157,9 @@ def signature(config) -> str:
 def why_apart(a, b, limit: int = 3) -> list[str]:
   """The fields (``'name: a vs b'``) that keep configs ``a`` and ``b`` in different programs, at most ``limit``."""
   fa, fb = _program_fields(a), _program_fields(b)
+  ra, rb = _flat(a), _flat(b)  # A regularizer weight is named by its value (0.0 vs 10.0), not 'nonzero'.
   diff = [
-    f"{k}: {json.dumps(fa.get(k))} vs {json.dumps(fb.get(k))}"
+    f"{k}: {json.dumps(ra.get(k, fa.get(k)))} vs {json.dumps(rb.get(k, fb.get(k)))}"
     for k in sorted(set(fa) | set(fb))
     if fa.get(k) != fb.get(k)
   ]
@@ -121,10 +179,12 @@ class PackPlan(NamedTuple):
   Attributes:
     groups: point indices per program (every point in exactly one; singletons run alone).
     reasons: for a point alone, why (``'its program differs from <name>'s in ...'``).
+    traced: per group, the fields its points differ in (``traced_fields``): each point's own input.
   """
 
   groups: list[list[int]]
   reasons: dict[int, str]
+  traced: tuple = ()
 
 
 def plan(configs: Sequence[Any], names: Sequence[str], workdirs: Sequence[str] | None = None, max_size: int = 0):
@@ -161,7 +221,7 @@ def plan(configs: Sequence[Any], names: Sequence[str], workdirs: Sequence[str] |
     else:
       j = min((j for j in range(len(configs)) if j != i), key=lambda j: (len(why_apart(configs[i], configs[j], 99)), j))
       reasons[i] = f"its program differs from {names[j]}'s in " + "; ".join(why_apart(configs[i], configs[j]))
-  return PackPlan(groups, reasons)
+  return PackPlan(groups, reasons, tuple(traced_fields([configs[i] for i in g]) for g in groups))
 
 
 def plan_lines(p: PackPlan, names: Sequence[str]) -> list[str]:
@@ -170,7 +230,8 @@ def plan_lines(p: PackPlan, names: Sequence[str]) -> list[str]:
   lines = [f"pack plan: {sum(map(len, p.groups))} points in {len(p.groups)} programs ({len(packed)} packed)"]
   for n, g in enumerate(p.groups):
     if len(g) > 1:
-      lines.append(f"  program {n + 1}: {len(g)} points packed: {', '.join(names[i] for i in g)}")
+      per = f" (per point: {', '.join(p.traced[n])})" if p.traced and p.traced[n] else ""
+      lines.append(f"  program {n + 1}: {len(g)} points packed: {', '.join(names[i] for i in g)}{per}")
     else:
       lines.append(f"  program {n + 1}: {names[g[0]]} alone ({p.reasons.get(g[0], '')})")
   return lines
@@ -292,7 +353,17 @@ def run_packed(configs: Sequence[Any], workdirs: Sequence[str], console: run_con
   members = list(zip(configs, workdirs))
   labels = [os.path.basename(os.path.normpath(d)) for d in workdirs]
   where = os.path.commonpath([os.path.abspath(d) for d in workdirs])
-  console.line(f"pack: {len(members)} points as one program in {where}: {', '.join(labels)}")
+  per = traced_fields(configs)
+  console.line(
+    f"pack: {len(members)} points as one program in {where}: {', '.join(labels)}"
+    + (f" (per point: {', '.join(per)})" if per else "")
+  )
+  hyper = hyper_inputs(configs)  # Learning rates / regularizer weights the points differ in (RoundData.hyper).
+
+  def build():
+    b = experiment.build_members(members, True, "pack", labels, _check_members)
+    return b._replace(data=b.data._replace(hyper=hyper)) if hyper else b
+
   with contextlib.ExitStack() as stack:
     for d in workdirs:
       stack.enter_context(lock_lib.WorkdirLock(d, active=primary))
@@ -301,7 +372,7 @@ def run_packed(configs: Sequence[Any], workdirs: Sequence[str], console: run_con
       where,
       console,
       primary,
-      build=lambda: experiment.build_members(members, True, "pack", labels, _check_members),
+      build=build,
       checkpointer=lambda b: PackCheckpointer(configs, workdirs, primary),
     )
   return out.get("points", []) if primary else []

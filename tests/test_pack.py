@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config
-from fedgan_jax import experiment, pack
+from fedgan_jax import experiment, pack, presets
+from fedgan_jax.federated import client as client_lib
 from fedgan_jax.io import rundir
 from launch import pack_bench, sweep
 
@@ -40,14 +41,60 @@ def test_points_that_differ_in_round_inputs_share_a_signature():
   # trigger_size 4 is what 0 resolves to at 32 px (max(4, 2)): the same program; 8 px is not.
   assert pack.signature(tiny_config(**{"attack.trigger_size": 4})) == pack.signature(base)
   assert pack.why_apart(base, tiny_config(**{"attack.trigger_size": 8})) == ["(trigger side in px): 4 vs 8"]
-  assert pack.why_apart(base, tiny_config(**{"model.g_width": 16, "train.g_lr": 1e-3})) == [
-    "model.g_width: 8 vs 16",
-    "train.g_lr: 0.0002 vs 0.001",
-  ]
+  assert pack.why_apart(base, tiny_config(**{"model.g_width": 16, "train.g_lr": 1e-3})) == ["model.g_width: 8 vs 16"]
   assert pack.why_apart(base, tiny_config(**{"attack.latent_trigger": True})) == [
     "attack.latent_trigger: false vs true"
   ]
   assert pack.why_apart(base, same[0]) == []
+
+
+GP = presets.GRADIENT_PENALTY
+
+
+def test_learning_rates_and_regularizer_weights_are_traced_per_point():
+  base = tiny_config(**GP)
+  other = tiny_config(**{**GP, "train.g_lr": 1e-3, "train.d_lr": 5e-4, "train.regularizers.gradient_penalty": 5.0})
+  assert pack.signature(other) == pack.signature(base) and pack.why_apart(base, other) == []
+  assert pack.traced_fields([base, other]) == ["train.d_lr", "train.g_lr", "train.regularizers.gradient_penalty"]
+  hyper = pack.hyper_inputs([base, other])
+  assert sorted(hyper) == ["d_lr", "g_lr", "gradient_penalty"]  # r1, proximal: 0 in both, constants.
+  np.testing.assert_array_equal(hyper["g_lr"], np.float32([2e-4, 1e-3]))
+  np.testing.assert_array_equal(hyper["gradient_penalty"], np.float32([10.0, 5.0]))
+  assert pack.hyper_inputs([base, tiny_config(**{**GP, "seed": 4})]) is None  # Nothing traced: today's program.
+  # A term off (0) vs on changes the program: apart, named by the weights.
+  off = tiny_config(**{**GP, "train.regularizers.gradient_penalty": 0.0})
+  assert pack.why_apart(base, off) == ["train.regularizers.gradient_penalty: 10.0 vs 0.0"]
+  r1 = [tiny_config(**{"train.regularizers.r1": w}) for w in (0.0, 1.0, 2.0)]
+  assert pack.signature(r1[1]) == pack.signature(r1[2]) != pack.signature(r1[0])
+  p = pack.plan(r1, ["off", "one", "two"])
+  assert p.groups == [[0], [1, 2]] and p.traced[1] == ["train.regularizers.r1"]
+  assert (
+    pack.plan_lines(p, ["off", "one", "two"])[2]
+    == "  program 2: 2 points packed: one, two (per point: train.regularizers.r1)"
+  )
+  # DP-SGD's per-example loss takes the penalties' weights as constants: they stay in its signature.
+  dp = [tiny_config(**{**GP, "train.dp_sgd.enabled": True, "train.regularizers.gradient_penalty": w}) for w in (5, 10)]
+  assert pack.why_apart(dp[0], dp[1]) == ["train.regularizers.gradient_penalty: 5.0 vs 10.0"]
+
+
+def test_a_traced_learning_rate_keeps_the_optimizer_state_and_the_step():
+  """optax with a traced learning rate: the same state tree (checkpoints interchangeable) and the same update."""
+  import jax
+  import jax.numpy as jnp
+
+  params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((3,))}
+  grads = jax.tree.map(lambda x: jnp.sin(x) + 0.5, params)
+  for opt in ({"train.optimizer": "adam"}, {"train.optimizer": "rmsprop", "train.rmsprop": "pytorch"}):
+    c = tiny_config(**opt)
+    const, traced = client_lib.optimizer(c, 1e-3), client_lib.optimizer(c, jnp.float32(1e-3))
+    s0, s1 = const.init(params), traced.init(params)
+    assert jax.tree.structure(s0) == jax.tree.structure(s1)
+    step = jax.jit(lambda lr, g, s: client_lib.optimizer(c, lr).update(g, s, params))
+    u_const, _ = const.update(grads, s0, params)
+    u_traced, _ = step(jnp.float32(1e-3), grads, s1)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u_const, u_traced)
+    u_other, _ = step(jnp.float32(2e-3), grads, s1)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(2 * a, b, rtol=1e-6), u_traced, u_other)
 
 
 def test_plan_groups_points_and_says_why_one_runs_alone(tmp_path):
@@ -63,7 +110,7 @@ def test_plan_groups_points_and_says_why_one_runs_alone(tmp_path):
   assert p.reasons == {1: "its program differs from a's in model.g_width: 16 vs 8"}
   lines = pack.plan_lines(p, names)
   assert lines[0] == "pack plan: 4 points in 2 programs (1 packed)"
-  assert lines[1] == "  program 1: 3 points packed: a, clean, d"
+  assert lines[1] == "  program 1: 3 points packed: a, clean, d (per point: attack.malicious, seed)"
   assert lines[2].startswith("  program 2: wide alone (its program differs from a's in model.g_width")
   p = pack.plan(configs, names, max_size=2)
   assert p.groups == [[0, 2], [1], [3]] and p.reasons[3] == "the programs hold at most --pack-size=2 points"
@@ -119,7 +166,8 @@ def test_sweep_pack_plan_and_fallback(tmp_path, monkeypatch):
   assert sweep.run_sweep(cfg, str(tmp_path / "dry"), dry_run=True, pack=True, out=out) == []
   assert out.getvalue().splitlines() == [
     "pack plan: 3 points in 2 programs (1 packed)",
-    "  program 1: 2 points packed: point-a, point-b",
+    "  program 1: 2 points packed: point-a, point-b (per point: attack.malicious, attack.poison_rate, "
+    "attack.report_losses, attack.start_round, attack.trigger, attack.upload, seed)",
     "  program 2: point-wide alone (its program differs from point-a's in model.g_width: 16 vs 8)",
   ]
   for bad in ({"batch_seeds": True}, {"parallel": 2}, {"use_subprocess": True}):
@@ -191,3 +239,32 @@ def test_packed_points_equal_their_single_runs_and_resume(tmp_path):
   # The points really differ (else the test could not tell them apart).
   a, b = (rundir.read_records(str(wd / f"point-{n}" / "metrics.jsonl"))[-1] for n in "ab")
   assert a["train/g_loss"] != b["train/g_loss"]
+
+
+@pytest.mark.slow
+def test_points_that_differ_in_learning_rates_and_gp_weight_pack(tmp_path):
+  """WGAN-GP points with different g_lr, d_lr and penalty weights: 1 round packed, then each resumed ALONE from its
+  packed checkpoint to round 2 equals its own 2-round run (so the round packed was its own, and resumes)."""
+  points = [
+    {**GP, "seed": 0, "attack.malicious": (0,)},
+    {**GP, "seed": 0, "train.g_lr": 1e-3, "train.d_lr": 5e-4, "train.regularizers.gradient_penalty": 2.0},
+  ]
+  dirs = [str(tmp_path / "p0"), str(tmp_path / "p1")]
+  summaries = pack.run_packed([tiny_config(num_rounds=1, **p) for p in points], dirs)
+  assert [s["rounds"] for s in summaries] == [1, 1]
+  for k, point in enumerate(points):
+    s = experiment.run(tiny_config(num_rounds=2, **point), dirs[k])
+    assert s["resumed_from"] == 1
+    single = str(tmp_path / f"single{k}")
+    experiment.run(tiny_config(num_rounds=2, **point), single)
+    got, want = (rundir.read_records(os.path.join(d, "metrics.jsonl")) for d in (dirs[k], single))
+    # Round 1 was the packed run's last (its final-only metrics too): compare the keys of round 2.
+    assert [r["round"] for r in got] == [1, 2] and set(got[1]) == set(want[1])
+    for g, w in zip(got, want):
+      for key in w:
+        if not key.startswith("z/"):
+          np.testing.assert_allclose(
+            np.asarray(g[key], float), np.asarray(w[key], float), rtol=1e-4, atol=1e-4, err_msg=f"{k} {key}"
+          )
+  a, b = (rundir.read_records(os.path.join(d, "metrics.jsonl"))[0] for d in dirs)
+  assert a["train/d_loss"] != b["train/d_loss"]

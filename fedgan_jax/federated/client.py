@@ -20,9 +20,16 @@ from fedgan_jax.federated.state import ClientState
 
 PyTree = Any
 
+# RoundData.hyper's names: local-training values a packed sweep point may hold as a traced f32 scalar of its own.
+TRACED_HYPER = ("g_lr", "d_lr", "gradient_penalty", "r1", "proximal")
 
-def optimizer(config, lr: float) -> optax.GradientTransformation:
+
+def optimizer(config, lr: float | jax.Array) -> optax.GradientTransformation:
   """The local optimizer of ``train.optimizer`` at learning rate ``lr``.
+
+  ``lr`` may be a traced f32 scalar (a packed sweep point's own, ``RoundData.hyper``): optax scales the
+  update by it at run time, and the optimizer's state has the same tree as with a constant (checkpoints
+  of packed points and of single runs are interchangeable).
 
   ``train.rmsprop='pytorch'`` is ``torch.optim.RMSprop``'s defaults (the
   paper's code): ``v = 0.99 v + 0.01 g^2``, step ``lr g / (sqrt(v) + 1e-8)``;
@@ -76,7 +83,7 @@ def local_trainer(
 
   Returns:
     ``local_train(client, g_global, d_global, images, count, is_mal, flags,
-    trigger, trigger_loc, key, upload=None, trigger_part=None, latent=None, labels=None) -> (client_state,
+    trigger, trigger_loc, key, upload=None, trigger_part=None, latent=None, labels=None, hyper=None) -> (client_state,
     g_vars, d_vars, stats)``: the client starts from the global generator (and the global discriminator when
     discriminators are averaged), trains L steps on its own shard, and returns
     its new state, the variables it uploads, and its true losses
@@ -92,6 +99,9 @@ def local_trainer(
     client's own labels (a uniform index below ``count``, so a label-skewed
     client fakes its own class mix), and the gradient penalty's interpolates
     and R1 take the real images' labels.
+    With ``hyper`` (``RoundData.hyper``: f32 scalars by name of ``TRACED_HYPER``), those values replace
+    ``train.g_lr`` / ``train.d_lr`` / the regularizer weights of ``config``; a regularizer is on or off
+    by ``config`` (its term is traced only where the config's weight is nonzero).
 
     With ``train.dp_sgd.enabled`` the D step is DP-SGD (``federated.dp_sgd``):
     one example is one real image with its paired fake and its own
@@ -115,11 +125,11 @@ def local_trainer(
   nz = config.model.latent_dim
   loss_kind, bce_kind = config.train.loss, config.train.bce
   reg = config.train.regularizers
-  gp_w, r1_w, prox_w = float(reg.gradient_penalty), float(reg.r1), float(reg.proximal)
+  gp_w0, r1_w0, prox_w0 = float(reg.gradient_penalty), float(reg.r1), float(reg.proximal)
   avg_d = bool(config.aggregation.average_discriminator)
   random_loc = config.attack.trigger_location == "random"
-  g_tx = optimizer(config, config.train.g_lr)
-  d_tx = optimizer(config, config.train.d_lr)
+  g_tx0 = optimizer(config, config.train.g_lr)
+  d_tx0 = optimizer(config, config.train.d_lr)
   unroll = scan_unroll(config)
   conditional = bool(config.model.conditional)
   dp = config.train.dp_sgd
@@ -157,6 +167,7 @@ def local_trainer(
     trigger_part=None,
     latent=None,
     labels=None,
+    hyper=None,
   ):
     if conditional != (labels is not None):
       raise ValueError(
@@ -166,6 +177,15 @@ def local_trainer(
     g_params, g_rest = split_vars(g_global)
     d_params, d_rest = split_vars(d_global if avg_d else client.d_vars)
     g_anchor, d_anchor = g_params, d_params
+    # Packed sweep points: their own learning rates and regularizer weights (a term's on/off stays the config's).
+    hyper = hyper or {}
+    if dp_on and set(hyper) & {"gradient_penalty", "r1"}:
+      raise ValueError("train.dp_sgd.enabled: the gradient penalty and R1 weights are constants (RoundData.hyper).")
+    g_tx = optimizer(config, hyper["g_lr"]) if "g_lr" in hyper else g_tx0
+    d_tx = optimizer(config, hyper["d_lr"]) if "d_lr" in hyper else d_tx0
+    gp_w = hyper.get("gradient_penalty", gp_w0) if gp_w0 else 0.0
+    r1_w = hyper.get("r1", r1_w0) if r1_w0 else 0.0
+    prox_w = hyper.get("proximal", prox_w0) if prox_w0 else 0.0
     if dp_on and d_rest:
       raise ValueError(
         f"config.train.dp_sgd.enabled=True needs a discriminator without BatchNorm statistics, got {sorted(d_rest)}: "
@@ -221,11 +241,11 @@ def local_trainer(
         # The penalties see the real labels: an interpolate of a real and a fake image is judged as the real one's
         # class (the fake's label is drawn independently of the real's, so no pair shares one in general).
         d_fn = lambda x: d_apply(dp, rest2, x, y_real)[0]
-        if gp_w:
+        if gp_w0:
           loss = loss + gp_w * losses.gradient_penalty(d_fn, real, fake, k_gp, config.train.gp_interpolation)
-        if r1_w:
+        if r1_w0:
           loss = loss + r1_w * losses.r1_penalty(d_fn, real)
-        if prox_w and avg_d:
+        if prox_w0 and avg_d:
           loss = loss + prox_w * losses.proximal(dp, d_anchor)
         return loss, rest2
 
@@ -237,7 +257,7 @@ def local_trainer(
         d_example_loss = dp_sgd.example_loss(d_fn, loss_kind, bce_kind, gp_w, r1_w)
         eps = (
           losses.interpolation_coefficients(k_gp, real, config.train.gp_interpolation)
-          if gp_w
+          if gp_w0
           else jnp.zeros((B,) + (1,) * (real.ndim - 1), real.dtype)
         )
         d_loss, d_grads, clip_frac = dp_sgd.private_value_and_grad(
@@ -248,7 +268,7 @@ def local_trainer(
           noise_multiplier,
           k_noise,
         )
-        if prox_w and avg_d:  # Reads no data: added after the noise, unclipped.
+        if prox_w0 and avg_d:  # Reads no data: added after the noise, unclipped.
           p_loss, p_grads = jax.value_and_grad(lambda dp: prox_w * losses.proximal(dp, d_anchor))(d_params)
           d_loss, d_grads = d_loss + p_loss, jax.tree.map(jnp.add, d_grads, p_grads)
       else:
@@ -266,7 +286,7 @@ def local_trainer(
           fake, new_g_rest = g_apply(gp, g_rest, jax.random.normal(kz, (B, nz)), jax.random.fold_in(kz, 1), y_gen)
           logits, _ = d_apply(d_params, d_rest, fake, y_gen)
           loss = losses.g_adversarial(loss_kind, logits, bce_kind)
-          if prox_w:
+          if prox_w0:
             loss = loss + prox_w * losses.proximal(gp, g_anchor)
           if latent is None:
             return loss, new_g_rest

@@ -149,6 +149,7 @@ def build(
         part,
         data.latent,  # The latent backdoor (attack.latent_trigger): None = off, nothing traced.
         labels,  # The shard's class ids (model.conditional): None = off, nothing traced.
+        data.hyper,  # Per-point learning rates / regularizer weights (packed sweep points): None = the config's.
       )
 
     # Outside the attack window the malicious clients train on clean images, as honest ones.
@@ -241,6 +242,7 @@ def build(
       data.trigger_loc,
       jax.random.fold_in(key, SERVER_STREAM),
       labels=data.root_labels if conditional else None,
+      hyper=data.hyper,
     )
     new_state, metrics = server_round(
       state._replace(g_agg=rule_state), clients, uploads, key, server_models=(server_g, server_d)

@@ -40,6 +40,10 @@ class RoundData(NamedTuple):
       with ``images`` (``model.conditional`` only; None otherwise: nothing traced).
     root_labels: int32 ``[n_root]`` class ids of ``root`` (``model.conditional``
       with fltrust only; None otherwise).
+    hyper: f32 scalars that replace config values in local training, by name (``client.TRACED_HYPER``:
+      ``g_lr``, ``d_lr``, ``gradient_penalty``, ``r1``, ``proximal``): packed sweep points that differ in
+      them (``fedgan_jax/pack.py``) each get their own. None (every single run): the config's values are
+      constants of the program, as without the field.
   """
 
   images: jax.Array
@@ -55,6 +59,7 @@ class RoundData(NamedTuple):
   latent: Any = None
   labels: jax.Array | None = None
   root_labels: jax.Array | None = None
+  hyper: dict | None = None
 
 
 # The RoundData fields that carry the client axis (sharded over devices; the rest is replicated).
