@@ -39,6 +39,17 @@ def tiny_config(**overrides):
   return config_lib.validate(config)
 
 
+def assert_config_error(overrides: dict, match: str) -> None:
+  """``config_lib.validate`` of the base config with ``overrides`` raises a ValueError matching ``match``."""
+  from fedgan_jax import config_lib
+
+  c = config_lib.base_config()
+  for dotted, v in overrides.items():
+    config_lib.set_field(c, dotted, v)
+  with pytest.raises(ValueError, match=match):
+    config_lib.validate(c)
+
+
 @pytest.fixture(scope="session")
 def tiny_program():
   """(config, program, jitted round, RoundData) for 3 clients, client 0 malicious."""

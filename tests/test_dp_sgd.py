@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import assert_config_error, tiny_config
 from fedgan_jax import assemble, config_lib, presets, privacy, run_console
 from fedgan_jax.federated import dp_sgd, losses
 from fedgan_jax.models import dcgan
@@ -307,11 +307,7 @@ def test_config_defaults():
   ],
 )
 def test_config_errors(overrides, match):
-  c = config_lib.base_config()
-  for dotted, v in overrides.items():
-    config_lib.set_field(c, dotted, v)
-  with pytest.raises(ValueError, match=match):
-    config_lib.validate(c)
+  assert_config_error(overrides, match)
 
 
 def test_config_error_for_a_non_bool_flag_and_too_few_images():

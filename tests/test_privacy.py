@@ -18,7 +18,7 @@ import pytest
 import scipy.optimize
 import scipy.stats
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, assert_config_error, tiny_config
 from fedgan_jax import aggregation, config_lib, privacy, run_console
 from fedgan_jax.report import run_report
 
@@ -276,11 +276,7 @@ def test_config_privacy_fields():
   ],
 )
 def test_config_errors(overrides, match):
-  c = config_lib.base_config()
-  for dotted, v in overrides.items():
-    config_lib.set_field(c, dotted, v)
-  with pytest.raises(ValueError, match=match):
-    config_lib.validate(c)
+  assert_config_error(overrides, match)
 
 
 def _dp_config(**overrides):
