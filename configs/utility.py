@@ -33,7 +33,10 @@ class the attacker does not favour; with a skewed split the attacker's
 images lean toward one class, which is the class a trigger-carrying synthetic
 image most likely gets labelled, so the target rate reads the backdoor where a
 downstream classifier would learn it. The split is drawn from the seed, so the
-3 seeds also vary which class leans where.
+3 seeds also vary which class leans where. It also makes the clients' sizes
+differ widely (seed 0: 1493, 34, 2421 and 52 images): a small client samples
+each of its images more often, so its DP-SGD ε is the largest (the page gives
+the most and the least exposed client's).
 
 Sized for a loaded 2-core CPU: 32 px, G/D width 16, 30 rounds, seeds 0-2
 trained as one vmapped program per setting; feature-space metrics are off

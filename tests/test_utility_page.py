@@ -71,7 +71,8 @@ def test_page_numbers_follow_the_rows():
   ]
   assert f"| 1 attacker (client 0), no defense (`attack`) | 3 | {tstr_cells[0]} | {tstr_cells[1]} | {fmt(ci)} |" in page
   eps = fmt(results_stats.mean_ci([3.0, 3.1, 3.2]), 2)
-  assert eps.startswith("3.10 [") and f"| {eps} |" in page  # The DP rows' ε column; others "–".
+  assert eps.startswith("3.10 [") and f"| {eps} | 2.00 |" in page  # The DP rows' ε columns; others "–".
+  assert "| 0.80 | – | – |" in page
   assert "commit `abc1234`" in page and "trained from commit `def5678`" in page
   assert "adds up to 16 min; this regeneration took 20 min end to end" in page  # 8 settings x 122 s (max over seeds).
   assert "Not yet run" not in page
@@ -83,7 +84,10 @@ def test_sentences_follow_the_rows():
   assert "the test's smallest possible p is 0.1" in three
   assert "attack's trigger transfer (predictions the pasted trigger flips) against the clean run's: 0.400" in three
   assert "not distinguishable (CIs apart, Mann-Whitney p = 0.1)" in three
-  assert "settings whose membership AUC CI lies wholly above 0.5: `clean`." in three
+  assert "settings whose membership AUC CI lies wholly above 0.5 (chance): `clean` 0.600 [" in three
+  assert (
+    "the TSTR classifier's against the real-data one's in the same runs: 0.100 [0.099, 0.101] against 0.050" in three
+  )
   assert (
     "**DP-SGD, `clean+gp+dp_sgd` against `clean+gp`** (ε ≤ 3.20 (δ = 1e-05) per image, worst client and seed)" in three
   )
