@@ -30,6 +30,7 @@ from launch import results_stats as st
 from launch.results_page import cell, values, versus
 
 CONFIG = "configs/utility.py"
+COLLAPSED_BELOW = 0.25  # As launch.results_page.render: samples spread less than a quarter of real images'.
 DEFENSES = ("attack+detect", "attack+gp", "attack+both")
 COLUMNS = (*results.COLUMNS[:-1], "epsilon_min", "epsilon_max", "dp_delta", results.COLUMNS[-1])
 LABELS = {
@@ -123,6 +124,20 @@ def claims(rows: Sequence[Row]) -> list[str]:
         + (f"; trigger transfer {versus(rows, p, ref, tt)}" if p.startswith("attack") else "")
         + "."
       )
+  div = {s: values(rows, s, "diversity_final") for s in ORDER}
+  collapsed = [(s, (sum(x < COLLAPSED_BELOW for x in xs), len(xs))) for s, xs in div.items()]
+  collapsed = [(s, kn) for s, kn in collapsed if kn[0]]
+  if any(div.values()):
+    out.append(
+      f"* **Mode collapse** (final diversity below {COLLAPSED_BELOW}, docs/results.md's threshold): "
+      + (
+        "; ".join(f"`{s}` {k} of {n} seeds" for s, (k, n) in collapsed)
+        + ". A collapsed conditional generator still gives one image per class, which a classifier can learn from"
+        if collapsed
+        else "no seed"
+      )
+      + "."
+    )
   leaking = [s for s in ORDER if _n(rows, s) and _above_half(rows, s)]
   measured = [s for s in ORDER if values(rows, s, "mia_auc_final")]
   if measured:

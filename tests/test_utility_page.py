@@ -91,6 +91,11 @@ def test_sentences_follow_the_rows():
   assert (
     "**DP-SGD, `clean+gp+dp_sgd` against `clean+gp`** (ε ≤ 3.20 (δ = 1e-05) per image, worst client and seed)" in three
   )
+  assert "**Mode collapse** (final diversity below 0.25, docs/results.md's threshold): no seed." in three
+  rows = _rows(seeds=3)
+  for r in rows:
+    r["diversity_final"] = 0.2 if r["setting"] == "attack" and r["seed"] < 2 else r["diversity_final"]
+  assert "threshold): `attack` 2 of 3 seeds. A collapsed" in utility.render(rows, PROV)
   eight = utility.render(_rows(seeds=8), PROV)
   assert "smallest possible p" not in eight
   assert "against the clean run's: 0.400" in eight and "distinguishable (CIs apart, Mann-Whitney p = 0.00016)" in eight
