@@ -197,8 +197,9 @@ def render(rows: Sequence[Row], prov: dict[str, Any]) -> str:
     "client with fewer images samples each of them more often, so its ε is larger). Two settings are "
     "*distinguishable* when their CIs do not overlap and a two-sided Mann-Whitney U test gives p < 0.05"
     + (
-      f"; with {n} seeds a setting the test's smallest possible p is {min_p(n, n):.2g}, so no pair can be "
-      "called distinguishable and *CIs apart* is the strongest signal these runs can give"
+      f"; with {n} seeds a setting the exact test's smallest possible p is {min_p(n, n):.2g} (tied values switch "
+      "it to a normal approximation, which reaches about 0.05 at best), so *CIs apart* is the strongest signal "
+      "these runs can give"
       if n and min_p(n, n) >= st.ALPHA
       else ""
     )

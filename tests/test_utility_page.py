@@ -81,7 +81,7 @@ def test_page_numbers_follow_the_rows():
 def test_sentences_follow_the_rows():
   three = utility.render(_rows(seeds=3), PROV)
   # 3 vs 3 seeds: the rank test cannot reach p < 0.05, which the page says; CIs apart is still reported.
-  assert "the test's smallest possible p is 0.1" in three
+  assert "the exact test's smallest possible p is 0.1 (tied" in three
   assert "attack's trigger transfer (predictions the pasted trigger flips) against the clean run's: 0.400" in three
   assert "not distinguishable (CIs apart, Mann-Whitney p = 0.1)" in three
   assert "settings whose membership AUC CI lies wholly above 0.5 (chance): `clean` 0.600 [" in three
