@@ -45,7 +45,10 @@ pixels; SWD, diversity and the implant every 10 rounds, the utility metrics at
 the final evaluation only (``eval.utility_every=0``). At 30 rounds the
 generators are young: the page is a measurement of this size, not of the
 paper's 200 rounds at 256 px (``--set num_rounds=200 --set
-model.g_width=32 --set model.d_width=32`` on a GPU).
+model.g_width=32 --set model.d_width=32`` on a GPU). Measured on a shared,
+loaded 2-core CPU (2026-12-04, one setting at a time, XLA's compilation cache
+warm from other runs): 34 min end to end, 2.5 to 4 min a BCE or WGAN-GP
+setting and 6 to 8 min a DP-SGD one (its per-image gradients compile slowly).
 """
 
 from configs.results import _CLEAN, _DETECT, _GP, WIDTH
