@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from launch import matrix_page, results, sweep
+from launch.results import record_commit, run_commits
 
 CONFIG = "configs/matrix.py"
-COMMIT_FILE = "COMMIT"  # <workdir>/COMMIT: the commit the runs were trained from (written when training starts).
 COLUMNS = (
   "defense",
   "attack",
@@ -95,34 +94,6 @@ def read_csv(path: str) -> list[dict[str, Any]]:
   return results.read_csv(path)
 
 
-def _git(*args: str) -> str:
-  out = subprocess.run(["git", *args], capture_output=True, text=True)
-  return out.stdout.strip() if out.returncode == 0 else "unknown"
-
-
-def record_commit(workdir: str, commit: str, fresh: bool) -> None:
-  """Notes in ``<workdir>/COMMIT`` the commit that trains cells now (one line per commit, oldest first).
-
-  A fresh matrix starts the file; a resumed one (new cells added to the config) appends its commit when it
-  differs from the last, so the page names every commit its cells came from.
-  """
-  path = os.path.join(workdir, COMMIT_FILE)
-  known = [] if fresh else run_commits(workdir)
-  if known and known[-1] == commit:
-    return
-  with open(path, "w") as f:
-    f.write("".join(c + "\n" for c in known + [commit]))
-
-
-def run_commits(workdir: str) -> list[str]:
-  """The commits recorded by ``record_commit`` (empty when there is no record)."""
-  try:
-    with open(os.path.join(workdir, COMMIT_FILE)) as f:
-      return [line.strip() for line in f if line.strip()]
-  except OSError:
-    return []
-
-
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m launch.matrix", description=__doc__.split("\n")[0])
   p.add_argument("--workdir", default="runs/matrix", help="where the runs live (resumable)")
@@ -144,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_run:
       finished_before = len(collect(args.workdir, args.config, base))
       os.makedirs(args.workdir, exist_ok=True)
-      record_commit(args.workdir, _git("rev-parse", "--short", "HEAD"), fresh=not finished_before)
+      record_commit(args.workdir, results.git("rev-parse", "--short", "HEAD"), fresh=not finished_before)
       t0 = time.perf_counter()
       sweep.run_sweep(args.config, args.workdir, parallel=args.parallel, batch_seeds=True, base_overrides=base)
       wall = None if finished_before else time.perf_counter() - t0

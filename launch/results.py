@@ -32,6 +32,7 @@ from fedgan_jax.io import rundir
 from launch import results_page, sweep
 
 CONFIG = "configs/results.py"
+COMMIT_FILE = "COMMIT"  # <workdir>/COMMIT: the commit the runs were trained from (written when training starts).
 SIZES = (2, 4, 8)  # The templates every run is scored with (configs/results.py: eval.implant_sizes).
 # Final-evaluation keys read as ``<key>_final`` columns (evaluation.py; empty where a run has none).
 UTILITY_KEYS = (
@@ -141,13 +142,13 @@ def run_row(setting: str, config, run_dir: str) -> dict[str, Any] | None:
 
 
 def collect(
-  workdir: str, config_path: str = CONFIG, base_overrides: dict[str, Any] | None = None
+  workdir: str, config_path: str = CONFIG, base_overrides: dict[str, Any] | None = None, row_fn=run_row
 ) -> list[dict[str, Any]]:
-  """The rows of every finished run of the sweep (in the sweep's order)."""
+  """The rows of every finished run of the sweep (in the sweep's order); ``row_fn(setting, config, run_dir)``."""
   plan = sweep.plan_sweep(config_path, workdir, batch_seeds=True, base_overrides=base_overrides)
   rows = []
   for point, config, run_dir in zip(plan.points, plan.configs, plan.dirs):
-    row = run_row(point.get("_setting", os.path.basename(run_dir)), config, run_dir)
+    row = row_fn(point.get("_setting", os.path.basename(run_dir)), config, run_dir)
     if row is not None:
       rows.append(row)
   return rows
@@ -180,17 +181,46 @@ def read_csv(path: str) -> list[dict[str, Any]]:
     return [{k: parse(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
+def git(*args: str) -> str:
+  """``git <args>``'s stripped output in the current directory, or ``unknown``."""
+  out = subprocess.run(["git", *args], capture_output=True, text=True)
+  return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def record_commit(workdir: str, commit: str, fresh: bool) -> None:
+  """Notes in ``<workdir>/COMMIT`` the commit that trains cells now (one line per commit, oldest first).
+
+  A fresh matrix starts the file; a resumed one (new cells added to the config) appends its commit when it
+  differs from the last, so the page names every commit its cells came from.
+  """
+  path = os.path.join(workdir, COMMIT_FILE)
+  known = [] if fresh else run_commits(workdir)
+  if known and known[-1] == commit:
+    return
+  with open(path, "w") as f:
+    f.write("".join(c + "\n" for c in known + [commit]))
+
+
+def run_commits(workdir: str) -> list[str]:
+  """The commits recorded by ``record_commit`` (empty when there is no record)."""
+  try:
+    with open(os.path.join(workdir, COMMIT_FILE)) as f:
+      return [line.strip() for line in f if line.strip()]
+  except OSError:
+    return []
+
+
 def provenance(
-  workdir: str, wall_sec: float | None, outputs: Sequence[str] = ("docs/results.csv", "docs/results.md")
+  workdir: str,
+  wall_sec: float | None,
+  outputs: Sequence[str] = ("docs/results.csv", "docs/results.md"),
+  module: str = "launch.results",
 ) -> dict[str, Any]:
   """Where the numbers come from: commit, date, machine, the command and how long the runs took.
 
   ``outputs``: the files the command writes; they do not make the tree dirty (a regeneration rewrites them).
+  ``module``: the command's ``python -m`` module.
   """
-
-  def git(*args: str) -> str:
-    out = subprocess.run(["git", *args], capture_output=True, text=True)
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
 
   dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":!{o}" for o in outputs)))
   cpu = platform.processor() or ""
@@ -203,17 +233,41 @@ def provenance(
     "commit": git("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if dirty else ""),
     "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
     "machine": f"{cpu}, {os.cpu_count()} cores",
-    "command": f"python -m launch.results --workdir {workdir}",
+    "command": f"python -m {module} --workdir {workdir}",
     "wall_sec": wall_sec,
   }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m launch.results", description=__doc__.split("\n")[0])
-  p.add_argument("--workdir", default="runs/results", help="where the runs live (resumable)")
-  p.add_argument("--out", default="docs", help="folder for results.csv and results.md")
+def main(
+  argv: Sequence[str] | None = None,
+  *,
+  name: str = "results",
+  config: str = CONFIG,
+  render=None,
+  row_fn=run_row,
+  columns: Sequence[str] = COLUMNS,
+  doc: str = __doc__,
+) -> int:
+  """The command: run the sweep of ``config`` (resumable), then write ``<out>/<name>.csv`` and ``<name>.md``.
+
+  Args:
+    argv: command-line arguments (None: ``sys.argv``).
+    name: the pages' file name and the ``launch.<name>`` module of the command the page quotes.
+    config: the sweep (``get_config`` + ``get_sweep``).
+    render: ``render(rows, provenance) -> markdown`` (None: ``results_page.render``).
+    row_fn: ``row_fn(setting, config, run_dir) -> row | None`` (one CSV row per finished run).
+    columns: the CSV's columns.
+    doc: the command's description (its first line).
+
+  Returns:
+    The exit status: 0, or 2 after a message on stderr.
+  """
+  render = render or results_page.render
+  p = argparse.ArgumentParser(prog=f"python -m launch.{name}", description=doc.split("\n")[0])
+  p.add_argument("--workdir", default=f"runs/{name}", help="where the runs live (resumable)")
+  p.add_argument("--out", default="docs", help=f"folder for {name}.csv and {name}.md")
   p.add_argument("--no-run", action="store_true", help="do not train; rewrite the files from finished runs")
-  p.add_argument("--config", default=CONFIG, help="the sweep (get_config + get_sweep)")
+  p.add_argument("--config", default=config, help="the sweep (get_config + get_sweep)")
   p.add_argument(
     "--set",
     action="append",
@@ -226,12 +280,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     base = sweep.parse_sets(args.set)
     if not args.no_run:
-      finished_before = len(collect(args.workdir, args.config, base))
+      finished_before = len(collect(args.workdir, args.config, base, row_fn))
+      os.makedirs(args.workdir, exist_ok=True)
+      record_commit(args.workdir, git("rev-parse", "--short", "HEAD"), fresh=not finished_before)
       t0 = time.perf_counter()
       sweep.run_sweep(args.config, args.workdir, batch_seeds=True, base_overrides=base)
       # End to end only when this call trained everything (a resumed call's time says nothing).
       wall = None if finished_before else time.perf_counter() - t0
-    rows = collect(args.workdir, args.config, base)
+    rows = collect(args.workdir, args.config, base, row_fn)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -239,14 +295,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: no finished run under {args.workdir}; run without --no-run first.", file=sys.stderr)
     return 2
   os.makedirs(args.out, exist_ok=True)
-  write_csv(os.path.join(args.out, "results.csv"), rows)
-  prov = provenance(args.workdir, wall)
+  csv_path, md_path = os.path.join(args.out, f"{name}.csv"), os.path.join(args.out, f"{name}.md")
+  write_csv(csv_path, rows, columns)
+  prov = provenance(args.workdir, wall, (f"docs/{name}.csv", f"docs/{name}.md"), f"launch.{name}")
   prov["command"] += "".join(f" --set {s}" for s in args.set)
   prov["data"] = base.get("data.source", "synthetic")
-  page = results_page.render(rows, prov)
-  with open(os.path.join(args.out, "results.md"), "w") as f:
+  prov["runs_commit"] = ", ".join(run_commits(args.workdir)) or None
+  page = render(rows, prov)
+  with open(md_path, "w") as f:
     f.write(page)
-  print(f"wrote {len(rows)} runs to {os.path.join(args.out, 'results.csv')} and results.md")
+  print(f"wrote {len(rows)} runs to {csv_path} and {name}.md")
   return 0
 
 
