@@ -51,9 +51,14 @@ warm from other runs): 34 min end to end, 2.5 to 4 min a BCE or WGAN-GP
 setting and 6 to 8 min a DP-SGD one (its per-image gradients compile slowly).
 """
 
-from configs.results import _CLEAN, _DETECT, _GP, WIDTH
+import os
+
 from fedgan_jax import config_lib
-from launch.sweep import product
+from launch.sweep import load_module, product
+
+# configs/ is not a package (configs are loaded by path): configs/results.py's settings, read from beside this file.
+_RESULTS = load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.py"))
+_CLEAN, _DETECT, _GP, WIDTH = _RESULTS._CLEAN, _RESULTS._DETECT, _RESULTS._GP, _RESULTS.WIDTH
 
 NUM_ROUNDS = 30
 NUM_SEEDS = 3

@@ -19,17 +19,20 @@ al., CCS 2020): ``fedgan_jax/metrics/utility.py``, ``membership.py``.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from configs.utility import ORDER, PRIVATE_REFERENCE
 from fedgan_jax.io import rundir
-from launch import results, results_page
+from launch import results, results_page, sweep
 from launch import results_stats as st
 from launch.results_page import cell, values, versus
 
 CONFIG = "configs/utility.py"
+# configs/ is not a package: the settings' order and the DP references come from the config file, loaded by path.
+_SETTINGS = sweep.load_module(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), CONFIG))
+ORDER, PRIVATE_REFERENCE = _SETTINGS.ORDER, _SETTINGS.PRIVATE_REFERENCE
 COLLAPSED_BELOW = 0.25  # As launch.results_page.render: samples spread less than a quarter of real images'.
 DEFENSES = ("attack+detect", "attack+gp", "attack+both")
 COLUMNS = (*results.COLUMNS[:-1], "epsilon_min", "epsilon_max", "dp_delta", results.COLUMNS[-1])
