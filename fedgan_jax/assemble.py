@@ -56,7 +56,7 @@ def local_steps(config, counts) -> int:
   return int(counts.max()) // B
 
 
-def build_program(config, steps: int | None = None, num_classes: int = 0) -> tuple[Program, Any, Any]:
+def build_program(config, steps: int | None = None, num_classes: int = 0, rules=None) -> tuple[Program, Any, Any]:
   """``(program, generator, discriminator)`` for a validated config.
 
   One aggregator serves generators and (when averaged) discriminators: its
@@ -68,23 +68,30 @@ def build_program(config, steps: int | None = None, num_classes: int = 0) -> tup
       ``train.local_steps = 0`` (one local epoch), else ``train.local_steps``.
     num_classes: the data's classes (``Dataset.num_classes``, ``setup_data``'s
       ``info['num_classes']``); required (>= 2) with ``model.conditional``, ignored otherwise.
+    rules: packed sweep points' rules (``aggregation.choice.PointRules``) when they differ in the rule or its
+      hyperparameters: the program takes each point's from ``RoundData.hyper``; None: ``config.aggregation``'s.
 
   Raises:
     ValueError: ``model.conditional`` without ``num_classes >= 2``.
   """
   g, d = models.build(config, num_classes)
-  kwargs = config.aggregation.kwargs.to_dict()
+  specs = rules.specs if rules is not None else ((config.aggregation.name, config.aggregation.kwargs.to_dict()),)
   m = sampling.clients_per_round(config)
-  if m is not None:  # The rule aggregates m uploads a round: its requirements (Krum's C > 2f + 2 ...) are on m.
-    try:
-      aggregation.get(config.aggregation.name, num_clients=m, **kwargs)
+  for name, kwargs in specs if m is not None else ():
+    try:  # The rule aggregates m uploads a round: its requirements (Krum's C > 2f + 2 ...) are on m.
+      aggregation.get(name, num_clients=m, **kwargs)
     except ValueError as e:
       raise ValueError(
-        f"config.clients_per_round={m}: aggregation.name={config.aggregation.name!r} aggregates the {m} "
+        f"config.clients_per_round={m}: aggregation.name={name!r} aggregates the {m} "
         f"sampled clients of each round, and with {m} clients: {e}"
       ) from e
-  # num_clients=C: a rule's per-client state has a row for every client (aggregation.base: client_axes).
-  agg = aggregation.get(config.aggregation.name, num_clients=config.num_clients, **kwargs)
+  C = config.num_clients  # A rule's per-client state has a row for every client (aggregation.base: client_axes).
+  if rules is not None and rules.active:
+    program = program_lib.build(
+      config, g, d, rules.base(C), local_steps=steps, rule_for=lambda hyper: rules.build(hyper, C)
+    )
+    return program, g, d
+  agg = aggregation.get(specs[0][0], num_clients=C, **specs[0][1])
   return program_lib.build(config, g, d, agg, local_steps=steps), g, d
 
 

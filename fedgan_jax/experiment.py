@@ -74,6 +74,7 @@ class _Built(NamedTuple):
   stacked: bool = False  # The members train as one program over a leading member axis.
   labels: tuple = ("",)  # Each member's name on the console ('' for a single run).
   kind: str = "replica"  # What a member is: 'replica' (num_replicas) or 'pack' (packed sweep points).
+  metric_keys: tuple = ()  # Per member, the metric keys its own run writes (packed rules: the union's subset).
 
 
 class RunCheckpointer(ckpt_lib.Checkpointer):
@@ -132,7 +133,9 @@ def _build(config, workdir: str) -> _Built:
   return build_members(members, stacked=K > 1)
 
 
-def build_members(members: list, stacked: bool, kind: str = "replica", labels=None, check_steps=None) -> _Built:
+def build_members(
+  members: list, stacked: bool, kind: str = "replica", labels=None, check_steps=None, rules=None
+) -> _Built:
   """The parts of a run whose members (``(config, workdir)`` each) train as one program.
 
   Args:
@@ -142,6 +145,7 @@ def build_members(members: list, stacked: bool, kind: str = "replica", labels=No
     labels: each member's name on the console (default: ``seed <s>`` when stacked).
     check_steps: called with each member's ``(config, RoundData)`` before the program is built
       (``pack`` refuses members whose own runs would differ in shape).
+    rules: the members' server rules when they differ (``aggregation.choice.PointRules``, packed points).
   """
   runs = [assemble.setup_run_data(c) for c, _ in (members if stacked else members[:1])]
   heldouts, infos = [r.heldout for r in runs], [r.info for r in runs]
@@ -153,7 +157,7 @@ def build_members(members: list, stacked: bool, kind: str = "replica", labels=No
   config = members[0][0]
   # model.conditional: the models' classes are the data's (every member reads the same source).
   num_classes = int(infos[0]["num_classes"]) if config.model.conditional else 0
-  program, _, _ = assemble.build_program(config, assemble.local_steps(config, data.counts), num_classes)
+  program, _, _ = assemble.build_program(config, assemble.local_steps(config, data.counts), num_classes, rules)
   if stacked:
     k_init, k_rounds, k_eval = replicas_lib.member_keys([c.seed for c, _ in members])
     init = jax.jit(replicas_lib.replicate(program).init)
@@ -306,6 +310,8 @@ def _train(
     for (r, _, t), m_all in zip(pending, host):
       for k, rep in enumerate(outputs):
         m = b.view(m_all, k)
+        if b.metric_keys:  # Packed points of several rules: the union's keys this point's own run has.
+          m = {key: v for key, v in m.items() if key in b.metric_keys[k]}
         record = {"round": r, **m, **_detection(m, rep.is_mal), "z/wall_sec": t}
         if eval_metrics and r == pending[-1][0]:
           record.update(eval_metrics[k])

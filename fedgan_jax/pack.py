@@ -11,7 +11,12 @@ a leading axis (``federated/replicas.py``); a pack does the same for any points
 whose configs differ only in such inputs (``PACKABLE_FIELDS``), or in the
 learning rates and regularizer weights that the packed program takes per
 point as traced scalars (``TRACED_FIELDS``, ``RoundData.hyper``; a weight
-only where every point has its term on):
+only where every point has its term on), or in the server's rule: points of
+different ``aggregation.name`` / ``aggregation.kwargs`` (FLTrust aside) share a
+program whose server runs each point's own rule (``aggregation.choice.one_of``
+of the distinct rules, the point's index and its rule's float hyperparameters
+traced in ``RoundData.hyper``; every point computes the k rules and keeps its
+own, so a pack of k rules costs k aggregations a round):
 
 * ``signature(config)`` is the config with those fields left out (and the
   resolved trigger side put in): points with equal signatures pack;
@@ -43,6 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from fedgan_jax import assemble, config_lib, distributed, experiment, fork, resume, run_console
+from fedgan_jax.aggregation import choice
 from fedgan_jax.federated import replicas as replicas_lib
 from fedgan_jax.io import lock as lock_lib
 
@@ -121,6 +127,8 @@ def _program_fields(config) -> dict[str, Any]:
     else:
       del flat[f]
   flat["(trigger side in px)"] = config_lib.trigger_geometry(config)[0]
+  if choice.choosable(config.aggregation.name):  # Each point's own rule in the program (aggregation.choice).
+    flat["aggregation.name"] = flat["aggregation.kwargs"] = "(each point's own)"
   return flat
 
 
@@ -131,14 +139,27 @@ def traced_fields(configs: Sequence[Any]) -> list[str]:
   equal in all of ``configs``.
   """
   flats = [_flat(c) for c in configs]
-  names = set(PACKABLE_FIELDS) | set(TRACED_FIELDS)
-  return sorted(f for f in names if any(fl.get(f) != flats[0].get(f) for fl in flats[1:]))
+  names = set(PACKABLE_FIELDS) | set(TRACED_FIELDS) | {"aggregation.name"}
+  kwargs = [fl["aggregation.kwargs"] for fl in flats]
+  names |= {
+    f"aggregation.kwargs.{k}" for k in set().union(*kwargs) if len({json.dumps(kw.get(k)) for kw in kwargs}) > 1
+  }
+  return sorted(
+    f for f in names if f.startswith("aggregation.kwargs.") or any(fl.get(f) != flats[0].get(f) for fl in flats[1:])
+  )
+
+
+def point_rules(configs: Sequence[Any]) -> choice.PointRules:
+  """The server rules of packed points (``aggregation.choice.point_rules`` of their name and kwargs)."""
+  return choice.point_rules([(c.aggregation.name, c.aggregation.kwargs.to_dict()) for c in configs])
 
 
 def hyper_inputs(configs: Sequence[Any]) -> dict[str, jax.Array] | None:
   """``RoundData.hyper`` of packed points: each ``TRACED_FIELDS`` value they differ in, f32 ``[K]``; None if none.
 
-  A field equal in every point stays a constant of the program (as in each point's own run).
+  A field equal in every point stays a constant of the program (as in each point's own run). Points of several
+  server rules, or of one rule with different float hyperparameters, add the rule's index and those values
+  (``aggregation.choice.PointRules.hyper``).
   """
   flats = [_flat(c) for c in configs]
   out = {
@@ -146,6 +167,9 @@ def hyper_inputs(configs: Sequence[Any]) -> dict[str, jax.Array] | None:
     for f in _traceable(configs[0])
     if len({fl[f] for fl in flats}) > 1
   }
+  rules = point_rules(configs)
+  if rules.active:
+    out.update(rules.hyper())
   return out or None
 
 
@@ -158,11 +182,10 @@ def why_apart(a, b, limit: int = 3) -> list[str]:
   """The fields (``'name: a vs b'``) that keep configs ``a`` and ``b`` in different programs, at most ``limit``."""
   fa, fb = _program_fields(a), _program_fields(b)
   ra, rb = _flat(a), _flat(b)  # A regularizer weight is named by its value (0.0 vs 10.0), not 'nonzero'.
-  diff = [
-    f"{k}: {json.dumps(ra.get(k, fa.get(k)))} vs {json.dumps(rb.get(k, fb.get(k)))}"
-    for k in sorted(set(fa) | set(fb))
-    if fa.get(k) != fb.get(k)
-  ]
+  keys = [k for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+  named = {k: (json.dumps(ra.get(k, fa.get(k))), json.dumps(rb.get(k, fb.get(k)))) for k in keys}
+  # A field whose values are equal is no reason (fltrust's kwargs {} vs another rule's {}).
+  diff = [f"{k}: {x} vs {y}" for k, (x, y) in named.items() if x != y]
   return diff[:limit] + ([f"and {len(diff) - limit} more"] if len(diff) > limit else [])
 
 
@@ -256,6 +279,23 @@ def _stack(states: Sequence[Any]) -> Any:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
+def _own(state: Any, rule: int | None) -> Any:
+  """A point's state as its own run has it: of a pack of several rules, only its rule's aggregator states."""
+  return state if rule is None else state._replace(g_agg=state.g_agg[rule], d_agg=state.d_agg[rule])
+
+
+def _in_pack(own: Any, like: Any, rule: int | None) -> Any:
+  """The inverse of ``_own``: the point's aggregator states in its rule's slots of the pack's (``like``).
+
+  The other rules' slots are zeros: the point's round computes them and never keeps their result.
+  """
+  if rule is None:
+    return own
+  zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)
+  slots = lambda mine, every: tuple(mine if j == rule else zeros(x) for j, x in enumerate(every))
+  return own._replace(g_agg=slots(own.g_agg, like.g_agg), d_agg=slots(own.d_agg, like.d_agg))
+
+
 class PackCheckpointer:
   """Each point's own ``<workdir>/checkpoints`` (its part of the stacked state), as ``experiment.RunCheckpointer``.
 
@@ -263,11 +303,16 @@ class PackCheckpointer:
     configs: the points' configs.
     workdirs: their run directories.
     primary: whether this process writes.
+    rules: per point, its rule's slot in the pack's aggregator states when the points have several rules
+      (``aggregation.choice.one_of``: each point saves and restores only its own); None: one rule.
   """
 
-  def __init__(self, configs: Sequence[Any], workdirs: Sequence[str], primary: bool = True):
+  def __init__(
+    self, configs: Sequence[Any], workdirs: Sequence[str], primary: bool = True, rules: Sequence[int] | None = None
+  ):
     self.configs = list(configs)
     self.ckpts = [experiment.RunCheckpointer(os.path.join(d, "checkpoints"), primary=primary) for d in workdirs]
+    self.rules = list(rules) if rules is not None else [None] * len(self.configs)
 
   def _together(self, starts: list[int], what: str) -> None:
     if len(set(starts)) > 1:
@@ -277,11 +322,11 @@ class PackCheckpointer:
     """Every point's ``resume.restore``; they must all start fresh or all resume from the same round."""
     del config
     one = _member_like(like)
-    found = [resume.restore(ck, one, c, warn) for ck, c in zip(self.ckpts, self.configs)]
+    found = [resume.restore(ck, _own(one, rule), c, warn) for ck, c, rule in zip(self.ckpts, self.configs, self.rules)]
     self._together([r for r, _ in found], "resume from")
     if found[0][1] is None:
       return 0, None
-    return found[0][0], _stack([s for _, s in found])
+    return found[0][0], _stack([_in_pack(s, one, rule) for (_, s), rule in zip(found, self.rules)])
 
   def fork(self, like: Any, fresh: Any, config) -> tuple[int, Any]:
     """Every point's ``fork.restore`` (its own ``init_from``); the bases must be at the same round."""
@@ -303,7 +348,7 @@ class PackCheckpointer:
 
   def save(self, round_: int, state: Any) -> None:
     for k, ck in enumerate(self.ckpts):
-      ck.save(round_, replicas_lib.unstack(state, k))
+      ck.save(round_, _own(replicas_lib.unstack(state, k), self.rules[k]))
 
   def latest_round(self) -> int | None:
     rounds = [ck.latest_round() for ck in self.ckpts]
@@ -318,6 +363,22 @@ class PackCheckpointer:
         errors.append(e)
     if errors:
       raise errors[0]
+
+
+def _own_metric_keys(configs: Sequence[Any], rules: choice.PointRules, b: Any) -> tuple[frozenset, ...]:
+  """Per point, the metric keys of its own run (its rule's diagnostics, not the other rules' of the pack).
+
+  Read from the round of one point of each rule as its own run would trace it (``jax.eval_shape``: traced, not
+  compiled or run).
+  """
+  keys = {}
+  for k, (c, i) in enumerate(zip(configs, rules.index)):
+    if i not in keys:
+      data = b.view(b.data, k)._replace(hyper=None)
+      program, _, _ = assemble.build_program(c, assemble.local_steps(c, data.counts), b.num_classes)
+      state = jax.eval_shape(program.init, jax.random.key(0))
+      keys[i] = frozenset(jax.eval_shape(program.round, state, data, jax.random.key(0))[1])
+  return tuple(keys[i] for i in rules.index)
 
 
 def run_packed(configs: Sequence[Any], workdirs: Sequence[str], console: run_console.Console | None = None):
@@ -358,11 +419,14 @@ def run_packed(configs: Sequence[Any], workdirs: Sequence[str], console: run_con
     f"pack: {len(members)} points as one program in {where}: {', '.join(labels)}"
     + (f" (per point: {', '.join(per)})" if per else "")
   )
-  hyper = hyper_inputs(configs)  # Learning rates / regularizer weights the points differ in (RoundData.hyper).
+  hyper = hyper_inputs(configs)  # Learning rates, regularizer weights, server rules the points differ in.
+  rules = point_rules(configs)
+  several = len(rules.specs) > 1
 
   def build():
-    b = experiment.build_members(members, True, "pack", labels, _check_members)
-    return b._replace(data=b.data._replace(hyper=hyper)) if hyper else b
+    b = experiment.build_members(members, True, "pack", labels, _check_members, rules if rules.active else None)
+    b = b._replace(data=b.data._replace(hyper=hyper)) if hyper else b
+    return b._replace(metric_keys=_own_metric_keys(configs, rules, b)) if several else b
 
   with contextlib.ExitStack() as stack:
     for d in workdirs:
@@ -373,6 +437,6 @@ def run_packed(configs: Sequence[Any], workdirs: Sequence[str], console: run_con
       console,
       primary,
       build=build,
-      checkpointer=lambda b: PackCheckpointer(configs, workdirs, primary),
+      checkpointer=lambda b: PackCheckpointer(configs, workdirs, primary, rules.index if several else None),
     )
   return out.get("points", []) if primary else []

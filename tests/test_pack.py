@@ -16,8 +16,14 @@ from fedgan_jax.federated import client as client_lib
 from fedgan_jax.io import rundir
 from launch import pack_bench, sweep
 
-# Two points of one program: different seed, malicious mask, trigger pattern, poison rate, reports and upload attack.
-POINT_A = {"seed": 0, "attack.malicious": (0,)}
+# Two points of one program: different seed, malicious mask, trigger pattern, poison rate, reports, upload attack
+# and server rule (A: the detection with its per-client state; B: FedAvg).
+POINT_A = {
+  "seed": 0,
+  "attack.malicious": (0,),
+  "aggregation.name": "detect",
+  "aggregation.kwargs": {"detector": "robust_zscore", "warmup_rounds": 0, "decay": 0.5},
+}
 POINT_B = {
   "seed": 3,
   "attack.malicious": (1,),
@@ -46,6 +52,20 @@ def test_points_that_differ_in_round_inputs_share_a_signature():
     "attack.latent_trigger: false vs true"
   ]
   assert pack.why_apart(base, same[0]) == []
+  # The server's rule and its hyperparameters are each point's own (aggregation.choice), FLTrust's apart.
+  detect = tiny_config(**{"aggregation.name": "detect", "aggregation.kwargs": {"decay": 0.5}})
+  trimmed = tiny_config(**{"aggregation.name": "trimmed_mean", "aggregation.kwargs": {"beta": 0.2}})
+  assert pack.signature(detect) == pack.signature(base) == pack.signature(trimmed)
+  assert pack.traced_fields([base, detect, trimmed]) == [
+    "aggregation.kwargs.beta",
+    "aggregation.kwargs.decay",
+    "aggregation.name",
+  ]
+  hyper = pack.hyper_inputs([base, detect, trimmed, tiny_config(**{"aggregation.name": "detect"})])
+  assert sorted(hyper) == ["aggregation/rule"]  # Default vs given decay: two rules, nothing traced.
+  np.testing.assert_array_equal(hyper["aggregation/rule"], [0, 1, 2, 3])
+  fltrust = tiny_config(**{"aggregation.name": "fltrust"})
+  assert pack.why_apart(base, fltrust) == ['aggregation.name: "mean" vs "fltrust"']
 
 
 GP = presets.GRADIENT_PENALTY
@@ -166,8 +186,9 @@ def test_sweep_pack_plan_and_fallback(tmp_path, monkeypatch):
   assert sweep.run_sweep(cfg, str(tmp_path / "dry"), dry_run=True, pack=True, out=out) == []
   assert out.getvalue().splitlines() == [
     "pack plan: 3 points in 2 programs (1 packed)",
-    "  program 1: 2 points packed: point-a, point-b (per point: attack.malicious, attack.poison_rate, "
-    "attack.report_losses, attack.start_round, attack.trigger, attack.upload, seed)",
+    "  program 1: 2 points packed: point-a, point-b (per point: aggregation.kwargs.decay, "
+    "aggregation.kwargs.detector, aggregation.kwargs.warmup_rounds, aggregation.name, attack.malicious, "
+    "attack.poison_rate, attack.report_losses, attack.start_round, attack.trigger, attack.upload, seed)",
     "  program 2: point-wide alone (its program differs from point-a's in model.g_width: 16 vs 8)",
   ]
   for bad in ({"batch_seeds": True}, {"parallel": 2}, {"use_subprocess": True}):

@@ -12,7 +12,9 @@ Clipping, DnC, Bulyan), ``fltrust`` (trust from the server's own update on a cle
 set), ``compose`` (stages and ``chain`` of built elements), ``detectors``
 (Isolation Forest, robust z-score, the detect and decay stages), ``privacy``
 (DP-FedAvg's clipped, noised mean), ``stats``
-(server statistics of the uploads), ``registry`` (names).
+(server statistics of the uploads), ``registry`` (names), ``choice`` (several
+rules, and rules with traced hyperparameters, in one program: ``one_of``, for
+packed sweep points).
 
 A rule with state per client (FoolsGold's history, the detection's
 ``times_flagged``, ``alpha_detect``'s levels) declares it in
@@ -45,6 +47,7 @@ from fedgan_jax.aggregation.base import (
   weighted_average,
 )
 from fedgan_jax.aggregation.byzantine import bulyan, centered_clip, dnc
+from fedgan_jax.aggregation.choice import TRACEABLE_KWARGS, one_of
 from fedgan_jax.aggregation.compose import Stage, clip_updates
 from fedgan_jax.aggregation.detectors import (
   DETECTORS,
@@ -71,7 +74,9 @@ __all__ = [
   "EmptyState",
   "Stage",
   "STAGES",
+  "TRACEABLE_KWARGS",
   "bulyan",
+  "one_of",
   "centered_clip",
   "chain",
   "check_client_axes",

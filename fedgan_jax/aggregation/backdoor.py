@@ -35,8 +35,6 @@ which clients are malicious.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import NamedTuple
 
 import jax
@@ -45,6 +43,7 @@ import jax.numpy as jnp
 from fedgan_jax.aggregation.base import (
   Aggregator,
   PyTree,
+  check_real,
   client_deltas,
   example_weights,
   expand_to,
@@ -59,12 +58,6 @@ from fedgan_jax.aggregation.base import (
 from fedgan_jax.aggregation.detectors import check_num_clients
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 in Gram matrices on GPU
-
-
-def _check_real(name: str, value, accepted: str, ok) -> float:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok(value):
-    raise ValueError(f"aggregation.kwargs.{name}={value!r}: must be {accepted}.")
-  return float(value)
 
 
 def _gram(tree: PyTree) -> jax.Array:
@@ -132,10 +125,10 @@ def rlr(threshold: float | None = None, server_lr: float = 1.0) -> Aggregator:
     ValueError: ``threshold < 0`` or ``server_lr <= 0`` (or not finite numbers).
   """
   if threshold is not None:
-    threshold = _check_real(
+    threshold = check_real(
       "threshold", threshold, "None (ceil(n/2) of the valid clients) or a finite number >= 0", lambda v: v >= 0
     )
-  server_lr = _check_real("server_lr", server_lr, "a finite number > 0", lambda v: v > 0)
+  server_lr = check_real("server_lr", server_lr, "a finite number > 0", lambda v: v > 0)
 
   def aggregate(state, global_params, client_params, client_stats, key):
     del key
@@ -233,8 +226,8 @@ def flame(noise_lambda: float = 0.001, min_cluster_frac: float = 0.5) -> Aggrega
   Raises:
     ValueError: ``noise_lambda < 0`` or ``min_cluster_frac`` outside ``[0.5, 1)``.
   """
-  noise_lambda = _check_real("noise_lambda", noise_lambda, "a finite number >= 0", lambda v: v >= 0)
-  min_cluster_frac = _check_real(
+  noise_lambda = check_real("noise_lambda", noise_lambda, "a finite number >= 0", lambda v: v >= 0)
+  min_cluster_frac = check_real(
     "min_cluster_frac",
     min_cluster_frac,
     "in [0.5, 1) (the admitted cluster must be a majority of the valid clients)",
@@ -382,7 +375,7 @@ def foolsgold(kappa: float = 1.0, use_history: bool = True, num_clients: int | N
       is not as long as the history (``num_clients``, or the round's sampled
       clients: ``Aggregator.client_axes``).
   """
-  kappa = _check_real("kappa", kappa, "a finite number > 0", lambda v: v > 0)
+  kappa = check_real("kappa", kappa, "a finite number > 0", lambda v: v > 0)
   if not isinstance(use_history, bool):
     raise ValueError(f"aggregation.kwargs.use_history={use_history!r}: must be True or False.")
   c = check_num_clients(num_clients, "foolsgold")

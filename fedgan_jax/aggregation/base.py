@@ -51,6 +51,8 @@ SASHIMI 2022, without defense.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -152,6 +154,30 @@ def check_client_axes(state: PyTree, client_axes: Any, num_clients: int, where: 
         f"{where}: a per-client state leaf (client_axes True) has shape {jnp.shape(x)}; expected "
         f"[num_clients={num_clients}, ...]."
       )
+
+
+def is_traced(value: Any) -> bool:
+  """Whether a hyperparameter is a traced value (a packed sweep point's own, ``aggregation/choice.py``)."""
+  return isinstance(value, jax.core.Tracer)
+
+
+def check_real(name: str, value: Any, accepted: str, ok: Callable[[float], bool]) -> Any:
+  """A float hyperparameter, checked: ``aggregation.kwargs.<name>`` must be a finite real with ``ok(value)``.
+
+  A traced value passes unchecked (its concrete value was checked when the point's own rule was built: the rules
+  of packed points are first built from each point's Python values, ``aggregation/choice.py``) and is returned
+  as a f32 scalar; a Python value is returned as ``float``.
+
+  Raises:
+    ValueError: naming the field, the value and ``accepted``.
+  """
+  if is_traced(value):
+    if jnp.shape(value) != ():
+      raise ValueError(f"aggregation.kwargs.{name}: a traced value must be a scalar, got shape {jnp.shape(value)}.")
+    return jnp.asarray(value, jnp.float32)
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok(value):
+    raise ValueError(f"aggregation.kwargs.{name}={value!r}: must be {accepted}.")
+  return float(value)
 
 
 def finite_mask(client_params: PyTree) -> jax.Array:

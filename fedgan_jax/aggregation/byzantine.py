@@ -44,6 +44,7 @@ from fedgan_jax.aggregation.base import (
   Aggregator,
   EmptyState,
   PyTree,
+  check_real,
   client_deltas,
   example_weights,
   expand_to,
@@ -115,12 +116,10 @@ def centered_clip(tau: float = 10.0, iters: int = 1, warm_start: bool = False) -
   Raises:
     ValueError: a hyperparameter out of range.
   """
-  if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not (tau > 0 and math.isfinite(tau)):
-    raise ValueError(f"aggregation.kwargs.tau={tau!r}: must be a finite number > 0.")
+  tau = check_real("tau", tau, "a finite number > 0", lambda v: v > 0)  # May be traced (aggregation/choice.py).
   iters = _check_int(iters, "iters", 1)
   if not isinstance(warm_start, bool):
     raise ValueError(f"aggregation.kwargs.warm_start={warm_start!r}: must be True or False.")
-  tau = float(tau)
 
   def init(global_params):
     if not warm_start:

@@ -26,7 +26,6 @@ named in a config are resolved by ``aggregation.registry``.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -38,6 +37,7 @@ from fedgan_jax.aggregation.base import (
   Diagnostics,
   PyTree,
   Stats,
+  check_real,
   client_deltas,
   expand_to,
   stateless_init,
@@ -76,9 +76,7 @@ def clip_updates(max_norm: float) -> Stage:
   Raises:
     ValueError: ``max_norm <= 0``.
   """
-  if not isinstance(max_norm, numbers.Real) or not max_norm > 0:
-    raise ValueError(f"aggregation.kwargs.max_norm={max_norm!r}: must be > 0.")
-  max_norm = float(max_norm)
+  max_norm = check_real("max_norm", max_norm, "> 0", lambda v: v > 0)  # May be traced (aggregation/choice.py).
 
   def update(state, global_params, client_params, client_stats, key):
     del key

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedgan_jax.aggregation.base import masked_median, stateless_init, valid_mask
+from fedgan_jax.aggregation.base import check_real, masked_median, stateless_init, valid_mask
 from fedgan_jax.aggregation.compose import Stage
 
 _EULER_GAMMA = 0.5772156649015329
@@ -264,9 +264,8 @@ def _check_detector_kwargs(name: str, kwargs: dict[str, Any]) -> Callable[..., A
   v = kwargs.get("max_depth")
   if v is not None and (not isinstance(v, numbers.Integral) or v < 1):
     raise ValueError(f"aggregation.kwargs.max_depth={v!r}: must be None or an integer >= 1.")
-  v = kwargs.get("threshold", 0.0)
-  if not isinstance(v, numbers.Real) or not math.isfinite(v):
-    raise ValueError(f"aggregation.kwargs.threshold={v!r}: must be a finite number.")
+  if "threshold" in kwargs:  # May be traced (a packed sweep point's own: aggregation/choice.py).
+    kwargs = {**kwargs, "threshold": check_real("threshold", kwargs["threshold"], "a finite number", lambda v: True)}
   return functools.partial(fn, **kwargs)
 
 
@@ -396,8 +395,7 @@ def decay_flagged(
   Raises:
     ValueError: a hyperparameter out of range or ``num_clients`` missing.
   """
-  if not isinstance(decay, numbers.Real) or not 0.0 < decay <= 1.0:
-    raise ValueError(f"aggregation.kwargs.decay={decay!r}: must be in (0, 1].")
+  decay = check_real("decay", decay, "in (0, 1]", lambda v: 0.0 < v <= 1.0)  # May be traced (aggregation/choice.py).
   if not isinstance(warmup_rounds, numbers.Integral) or warmup_rounds < 0:
     raise ValueError(f"aggregation.kwargs.warmup_rounds={warmup_rounds!r}: must be an integer >= 0.")
   if block_after is not None and (not isinstance(block_after, numbers.Integral) or block_after < 1):
@@ -405,7 +403,6 @@ def decay_flagged(
   if mode not in ("persistent", "per_round"):
     raise ValueError(f"aggregation.kwargs.mode={mode!r}: accepted 'persistent', 'per_round'.")
   c = check_num_clients(num_clients, "decay")
-  decay = float(decay)
 
   def init(global_params):
     del global_params

@@ -32,26 +32,18 @@ the discriminators, and the accounting counts two Gaussian releases per round.
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import jax
 import jax.numpy as jnp
 
 from fedgan_jax.aggregation.base import (
   Aggregator,
+  check_real,
   client_deltas,
   expand_to,
   stateless_init,
   tree_sq_norms,
   valid_mask,
 )
-
-
-def _check_real(name: str, value, accepted: str, ok) -> float:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok(value):
-    raise ValueError(f"aggregation.kwargs.{name}={value!r}: must be {accepted}.")
-  return float(value)
 
 
 def _is_running_variance(path) -> bool:
@@ -101,10 +93,10 @@ def dp_mean(clip_norm: float, noise_multiplier: float, num_clients: int | None =
     ValueError: ``clip_norm <= 0``, ``noise_multiplier < 0``, either not a
       finite number, or ``num_clients`` not a positive integer.
   """
-  clip_norm = _check_real(
+  clip_norm = check_real(
     "clip_norm", clip_norm, "a finite number > 0 (the L2 bound on each client's update)", lambda v: v > 0
   )
-  noise_multiplier = _check_real(
+  noise_multiplier = check_real(
     "noise_multiplier",
     noise_multiplier,
     "a finite number >= 0 (noise std in units of clip_norm; 0 = no noise, no privacy)",

@@ -12,6 +12,7 @@ from the round's key, train and upload (``sampling``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -61,6 +62,7 @@ def build(
   g_aggregator: Aggregator,
   d_aggregator: Aggregator | None = None,
   local_steps: int | None = None,
+  rule_for: Callable[[dict | None], Aggregator] | None = None,
 ) -> Program:
   """Builds the pure functions of a run from a validated config.
 
@@ -74,6 +76,9 @@ def build(
       functions are pure, and each model keeps its own aggregator state).
     local_steps: the steps every client's scan runs; required with
       ``train.local_steps = 0`` (one local epoch: ``assemble.local_steps``).
+    rule_for: packed sweep points of several rules or traced rule hyperparameters: ``RoundData.hyper ->
+      Aggregator`` (``aggregation/choice.PointRules.build``), called in the trace; ``g_aggregator`` then gives
+      the aggregator state's structure (``init``, ``client_axes``).
 
   Returns:
     A ``Program``.
@@ -88,7 +93,11 @@ def build(
   d_aggregator = d_aggregator or g_aggregator
   local_train = client_lib.local_trainer(config, generator, discriminator, local_steps)
   server_round = server_lib.server_round(
-    g_aggregator, d_aggregator, bool(config.aggregation.average_discriminator), config.aggregation.weighting
+    g_aggregator,
+    d_aggregator,
+    bool(config.aggregation.average_discriminator),
+    config.aggregation.weighting,
+    rule_for,
   )
   m = sampling.clients_per_round(config)  # None: every client, every round.
   # fltrust: the server trains on its root set as an honest client would (same steps, losses and optimizers,
@@ -209,7 +218,7 @@ def build(
     if root_n:
       new_state, metrics = fltrust_server(state, data, local.clients, uploads, key)
     else:
-      new_state, metrics = server_round(state, local.clients, uploads, key)
+      new_state, metrics = server_round(state, local.clients, uploads, key, hyper=data.hyper)
     return new_state, {**{f"train/{k}": v for k, v in local.stats.items()}, **logged, **metrics}
 
   def fltrust_server(state: RoundState, data: RoundData, clients: ClientState, uploads, key: jax.Array):

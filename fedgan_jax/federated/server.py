@@ -32,7 +32,11 @@ def server_stats(global_vars: PyTree, client_vars: PyTree) -> dict[str, jax.Arra
 
 
 def server_round(
-  g_aggregator: Aggregator, d_aggregator: Aggregator, average_discriminator: bool, weighting: str = "examples"
+  g_aggregator: Aggregator,
+  d_aggregator: Aggregator,
+  average_discriminator: bool,
+  weighting: str = "examples",
+  rule_for: Callable[[dict | None], Aggregator] | None = None,
 ) -> Callable:
   """The server step for these aggregation rules.
 
@@ -44,9 +48,12 @@ def server_round(
     weighting: ``'examples'``: the rules weigh clients by their reported
       image counts (FedAvg); ``'uniform'``: every client with data counts 1
       (the paper's code: weights 1/C before any defense changes them).
+    rule_for: packed sweep points (``aggregation/choice.PointRules.build``): ``hyper -> Aggregator``, the
+      point's rule rebuilt in the trace from its ``RoundData.hyper`` (its rule index, traced hyperparameters),
+      for generators and discriminators; the two rules above then only gave the state's structure (``init``).
 
   Returns:
-    ``server_round(state, clients, uploads, key, server_models=None) -> (new_state, metrics)``:
+    ``server_round(state, clients, uploads, key, server_models=None, hyper=None) -> (new_state, metrics)``:
     ``clients`` are the clients' states after local training (kept in the new
     state); ``key`` is the round's key; ``server_models``, the server's own
     ``(generator, discriminator)`` variables trained on its root set
@@ -57,20 +64,21 @@ def server_round(
     ``train/global_finite``.
   """
 
-  def step(state: RoundState, clients: ClientState, uploads: Uploads, key: jax.Array, server_models=None):
+  def step(state: RoundState, clients: ClientState, uploads: Uploads, key: jax.Array, server_models=None, hyper=None):
+    g_rule, d_rule = (rule_for(hyper),) * 2 if rule_for is not None else (g_aggregator, d_aggregator)
     _, k_gagg, k_dagg = jax.random.split(key, 3)
     if weighting == "uniform":
       n = uploads.reported["num_examples"]
       uploads = uploads._replace(reported={**uploads.reported, "num_examples": (n > 0).astype(n.dtype)})
     g_ref, d_ref = ({SERVER_MODEL: m} for m in server_models) if server_models is not None else ({}, {})
     g_stats = {**uploads.reported, **server_stats(state.g_global, uploads.client_g)}
-    g_global, g_agg, g_diag = g_aggregator.aggregate(
+    g_global, g_agg, g_diag = g_rule.aggregate(
       state.g_agg, state.g_global, uploads.client_g, {**g_stats, **g_ref}, k_gagg
     )
     d_global, d_agg, d_diag = state.d_global, state.d_agg, {}
     if average_discriminator:
       d_stats = {**uploads.reported, **server_stats(state.d_global, uploads.client_d)}
-      d_global, d_agg, d_diag = d_aggregator.aggregate(
+      d_global, d_agg, d_diag = d_rule.aggregate(
         state.d_agg, state.d_global, uploads.client_d, {**d_stats, **d_ref}, k_dagg
       )
       clients = clients._replace(d_vars=uploads.client_d)
