@@ -370,15 +370,26 @@ def _own_metric_keys(configs: Sequence[Any], rules: choice.PointRules, b: Any) -
 
   Read from the round of one point of each rule as its own run would trace it (``jax.eval_shape``: traced, not
   compiled or run).
+
+  Raises:
+    NotPackableError: two rules write one metric with different shapes or dtypes (``aggregation.choice.one_of``
+      could not hold both); nothing is written yet.
   """
-  keys = {}
+  metrics, seen = {}, {}
   for k, (c, i) in enumerate(zip(configs, rules.index)):
-    if i not in keys:
+    if i not in metrics:
       data = b.view(b.data, k)._replace(hyper=None)
       program, _, _ = assemble.build_program(c, assemble.local_steps(c, data.counts), b.num_classes)
       state = jax.eval_shape(program.init, jax.random.key(0))
-      keys[i] = frozenset(jax.eval_shape(program.round, state, data, jax.random.key(0))[1])
-  return tuple(keys[i] for i in rules.index)
+      metrics[i] = jax.eval_shape(program.round, state, data, jax.random.key(0))[1]
+      for key, v in metrics[i].items():
+        first = seen.setdefault(key, (c.aggregation.name, v))
+        if (first[1].shape, first[1].dtype) != (v.shape, v.dtype):
+          raise NotPackableError(
+            f"the rules {first[0]!r} and {c.aggregation.name!r} write {key} as {first[1].dtype}{list(first[1].shape)} "
+            f"and {v.dtype}{list(v.shape)}"
+          )
+  return tuple(frozenset(metrics[i]) for i in rules.index)
 
 
 def run_packed(configs: Sequence[Any], workdirs: Sequence[str], console: run_console.Console | None = None):

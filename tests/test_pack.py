@@ -155,6 +155,33 @@ def test_run_packed_refuses_points_of_different_programs(tmp_path):
   assert not (tmp_path / "a").exists()  # Refused before anything is written.
 
 
+def test_rules_that_write_one_metric_differently_do_not_pack(tmp_path, monkeypatch):
+  (tmp_path / "odd_rules.py").write_text(
+    textwrap.dedent("""
+      import jax.numpy as jnp
+      from fedgan_jax.aggregation import base
+
+      def scored(width=1):
+        mean = base.mean()
+
+        def aggregate(state, g, cp, stats, key):
+          new, state, diag = mean.aggregate(state, g, cp, stats, key)
+          return new, state, {**diag, "score": jnp.zeros((width,))}
+
+        return base.Aggregator(mean.init, aggregate)
+    """)
+  )
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  configs = [
+    tiny_config(**{"aggregation.name": "odd_rules:scored", "aggregation.kwargs": {"width": w}}) for w in (1, 2)
+  ]
+  assert pack.signature(configs[0]) == pack.signature(configs[1])
+  with pytest.raises(pack.NotPackableError, match=r"write agg/score as float32\[1\] and float32\[2\]"):
+    pack.run_packed(configs, [str(tmp_path / "a"), str(tmp_path / "b")])
+  assert not (tmp_path / "a" / "config.json").exists()  # Refused before anything is written.
+
+
 def _sweep_file(tmp_path, num_rounds: int, wide: bool = True) -> str:
   """A sweep of configs/test.py: points a and b (one program) and, with ``wide``, one of another program."""
   points = [dict(POINT_A, _point="a"), dict(POINT_B, _point="b")]
