@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedgan_jax import aggregation, models
+from fedgan_jax import aggregation, config_lib, models
 from fedgan_jax.aggregation.fltrust import root_size_of
 from fedgan_jax.data import partition as partition_lib
 from fedgan_jax.data import sources, triggers
@@ -341,6 +341,22 @@ def replica_configs(config) -> list[Any]:
       c.seed, c.num_replicas = s, 1
     out.append(c)
   return out
+
+
+def own_trigger(data: RoundData, config) -> RoundData:
+  """``data`` (one member's) with the trigger, its location and the clients' parts as ``config``'s own run has them.
+
+  A packed point whose trigger is smaller than the pack's largest carries it in a larger window
+  (``replicas.stack_replicas``); what reads the trigger on the host (the evaluator, ``poisoned_examples``) gets
+  the point's own. Unchanged (the same object) when the side is already the config's.
+  """
+  size = config_lib.trigger_geometry(config)[0]
+  if data.trigger.shape[0] == size:
+    return data
+  trigger, part, loc = triggers.crop_window(
+    data.trigger, data.trigger_part, data.trigger_loc, triggers.trigger_location(config), size
+  )
+  return data._replace(trigger=jnp.asarray(trigger), trigger_part=jnp.asarray(part), trigger_loc=jnp.asarray(loc))
 
 
 def poisoned_examples(data: RoundData, config, max_images: int = 512) -> np.ndarray:

@@ -187,7 +187,7 @@ def _open_outputs(b: _Built, start: int, primary: bool, console, forked: bool = 
   """
   outputs = []
   for k, (c, d) in enumerate(b.members):
-    dk = b.view(b.data, k)
+    dk = assemble.own_trigger(b.view(b.data, k), c)  # A packed point's own trigger, not the pack's window.
     if primary:
       os.makedirs(os.path.join(d, "samples"), exist_ok=True)
       with open(os.path.join(d, "config.json"), "w") as f:

@@ -18,8 +18,12 @@ of the distinct rules, the point's index and its rule's float hyperparameters
 traced in ``RoundData.hyper``; every point computes the k rules and keeps its
 own, so a pack of k rules costs k aggregations a round):
 
-* ``signature(config)`` is the config with those fields left out (and the
-  resolved trigger side put in): points with equal signatures pack;
+* ``signature(config)`` is the config with those fields left out (and, under
+  ``attack.trigger_location='random'``, the resolved trigger side put in):
+  points with equal signatures pack. Fixed-location triggers of different
+  sides pack: each point's sits in a window of the pack's largest side whose
+  other pixels paste the image's own (``triggers.pad_window``), so its
+  poisoned images are bit-identical to its own run's;
   ``why_apart`` names the fields that keep two points in separate programs;
   ``traced_fields`` those a program's points differ in (each point's own input).
 * ``plan(configs)`` groups the points; ``run_packed(configs, workdirs)``
@@ -53,7 +57,8 @@ from fedgan_jax.federated import replicas as replicas_lib
 from fedgan_jax.io import lock as lock_lib
 
 # Fields that only change array inputs of the round (RoundData, keys) or per-point outputs: points that differ in
-# nothing else share one program. attack.trigger_size is here because the resolved side enters the signature.
+# nothing else share one program. attack.trigger_size: a fixed-location trigger is padded to the pack's largest
+# side (replicas.stack_replicas); random locations are drawn with the side, which then enters the signature.
 PACKABLE_FIELDS = (
   "seed",
   "init_from",
@@ -115,7 +120,10 @@ def _traceable(config) -> list[str]:
 
 
 def _program_fields(config) -> dict[str, Any]:
-  """The fields that shape the program: every field but ``PACKABLE_FIELDS``, plus the resolved trigger side.
+  """The fields that shape the program: every field but ``PACKABLE_FIELDS``, and a random location's trigger side.
+
+  Random locations are drawn in ``[0, resolution - side]``: a trigger padded to a larger side would land
+  elsewhere, so there the resolved side stays in the signature.
 
   A traced field (``TRACED_FIELDS``) is there only as what the program depends on: nothing for a learning
   rate, ``'nonzero'`` or ``0.0`` for a regularizer weight.
@@ -126,7 +134,8 @@ def _program_fields(config) -> dict[str, Any]:
       flat[f] = "nonzero" if flat[f] else 0.0
     else:
       del flat[f]
-  flat["(trigger side in px)"] = config_lib.trigger_geometry(config)[0]
+  if config.attack.trigger_location == "random":
+    flat["(trigger side in px, random location)"] = config_lib.trigger_geometry(config)[0]
   if choice.choosable(config.aggregation.name):  # Each point's own rule in the program (aggregation.choice).
     flat["aggregation.name"] = flat["aggregation.kwargs"] = "(each point's own)"
   return flat

@@ -1,10 +1,11 @@
 """``launch.sweep --pack``: the sweep's points that share a program, trained as one (``fedgan_jax/pack.py``).
 
 Points are grouped by their program signature (the config without the fields
-that are array inputs of the round: who is malicious, the trigger pattern,
-poison rate, mimic reports, the upload attack and its window, the seed, ...;
-the learning rates and nonzero regularizer weights, traced per point) and by
-the round their checkpoints are at; each group of two or more trains
+that are array inputs of the round: who is malicious, the trigger pattern
+and size (at a fixed location), poison rate, mimic reports, the upload
+attack and its window, the seed, ...; the learning rates and nonzero
+regularizer weights, traced per point) and by the round their checkpoints
+are at; each group of two or more trains
 as one program over a leading point axis and writes every point's directory
 as its own run would, so a packed sweep and an unpacked one are
 interchangeable (either resumes the other). A group that cannot train

@@ -39,8 +39,8 @@ spelling out the keys that the label stands for.
   ``seed_<s>/`` like a single run (printed commands carry
   ``--config.num_replicas=K``).
 * ``--pack``: points whose configs differ only in array inputs of the round
-  (who is malicious, trigger pattern, poison rate, mimic, the upload attack
-  and its window, seed, ...) train as ONE program over a leading point axis
+  (who is malicious, trigger pattern and size, poison rate, mimic, the
+  upload attack and its window, seed, ...) train as ONE program over a leading point axis
   (``fedgan_jax/pack.py``, ``launch/packing.py``); every point still writes
   ``<workdir>/<name>`` exactly as its own run, so packed and unpacked sweeps
   resume each other. The printed plan names the programs formed and why a

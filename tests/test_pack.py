@@ -16,8 +16,9 @@ from fedgan_jax.federated import client as client_lib
 from fedgan_jax.io import rundir
 from launch import pack_bench, sweep
 
-# Two points of one program: different seed, malicious mask, trigger pattern, poison rate, reports, upload attack
-# and server rule (A: the detection with its per-client state; B: FedAvg).
+# Two points of one program: different seed, malicious mask, trigger pattern and size (4 px, the default at 32 px,
+# vs 8 px at another margin), poison rate, reports, upload attack and server rule (A: the detection with its
+# per-client state; B: FedAvg).
 POINT_A = {
   "seed": 0,
   "attack.malicious": (0,),
@@ -28,6 +29,8 @@ POINT_B = {
   "seed": 3,
   "attack.malicious": (1,),
   "attack.trigger": "bands",
+  "attack.trigger_size": 8,
+  "attack.trigger_margin": 2,
   "attack.poison_rate": 0.5,
   "attack.report_losses": "mimic",
   "attack.upload": "scale",
@@ -44,9 +47,14 @@ def test_points_that_differ_in_round_inputs_share_a_signature():
   ]
   assert pack.signature(same[0]) == pack.signature(base) == pack.signature(same[1])
   assert pack.signature(same[2]) != pack.signature(base)  # num_clients shapes the program.
-  # trigger_size 4 is what 0 resolves to at 32 px (max(4, 2)): the same program; 8 px is not.
-  assert pack.signature(tiny_config(**{"attack.trigger_size": 4})) == pack.signature(base)
-  assert pack.why_apart(base, tiny_config(**{"attack.trigger_size": 8})) == ["(trigger side in px): 4 vs 8"]
+  # Trigger sizes pack at the fixed bottom-right location (padded to the largest, test_trigger_sizes_pack_...);
+  # random locations are drawn with the side: 4 px (what 0 resolves to at 32 px) and 8 px stay apart there.
+  assert pack.signature(tiny_config(**{"attack.trigger_size": 8})) == pack.signature(base)
+  rand = {"attack.trigger_location": "random"}
+  assert pack.signature(tiny_config(**rand, **{"attack.trigger_size": 4})) == pack.signature(tiny_config(**rand))
+  assert pack.why_apart(tiny_config(**rand), tiny_config(**rand, **{"attack.trigger_size": 8})) == [
+    "(trigger side in px, random location): 4 vs 8"
+  ]
   assert pack.why_apart(base, tiny_config(**{"model.g_width": 16, "train.g_lr": 1e-3})) == ["model.g_width: 8 vs 16"]
   assert pack.why_apart(base, tiny_config(**{"attack.latent_trigger": True})) == [
     "attack.latent_trigger: false vs true"
@@ -66,6 +74,39 @@ def test_points_that_differ_in_round_inputs_share_a_signature():
   np.testing.assert_array_equal(hyper["aggregation/rule"], [0, 1, 2, 3])
   fltrust = tiny_config(**{"aggregation.name": "fltrust"})
   assert pack.why_apart(base, fltrust) == ['aggregation.name: "mean" vs "fltrust"']
+
+
+def test_trigger_sizes_pack_into_the_largest_window_and_each_point_reads_its_own():
+  """4, 8 and 6 px (DBA) triggers stacked: an 8 px window each, the same poisoned pixels for every client as its
+  own run's trigger, and the host (evaluator, poisoned examples) gets each point's own trigger back exactly."""
+  import jax.numpy as jnp
+
+  from fedgan_jax import assemble
+  from fedgan_jax.data import triggers
+  from fedgan_jax.federated import replicas
+
+  dba = {"attack.dba": True, "attack.malicious": (0, 1), "attack.trigger_size": 6, "seed": 5}
+  configs = [tiny_config(num_clients=3, **p) for p in (POINT_A, POINT_B, dba)]
+  assert len({pack.signature(c) for c in configs}) == 1
+  assert "attack.trigger_size" in pack.traced_fields(configs)
+  datas = [assemble.setup_data(c)[0] for c in configs]
+  assert [d.trigger.shape[0] for d in datas] == [4, 8, 6]
+  stacked = replicas.stack_replicas(datas)
+  assert stacked.trigger.shape == (3, 8, 8, 3) and stacked.trigger_part.shape == (3, 3, 8, 8)
+  np.testing.assert_array_equal(stacked.trigger[1], datas[1].trigger)  # The largest is as its own run's.
+  for k, (c, d) in enumerate(zip(configs, datas)):
+    for client in range(3):
+      imgs = jnp.asarray(d.images[client]).astype(jnp.float32) / 127.5 - 1.0
+      flags = d.poison_flags[client] & d.is_malicious[client]
+      want = triggers.paste(imgs, d.trigger, d.trigger_loc, flags, d.trigger_part[client])
+      got = triggers.paste(imgs, stacked.trigger[k], stacked.trigger_loc[k], flags, stacked.trigger_part[k, client])
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"point {k} client {client}")
+      assert bool(flags.any()) == bool((np.asarray(want) != np.asarray(imgs)).any())
+    own = assemble.own_trigger(replicas.unstack(stacked, k), c)
+    for f in ("trigger", "trigger_loc", "trigger_part"):
+      np.testing.assert_array_equal(getattr(own, f), getattr(d, f), err_msg=f"point {k} {f}")
+    np.testing.assert_array_equal(assemble.poisoned_examples(own, c), assemble.poisoned_examples(d, c))
+  assert assemble.own_trigger(datas[0], configs[0]) is datas[0]  # A single run's data is left as it is.
 
 
 GP = presets.GRADIENT_PENALTY
@@ -215,7 +256,8 @@ def test_sweep_pack_plan_and_fallback(tmp_path, monkeypatch):
     "pack plan: 3 points in 2 programs (1 packed)",
     "  program 1: 2 points packed: point-a, point-b (per point: aggregation.kwargs.decay, "
     "aggregation.kwargs.detector, aggregation.kwargs.warmup_rounds, aggregation.name, attack.malicious, "
-    "attack.poison_rate, attack.report_losses, attack.start_round, attack.trigger, attack.upload, seed)",
+    "attack.poison_rate, attack.report_losses, attack.start_round, attack.trigger, attack.trigger_margin, "
+    "attack.trigger_size, attack.upload, seed)",
     "  program 2: point-wide alone (its program differs from point-a's in model.g_width: 16 vs 8)",
   ]
   for bad in ({"batch_seeds": True}, {"parallel": 2}, {"use_subprocess": True}):
@@ -257,8 +299,9 @@ def test_pack_bench_measures_points_of_the_largest_pack(tmp_path):
 
 @pytest.mark.slow
 def test_packed_points_equal_their_single_runs_and_resume(tmp_path):
-  """Two points (different seeds, masks, trigger patterns, poison rates, reports, upload attacks) packed:
-  1 round, then resumed to 2 by the sweep from each point's own checkpoint; each equals its own 2-round run."""
+  """Two points (different seeds, masks, trigger patterns and sizes, poison rates, reports, upload attacks) packed:
+  1 round, then resumed to 2 by the sweep from each point's own checkpoint; each equals its own 2-round run
+  (the implant metrics read each point's own trigger, not the pack's 8 px window)."""
   wd = tmp_path / "sw"
   configs = [tiny_config(num_rounds=1, **POINT_A), tiny_config(num_rounds=1, **POINT_B)]
   summaries = pack.run_packed(configs, [str(wd / "point-a"), str(wd / "point-b")])
@@ -276,6 +319,9 @@ def test_packed_points_equal_their_single_runs_and_resume(tmp_path):
     assert sorted(os.listdir(d / "samples")) == sorted(os.listdir(single / "samples"))
     got, want = rundir.read_records(str(d / "metrics.jsonl")), rundir.read_records(str(single / "metrics.jsonl"))
     assert [r["round"] for r in got] == [1, 2] and set(got[1]) == set(want[1])
+    assert {"eval/implant_amplitude", "eval/implant_above_p99"} <= set(want[1])
+    calib = [json.loads((p / "trigger_calibration.json").read_text()) for p in (d, single)]
+    assert "real_poisoned_amplitude" in calib[1] and calib[0] == calib[1]
     for g, w in zip(got, want):
       for key in w:
         if not key.startswith("z/"):  # Timings.

@@ -126,6 +126,48 @@ def test_paste_of_a_part_keeps_the_image_elsewhere():
   )
 
 
+@pytest.mark.parametrize("dba", [False, True])
+def test_a_trigger_padded_to_a_larger_window_pastes_the_same_pixels(dba):
+  """pad_window (packed points with different trigger sizes): bit-identical images, on random images, for
+  bottom-right triggers of several sides and margins in windows of several sides; crop_window undoes it."""
+  rng = np.random.default_rng(7)
+  imgs = jnp.asarray(rng.uniform(-1, 1, (5, 32, 32, 3)).astype(np.float32))
+  apply = jnp.asarray([True, False, True, True, False])
+  checked = 0
+  for s in (2, 4, 5, 8):
+    for margin in (0, 1, 3, 20):
+      c = _config(32, trigger_size=s, trigger_margin=margin)
+      if s + margin > 32:
+        continue
+      loc = triggers.trigger_location(c)
+      trig = rng.uniform(-1, 1, (s, s, 3)).astype(np.float32)
+      part = triggers.dba_parts(s, [2, 0], 3) if dba else np.ones((3, s, s), bool)
+      for side in sorted({s, 8, 12, 32}):
+        if side < s:
+          continue
+        t_pad, p_pad, win = triggers.pad_window(trig, part, loc, side, (32, 32))
+        assert t_pad.shape == (side, side, 3) and p_pad.shape == (3, side, side) and win.dtype == np.int32
+        assert (win >= 0).all() and (win + side <= 32).all()  # Inside the image: nothing clamped.
+        assert p_pad.sum() == part.sum()  # True only on the point's own pixels.
+        for client in range(3):
+          want = triggers.paste(imgs, jnp.asarray(trig), jnp.asarray(loc), apply, jnp.asarray(part[client]))
+          got = triggers.paste(imgs, jnp.asarray(t_pad), jnp.asarray(win), apply, jnp.asarray(p_pad[client]))
+          np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"s={s} m={margin} S={side}")
+        back = triggers.crop_window(t_pad, p_pad, win, loc, s)
+        np.testing.assert_array_equal(back[0], trig)
+        np.testing.assert_array_equal(back[1], part)
+        assert back[2].tolist() == list(loc)
+        checked += 1
+  assert checked > 30
+  # A trigger far from the corner: the window starts at the trigger (the pattern at offset 0).
+  t_pad, p_pad, win = triggers.pad_window(np.ones((2, 2, 1)), np.ones((1, 2, 2), bool), (3, 5), 6, 16)
+  assert win.tolist() == [3, 5] and p_pad[0, :2, :2].all() and p_pad.sum() == 4
+  with pytest.raises(ValueError, match="pad_window"):
+    triggers.pad_window(np.ones((4, 4, 1)), np.ones((1, 4, 4), bool), (0, 0), 40, 32)  # Window larger than images.
+  with pytest.raises(ValueError, match="pad_window"):
+    triggers.pad_window(np.ones((4, 4, 1)), np.ones((1, 4, 4), bool), (0, 0), 2, 32)  # Window smaller than trigger.
+
+
 @pytest.mark.parametrize(
   "attack,match",
   [

@@ -220,3 +220,60 @@ def dba_parts(size: int, malicious, num_clients: int) -> np.ndarray:
 def random_locations(key: jax.Array, n: int, size: int, resolution: int) -> jax.Array:
   """Uniform (top, left) positions for ``attack.trigger_location='random'``."""
   return jax.random.randint(key, (n, 2), 0, resolution - size + 1)
+
+
+def pad_window(trigger, part, loc, side: int, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """A fixed-location trigger of side ``s`` as a ``side x side`` window that pastes exactly the same pixels.
+
+  Packed sweep points with different trigger sizes (``pack.py``) share one
+  program, so one trigger shape: each point's trigger goes inside a window of
+  the pack's largest side, its ``part`` True only on its own pixels, and
+  ``paste`` (``jnp.where(part, trigger, under)``) rewrites the rest of the
+  window with the image's own values: the images come out bit-identical. The
+  window lies inside the image (``dynamic_update_slice`` would clamp, and
+  shift, a window that does not): its top-left is ``min(loc, shape - side)``
+  per axis. Host-side numpy, once per pack; ``crop_window`` undoes it.
+
+  Args:
+    trigger: f32 ``[s, s, ch]``.
+    part: bool ``[C, s, s]``: the pixels each client pastes (DBA; all True otherwise).
+    loc: ``(top, left)`` of the trigger, with ``loc + s <= shape``.
+    side: the window's side, ``s <= side <= min(shape)``.
+    shape: the images' ``(H, W)`` (or one int for square images).
+
+  Returns:
+    ``(trigger [side, side, ch], part bool [C, side, side], window top-left int32 [2])``.
+
+  Raises:
+    ValueError: the window or the trigger does not fit in the image.
+  """
+  trigger, part, loc = np.asarray(trigger), np.asarray(part, bool), np.asarray(loc, np.int64)
+  hw = np.broadcast_to(np.asarray(shape, np.int64), (2,))
+  s = trigger.shape[0]
+  if not s <= side <= hw.min() or (loc < 0).any() or (loc + s > hw).any():
+    raise ValueError(f"pad_window: a {s} px trigger at {loc.tolist()} in a {side} px window of {hw.tolist()} images")
+  win = np.minimum(loc, hw - side)
+  (oy, ox), (y1, x1) = loc - win, loc - win + s
+  padded = np.zeros((side, side, *trigger.shape[2:]), trigger.dtype)
+  padded[oy:y1, ox:x1] = trigger
+  mask = np.zeros((part.shape[0], side, side), bool)
+  mask[:, oy:y1, ox:x1] = part
+  return padded, mask, win.astype(np.int32)
+
+
+def crop_window(trigger, part, window_loc, loc, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``pad_window``'s inverse: a point's own ``(trigger [s, s, ch], part [C, s, s], loc int32 [2])``.
+
+  Args:
+    trigger: ``[side, side, ch]`` (the window).
+    part: ``[C, side, side]``.
+    window_loc: the window's ``(top, left)``.
+    loc: the point's own ``(top, left)`` (``trigger_location``).
+    size: its own side ``s``.
+  """
+  (oy, ox) = np.asarray(loc, np.int64) - np.asarray(window_loc, np.int64)
+  return (
+    np.asarray(trigger)[oy : oy + size, ox : ox + size],
+    np.asarray(part)[:, oy : oy + size, ox : ox + size],
+    np.asarray(loc, np.int32),
+  )

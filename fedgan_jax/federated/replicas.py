@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedgan_jax.data import triggers
 from fedgan_jax.federated.state import Program, RoundData, RoundState
 
 PyTree = Any
@@ -90,11 +91,16 @@ def stack_replicas(datas: Sequence[RoundData]) -> RoundData:
   Client shards may have different ``n_max`` across seeds (non-iid
   partitions): shorter ones are padded with zero images (and labels) that
   are never drawn (batches index below ``counts``) and never poisoned.
+  Triggers of different sides (packed points at fixed trigger locations;
+  ``pack.py`` keeps random locations of different sides apart) are put in a
+  window of the largest side that pastes the same pixels
+  (``triggers.pad_window``); ``assemble.own_trigger`` gives a member's back.
 
   Raises:
-    ValueError: the replicas differ in anything but ``n_max`` (e.g. C or R).
+    ValueError: the replicas differ in anything but ``n_max`` and the trigger side (e.g. C or R).
   """
   n_max = max(d.images.shape[1] for d in datas)
+  side = max(d.trigger.shape[0] for d in datas)
   padded = []
   for k, d in enumerate(datas):
     pad = n_max - d.images.shape[1]
@@ -109,6 +115,9 @@ def stack_replicas(datas: Sequence[RoundData]) -> RoundData:
         poison_flags=jnp.pad(d.poison_flags, ((0, 0), (0, pad))),
         labels=None if d.labels is None else jnp.pad(d.labels, ((0, 0), (0, pad))),
       )
+    if d.trigger.shape[0] != side:
+      trigger, part, loc = triggers.pad_window(d.trigger, d.trigger_part, d.trigger_loc, side, d.images.shape[2:4])
+      d = d._replace(trigger=jnp.asarray(trigger), trigger_part=jnp.asarray(part), trigger_loc=jnp.asarray(loc))
     padded.append(d)
   return jax.tree.map(lambda *xs: jnp.stack(xs), *padded)
 

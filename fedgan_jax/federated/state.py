@@ -24,8 +24,9 @@ class RoundData(NamedTuple):
     is_malicious: bool ``[C]`` ground truth, read by the simulated clients
       only (``attack``); the server and the aggregator never see it.
     poison_flags: bool ``[C, n_max]`` images that carry the trigger.
-    trigger: f32 ``[s, s, ch]`` in [-1, 1].
-    trigger_loc: int32 ``[2]`` (top, left) for the bottom-right location.
+    trigger: f32 ``[s, s, ch]`` in [-1, 1] (a packed point's: inside a window of the pack's largest side,
+      ``triggers.pad_window``, with ``trigger_part`` False outside its own pixels).
+    trigger_loc: int32 ``[2]`` (top, left) for the bottom-right location (of that window).
     mimic: bool scalar: malicious clients report the honest clients' median
       losses instead of their own (``attack.report_losses='mimic'``).
     upload: the attack on the uploaded generator and the attack window
