@@ -387,7 +387,7 @@ def _own_metric_keys(configs: Sequence[Any], rules: choice.PointRules, b: Any) -
   metrics, seen = {}, {}
   for k, (c, i) in enumerate(zip(configs, rules.index)):
     if i not in metrics:
-      data = b.view(b.data, k)._replace(hyper=None)
+      data = assemble.own_trigger(b.view(b.data, k), c)._replace(hyper=None)  # As its own run has it.
       program, _, _ = assemble.build_program(c, assemble.local_steps(c, data.counts), b.num_classes)
       state = jax.eval_shape(program.init, jax.random.key(0))
       metrics[i] = jax.eval_shape(program.round, state, data, jax.random.key(0))[1]
