@@ -32,6 +32,7 @@ def _with_features(**overrides):
   return tiny_config(**{"eval.extractor": "effnet_lite0", "eval.fid_every": 1, **overrides})
 
 
+@pytest.mark.slow
 def test_run_writes_every_output(full_run):
   workdir, summary = full_run
   for name in (
@@ -84,6 +85,7 @@ def test_run_writes_every_output(full_run):
   assert t["evaluation"] > 0 and t["checkpoints"] > 0  # FD every round, two checkpoints.
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
   # Without the feature network (the full run above checks it) and the membership inference, which the
   # "interrupted" run computes at its final round 1; the three runs share one compiled round.

@@ -223,9 +223,9 @@ def test_rules_that_write_one_metric_differently_do_not_pack(tmp_path, monkeypat
   assert not (tmp_path / "a" / "config.json").exists()  # Refused before anything is written.
 
 
-def _sweep_file(tmp_path, num_rounds: int, wide: bool = True) -> str:
+def _sweep_file(tmp_path, num_rounds: int, wide: bool = True, pair=(POINT_A, POINT_B)) -> str:
   """A sweep of configs/test.py: points a and b (one program) and, with ``wide``, one of another program."""
-  points = [dict(POINT_A, _point="a"), dict(POINT_B, _point="b")]
+  points = [dict(pair[0], _point="a"), dict(pair[1], _point="b")]
   if wide:
     points.append({"model.g_width": 16, "_point": "wide"})
   cfg = tmp_path / f"sweep{num_rounds}.py"
@@ -298,67 +298,43 @@ def test_pack_bench_measures_points_of_the_largest_pack(tmp_path):
 
 
 @pytest.mark.slow
-def test_packed_points_equal_their_single_runs_and_resume(tmp_path):
-  """Two points (different seeds, masks, trigger patterns and sizes, poison rates, reports, upload attacks) packed:
-  1 round, then resumed to 2 by the sweep from each point's own checkpoint; each equals its own 2-round run
-  (the implant metrics read each point's own trigger, not the pack's 8 px window)."""
+def test_packed_points_equal_their_single_runs_and_resume_packed_or_alone(tmp_path):
+  """Two WGAN-GP points that differ in seed, mask, trigger pattern and size, poison rate, reports, upload attack,
+  server rule, learning rates and penalty weight: round 1 packed; round 2 resumed packed by the sweep from each
+  point's own checkpoint; round 3 each resumed ALONE. Each equals its own 3-round run."""
+  pair = (
+    {**GP, **POINT_A},
+    {**GP, **POINT_B, "train.g_lr": 1e-3, "train.d_lr": 5e-4, "train.regularizers.gradient_penalty": 2.0},
+  )
   wd = tmp_path / "sw"
-  configs = [tiny_config(num_rounds=1, **POINT_A), tiny_config(num_rounds=1, **POINT_B)]
-  summaries = pack.run_packed(configs, [str(wd / "point-a"), str(wd / "point-b")])
+  dirs = [str(wd / "point-a"), str(wd / "point-b")]
+  summaries = pack.run_packed([tiny_config(num_rounds=1, **p) for p in pair], dirs)
   assert [s["rounds"] for s in summaries] == [1, 1] and summaries[1]["pack"]["of"] == 2
   out = io.StringIO()
-  rows = sweep.run_sweep(_sweep_file(tmp_path, 2, wide=False), str(wd), pack=True, out=out)
+  rows = sweep.run_sweep(_sweep_file(tmp_path, 2, wide=False, pair=pair), str(wd), pack=True, out=out)
   assert "program 1: 2 points packed: point-a, point-b" in out.getvalue()
   assert [r["status"] for r in rows] == ["done"] * 2
-  for name, point in (("a", POINT_A), ("b", POINT_B)):
+  for k, (name, point) in enumerate(zip("ab", pair)):
     d = wd / f"point-{name}"
+    s = json.loads((d / "summary.json").read_text())
+    assert s["resumed_from"] == 1 and s["pack"]["index"] == k
+    assert experiment.run(tiny_config(num_rounds=3, **point), str(d))["resumed_from"] == 2  # Alone.
     single = tmp_path / f"single-{name}"
-    experiment.run(tiny_config(num_rounds=2, **point), str(single))
+    experiment.run(tiny_config(num_rounds=3, **point), str(single))
     assert (d / "config.json").read_text() == (single / "config.json").read_text()
     assert sorted(os.listdir(d / "checkpoints")) == sorted(os.listdir(single / "checkpoints"))
     assert sorted(os.listdir(d / "samples")) == sorted(os.listdir(single / "samples"))
-    got, want = rundir.read_records(str(d / "metrics.jsonl")), rundir.read_records(str(single / "metrics.jsonl"))
-    assert [r["round"] for r in got] == [1, 2] and set(got[1]) == set(want[1])
-    assert {"eval/implant_amplitude", "eval/implant_above_p99"} <= set(want[1])
     calib = [json.loads((p / "trigger_calibration.json").read_text()) for p in (d, single)]
     assert "real_poisoned_amplitude" in calib[1] and calib[0] == calib[1]
+    got, want = rundir.read_records(str(d / "metrics.jsonl")), rundir.read_records(str(single / "metrics.jsonl"))
+    assert [r["round"] for r in got] == [1, 2, 3] and set(got[2]) == set(want[2])
+    assert {"eval/implant_amplitude", "eval/implant_above_p99"} <= set(want[2])  # Read with the point's own trigger.
     for g, w in zip(got, want):
       for key in w:
         if not key.startswith("z/"):  # Timings.
           np.testing.assert_allclose(
             np.asarray(g[key], float), np.asarray(w[key], float), rtol=1e-4, atol=1e-4, err_msg=f"{name} {key}"
           )
-    s = json.loads((d / "summary.json").read_text())
-    assert s["resumed_from"] == 1 and s["pack"]["index"] == (0 if name == "a" else 1)
-  # The points really differ (else the test could not tell them apart).
+  # The points really differ (else the test could not tell them apart), and each kept its own rule's diagnostics.
   a, b = (rundir.read_records(str(wd / f"point-{n}" / "metrics.jsonl"))[-1] for n in "ab")
-  assert a["train/g_loss"] != b["train/g_loss"]
-
-
-@pytest.mark.slow
-def test_points_that_differ_in_learning_rates_and_gp_weight_pack(tmp_path):
-  """WGAN-GP points with different g_lr, d_lr and penalty weights: 1 round packed, then each resumed ALONE from its
-  packed checkpoint to round 2 equals its own 2-round run (so the round packed was its own, and resumes)."""
-  points = [
-    {**GP, "seed": 0, "attack.malicious": (0,)},
-    {**GP, "seed": 0, "train.g_lr": 1e-3, "train.d_lr": 5e-4, "train.regularizers.gradient_penalty": 2.0},
-  ]
-  dirs = [str(tmp_path / "p0"), str(tmp_path / "p1")]
-  summaries = pack.run_packed([tiny_config(num_rounds=1, **p) for p in points], dirs)
-  assert [s["rounds"] for s in summaries] == [1, 1]
-  for k, point in enumerate(points):
-    s = experiment.run(tiny_config(num_rounds=2, **point), dirs[k])
-    assert s["resumed_from"] == 1
-    single = str(tmp_path / f"single{k}")
-    experiment.run(tiny_config(num_rounds=2, **point), single)
-    got, want = (rundir.read_records(os.path.join(d, "metrics.jsonl")) for d in (dirs[k], single))
-    # Round 1 was the packed run's last (its final-only metrics too): compare the keys of round 2.
-    assert [r["round"] for r in got] == [1, 2] and set(got[1]) == set(want[1])
-    for g, w in zip(got, want):
-      for key in w:
-        if not key.startswith("z/"):
-          np.testing.assert_allclose(
-            np.asarray(g[key], float), np.asarray(w[key], float), rtol=1e-4, atol=1e-4, err_msg=f"{k} {key}"
-          )
-  a, b = (rundir.read_records(os.path.join(d, "metrics.jsonl"))[0] for d in dirs)
-  assert a["train/d_loss"] != b["train/d_loss"]
+  assert a["train/g_loss"] != b["train/g_loss"] and "agg/times_flagged" in a and "agg/times_flagged" not in b

@@ -148,6 +148,7 @@ def single_program():
   return config, program, jax.jit(program.round)
 
 
+@pytest.mark.slow
 def test_replica_k_equals_the_run_with_seed_plus_k(single_program):
   config, program, round_jit = single_program
   K = 2
@@ -207,6 +208,7 @@ def _run_8_devices(shard_map: bool, **extra) -> str:
   return proc.stdout
 
 
+@pytest.mark.slow
 def test_sharded_round_on_8_devices_equals_single_device():
   """Local training under shard_map (one client per device) + aggregation = the 1-device round."""
   assert "OK 1" in _run_8_devices(shard_map=True)

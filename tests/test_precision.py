@@ -30,6 +30,7 @@ def _one_round(precision: str, data, impl: str = "auto"):
   return state, new_state, metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["auto", "gemm"])
 def test_bf16_round_stays_close_to_f32(impl):
   """bf16 operands (f32 parameters and accumulation) against f32, in the CPU default lowering

@@ -21,9 +21,9 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
   assert block[0] == (
     "pip install -e . && python -m fedgan_jax.main --config configs/default.py --workdir runs/default"
   )
-  assert block[1] == 'pip install -e ".[test]" && pytest -n 2'
-  ci = open(os.path.join(ROOT, ".ci", "run")).read()
-  assert block[1] in ci.splitlines()
+  assert block[1] == 'pip install -e ".[test]" && pytest -n 2 -m "not slow"'
+  ci = open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
+  assert block[1] in ci and "pytest -n 2 -m slow" in ci  # The README's line, then the slow tier.
 
 
 def test_readme_custom_rule_example_runs(tmp_path, monkeypatch):

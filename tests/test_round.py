@@ -60,6 +60,7 @@ def test_vmapped_round_equals_clients_one_after_another(tiny_program):
   assert float(jnp.abs(client_g["params"]["out"]["kernel"][0] - client_g["params"]["out"]["kernel"][1]).max()) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [2, 3])
 def test_client_chunks_compute_the_same_local_round(tiny_program, chunk):
   """Chunks of 2 (a vmapped pair, then a remainder of 1) and all 3 clients vmapped at

@@ -53,6 +53,7 @@ def test_shapes_finite_and_w_avg_update(resolution):
   np.testing.assert_array_equal(same["buffers"]["mapping"]["w_avg"], v["buffers"]["mapping"]["w_avg"])
 
 
+@pytest.mark.slow
 def test_256px_forward_once():
   """256 px with reduced channels (4..32), batch 1, one forward: shape and finite values."""
   g = sg2.Generator(resolution=256, channel_base=1024, channel_max=32, w_dim=32, mapping_layers=2)
@@ -167,6 +168,7 @@ def test_mapping_lr_multiplier():
   assert 80 < float(jnp.std(v["params"]["mapping"]["fc1"]["kernel"])) < 120
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["fast_cpu", "gemm"])
 def test_lowerings_equal_xla(impl):
   """The whole generator (values and parameter gradients) is the same in every lowering."""
