@@ -27,8 +27,8 @@ budget left is ``skipped``, so the check always ends in time):
 4. The default main job (``configs/default.py``), wall time.
 5. The CPU-sized paper grid (``configs/paper_sweep.py``: 32 px DCGAN, 4
    clients, B = 32) as a sweep: the first 6 points of its largest pack
-   (clean, no defense and the detection, seeds 0-2: two server rules in one
-   program) packed into one program against the same points one by one
+   (clean, no defense, the 4 and 8 px triggers, seeds 0-2: two trigger
+   sizes in one program) packed into one program against the same points one by one
    (``launch.pack_bench``, 20 rounds, no feature-network FID): points per
    hour, and the packed training's TFLOP/s and share of peak. It comes last:
    give it ``--only packed_sweep`` (or a larger ``--budget``) to run it.
