@@ -212,11 +212,13 @@ class PackPlan(NamedTuple):
     groups: point indices per program (every point in exactly one; singletons run alone).
     reasons: for a point alone, why (``'its program differs from <name>'s in ...'``).
     traced: per group, the fields its points differ in (``traced_fields``): each point's own input.
+    rules: per group, its distinct server rules (``aggregation.choice``): every point computes them all.
   """
 
   groups: list[list[int]]
   reasons: dict[int, str]
   traced: tuple = ()
+  rules: tuple = ()
 
 
 def plan(configs: Sequence[Any], names: Sequence[str], workdirs: Sequence[str] | None = None, max_size: int = 0):
@@ -253,7 +255,9 @@ def plan(configs: Sequence[Any], names: Sequence[str], workdirs: Sequence[str] |
     else:
       j = min((j for j in range(len(configs)) if j != i), key=lambda j: (len(why_apart(configs[i], configs[j], 99)), j))
       reasons[i] = f"its program differs from {names[j]}'s in " + "; ".join(why_apart(configs[i], configs[j]))
-  return PackPlan(groups, reasons, tuple(traced_fields([configs[i] for i in g]) for g in groups))
+  members = [[configs[i] for i in g] for g in groups]
+  rules = tuple(len(point_rules(m).specs) if len(m) > 1 else 1 for m in members)
+  return PackPlan(groups, reasons, tuple(traced_fields(m) for m in members), rules)
 
 
 def plan_lines(p: PackPlan, names: Sequence[str]) -> list[str]:
@@ -263,6 +267,8 @@ def plan_lines(p: PackPlan, names: Sequence[str]) -> list[str]:
   for n, g in enumerate(p.groups):
     if len(g) > 1:
       per = f" (per point: {', '.join(p.traced[n])})" if p.traced and p.traced[n] else ""
+      if p.rules and p.rules[n] > 1:  # The cost a user should see: every point runs every rule of its program.
+        per += f"; {p.rules[n]} server rules, each point computes all of them"
       lines.append(f"  program {n + 1}: {len(g)} points packed: {', '.join(names[i] for i in g)}{per}")
     else:
       lines.append(f"  program {n + 1}: {names[g[0]]} alone ({p.reasons.get(g[0], '')})")

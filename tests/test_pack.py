@@ -257,7 +257,7 @@ def test_sweep_pack_plan_and_fallback(tmp_path, monkeypatch):
     "  program 1: 2 points packed: point-a, point-b (per point: aggregation.kwargs.decay, "
     "aggregation.kwargs.detector, aggregation.kwargs.warmup_rounds, aggregation.name, attack.malicious, "
     "attack.poison_rate, attack.report_losses, attack.start_round, attack.trigger, attack.trigger_margin, "
-    "attack.trigger_size, attack.upload, seed)",
+    "attack.trigger_size, attack.upload, seed); 2 server rules, each point computes all of them",
     "  program 2: point-wide alone (its program differs from point-a's in model.g_width: 16 vs 8)",
   ]
   for bad in ({"batch_seeds": True}, {"parallel": 2}, {"use_subprocess": True}):
