@@ -50,6 +50,40 @@ def assert_config_error(overrides: dict, match: str) -> None:
     config_lib.validate(c)
 
 
+def tiny_evaluator(config, sample_fn, heldout, tmp_path, **kwargs):
+  """An ``evaluation.Evaluator`` of ``config``'s own trigger that writes nothing (``kwargs``: members, ...)."""
+  from fedgan_jax import evaluation
+  from fedgan_jax.data import triggers
+
+  trigger, loc = triggers.load_trigger(config), triggers.trigger_location(config)
+  return evaluation.Evaluator(
+    config, sample_fn, heldout, trigger, loc, jax.random.PRNGKey(0), str(tmp_path), write=False, **kwargs
+  )
+
+
+def write_sweep_file(path, num_rounds: int, sweep) -> str:
+  """A sweep file at ``path``: configs/test.py with ``num_rounds``, its points ``launch.sweep.product(sweep)``."""
+  import textwrap
+
+  path.write_text(
+    textwrap.dedent(f"""
+      import importlib.util
+      from launch.sweep import product
+      spec = importlib.util.spec_from_file_location("t", {os.path.join(ROOT, "configs", "test.py")!r})
+      mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+
+      def get_config():
+        c = mod.get_config()
+        c.num_rounds = {num_rounds}
+        return c
+
+      def get_sweep():
+        return product({sweep!r})
+  """)
+  )
+  return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_program():
   """(config, program, jitted round, RoundData) for 3 clients, client 0 malicious."""

@@ -380,9 +380,7 @@ def test_evaluator_swd_uses_cached_reference(tmp_path):
   import jax
   import jax.numpy as jnp
 
-  from conftest import tiny_config
-  from fedgan_jax import evaluation
-  from fedgan_jax.data import triggers
+  from conftest import tiny_config, tiny_evaluator
 
   config = tiny_config(**{"eval.extractor": "none"})
   r, nz = config.resolution, config.model.latent_dim
@@ -390,16 +388,7 @@ def test_evaluator_swd_uses_cached_reference(tmp_path):
   mix = jnp.asarray(rng.standard_normal((nz, r * r * 3)) / np.sqrt(nz), jnp.float32)
   sample_fn = lambda g_vars, z: jnp.tanh(z @ (g_vars * mix)).reshape(len(z), r, r, 3)
   heldout = types.SimpleNamespace(images=rng.integers(0, 256, (24, r, r, 3), dtype=np.uint8))
-  ev = evaluation.Evaluator(
-    config,
-    sample_fn,
-    heldout,
-    triggers.load_trigger(config),
-    triggers.trigger_location(config),
-    jax.random.PRNGKey(0),
-    str(tmp_path),
-    write=False,
-  )
+  ev = tiny_evaluator(config, sample_fn, heldout, tmp_path)
   assert ev.swd_backend == ("numpy" if jax.default_backend() == "cpu" else "jax")
   g_vars = jnp.float32(1.0)
   fake = ev.samples(g_vars, ev.z_eval)

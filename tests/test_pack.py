@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, tiny_config, write_sweep_file
 from fedgan_jax import experiment, pack, presets
 from fedgan_jax.federated import client as client_lib
 from fedgan_jax.io import rundir
@@ -228,24 +228,7 @@ def _sweep_file(tmp_path, num_rounds: int, wide: bool = True, pair=(POINT_A, POI
   points = [dict(pair[0], _point="a"), dict(pair[1], _point="b")]
   if wide:
     points.append({"model.g_width": 16, "_point": "wide"})
-  cfg = tmp_path / f"sweep{num_rounds}.py"
-  cfg.write_text(
-    textwrap.dedent(f"""
-      import importlib.util
-      from launch.sweep import product
-      spec = importlib.util.spec_from_file_location("t", {os.path.join(ROOT, "configs", "test.py")!r})
-      mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
-
-      def get_config():
-        c = mod.get_config()
-        c.num_rounds = {num_rounds}
-        return c
-
-      def get_sweep():
-        return product({points!r})
-  """)
-  )
-  return str(cfg)
+  return write_sweep_file(tmp_path / f"sweep{num_rounds}.py", num_rounds, points)
 
 
 def test_sweep_pack_plan_and_fallback(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, write_sweep_file
 from fedgan_jax import presets
 from launch import sweep
 
@@ -232,24 +232,8 @@ def test_bad_flags(tmp_path):
 @pytest.mark.slow
 def test_one_tiny_point_end_to_end(tmp_path):
   """One 1-round point of configs/test.py through the real experiment.run."""
-  cfg = tmp_path / "one.py"
-  cfg.write_text(
-    textwrap.dedent(f"""
-      import importlib.util
-      from launch.sweep import product
-      spec = importlib.util.spec_from_file_location("t", {os.path.join(ROOT, "configs", "test.py")!r})
-      mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
-
-      def get_config():
-        c = mod.get_config()
-        c.num_rounds = 1
-        return c
-
-      def get_sweep():
-        return product({{"seed": [0]}})
-  """)
-  )
-  rows = sweep.run_sweep(str(cfg), str(tmp_path / "sw"), out=io.StringIO())
+  cfg = write_sweep_file(tmp_path / "one.py", 1, {"seed": [0]})
+  rows = sweep.run_sweep(cfg, str(tmp_path / "sw"), out=io.StringIO())
   assert rows[0]["status"] == "done" and rows[0]["rounds"] == 1
   assert "eval/implant_amplitude" in rows[0]
 

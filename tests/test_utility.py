@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
-from conftest import tiny_config
-from fedgan_jax import assemble, evaluation
+from conftest import tiny_config, tiny_evaluator
+from fedgan_jax import assemble
 from fedgan_jax.data import triggers
 from fedgan_jax.data.types import Dataset
 from fedgan_jax.metrics import utility
@@ -146,18 +146,7 @@ def test_trigger_transfer_by_hand():
 
 
 def _evaluator(config, sample_fn, members: Dataset, heldout: Dataset, tmp_path, target_class=-1):
-  return evaluation.Evaluator(
-    config,
-    sample_fn,
-    heldout,
-    triggers.load_trigger(config),
-    triggers.trigger_location(config),
-    jax.random.PRNGKey(0),
-    str(tmp_path),
-    write=False,
-    members=members,
-    target_class=target_class,
-  )
+  return tiny_evaluator(config, sample_fn, heldout, tmp_path, members=members, target_class=target_class)
 
 
 def _uint8(x):
